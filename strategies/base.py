@@ -1,0 +1,154 @@
+"""The Strategy interface: where the model lives and how processes stay in step.
+
+The Accelerator and the Trainer talk to a Strategy only through the methods below, so their
+loops never name a backend. A strategy decides how a module and an optimizer are wrapped
+(DDP, FSDP, a DeepSpeed engine...), how backward and the optimizer step run, whether a
+micro-step may skip gradient synchronisation, how tensors move between processes, and how a
+model and an optimizer are written to and read from a checkpoint.
+
+Strategies never import ``trainer``: they receive the device and the rank layout in
+``setup_environment``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class Strategy:
+    """Base class: one process, one device, nothing wrapped. Subclasses override what differs."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self._device: torch.device | None = None
+        self.process_index = 0
+        self.num_processes = 1
+
+    # -- environment ---------------------------------------------------------------------------
+    def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
+        """Called once by the Accelerator with the process layout that PartialState found."""
+        self._device = device
+        self.process_index = process_index
+        self.num_processes = num_processes
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._device is None:
+            raise RuntimeError(f"{type(self).__name__}.setup_environment() has not been called yet.")
+        return self._device
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.num_processes > 1
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        """How a sampler shards data for this strategy (``num_replicas``/``rank``), or None."""
+        if not self.is_distributed:
+            return None
+        return {"num_replicas": self.num_processes, "rank": self.process_index}
+
+    # -- model and optimizer -------------------------------------------------------------------
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Move the module to the device and wrap it; return what the training loop calls."""
+        return module.to(self.root_device)
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def unwrap_module(self, module: nn.Module) -> nn.Module:
+        """The user's module inside whatever wrapper ``setup_module`` added."""
+        return module
+
+    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Any:
+        """Context in which backward does not synchronise gradients (accumulation micro-steps)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor, module: nn.Module | None = None, **kwargs: Any) -> None:
+        loss.backward(**kwargs)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+        return optimizer.step(**kwargs)
+
+    def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float,
+                        norm_type: float = 2.0) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
+
+    def clip_grad_value_(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
+        torch.nn.utils.clip_grad_value_(parameters, clip_value)
+
+    # -- collectives (identity on one process) -------------------------------------------------
+    def barrier(self) -> None:
+        if self.is_distributed:
+            dist.barrier()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every process's tensor along dim 0 (0-d tensors become one row each)."""
+        if not self.is_distributed:
+            return tensor if tensor.dim() else tensor.unsqueeze(0)
+        tensor = tensor.contiguous() if tensor.dim() else tensor.reshape(1)
+        parts = [torch.empty_like(tensor) for _ in range(self.num_processes)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts, dim=0)
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce across processes into a new tensor; ``op`` is sum, mean, max or min."""
+        result = tensor.clone()
+        if not self.is_distributed:
+            return result
+        dist.all_reduce(result, op=_REDUCE_OPS["sum" if op == "mean" else op])
+        if op == "mean":
+            result /= self.num_processes
+        return result
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.is_distributed:
+            return [obj]
+        out: list[Any] = [None] * self.num_processes
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.is_distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    # -- checkpoint IO ----------------------------------------------------------------------------
+    def save_module(self, module: nn.Module, path: Path) -> None:
+        """Write the module's weights as one safetensors file (tied weights stored once)."""
+        if self.process_index == 0:
+            save_model(self.unwrap_module(module), str(path))
+
+    def load_module(self, module: nn.Module, path: Path, strict: bool = True) -> None:
+        missing, unexpected = load_model(self.unwrap_module(module), str(path), strict=False,
+                                         device=str(self.root_device))
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"The checkpoint {path} does not match the model: missing keys {sorted(missing)}, "
+                f"unexpected keys {sorted(unexpected)}. Load it into the model it was saved from, or "
+                "pass strict=False to load what matches."
+            )
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    @contextmanager
+    def module_sharded_context(self) -> Iterator[None]:
+        """Context for building a model that this strategy shards at creation (none by default)."""
+        yield

@@ -1,0 +1,38 @@
+"""Turn a strategy name (``"auto"``, ``"single_device"``...) into a Strategy object, once."""
+
+from __future__ import annotations
+
+import difflib
+
+from strategies.base import Strategy
+from strategies.single_device import SingleDevice
+
+_BUILDERS = {"single_device": SingleDevice}
+# Names users know from other frameworks that mean the same strategy.
+_ALIASES = {"single": "single_device", "no": "single_device", "cpu": "single_device"}
+# Strategies that this release does not ship yet.
+_PLANNED = ("ddp", "fsdp", "deepspeed", "megatron", "xla")
+
+
+def available_strategies() -> list[str]:
+    return ["auto", *_BUILDERS]
+
+
+def resolve_strategy(strategy: str | Strategy | None, num_processes: int) -> Strategy:
+    """The Strategy for ``strategy`` given how many processes the job runs."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    name = (strategy or "auto").strip().lower()
+    name = _ALIASES.get(name, name)
+    if name == "auto":
+        name = "single_device" if num_processes == 1 else "ddp"
+    if name in _BUILDERS:
+        return _BUILDERS[name]()
+    if name in _PLANNED:
+        raise ValueError(
+            f"strategy={name!r} is not available in this release (this job runs {num_processes} "
+            f"process(es)); available: {available_strategies()}."
+        )
+    close = difflib.get_close_matches(name, [*available_strategies(), *_PLANNED], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown strategy {strategy!r}; valid values: {available_strategies()}.{hint}")

@@ -1,0 +1,31 @@
+"""A PyTorch training framework: a low-code ``Accelerator`` and the process-wide ``PartialState``.
+
+    from trainer import Accelerator
+    accelerator = Accelerator()
+    model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+"""
+
+from trainer.accelerator import Accelerator
+from trainer.accumulation import GradientAccumulation
+from trainer.data_loader import PreparedDataLoader, SeededRandomSampler
+from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
+from trainer.random_state import set_seed
+from trainer.state import PartialState
+from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AcceleratedOptimizer",
+    "AcceleratedScheduler",
+    "Accelerator",
+    "Float16Precision",
+    "GradientAccumulation",
+    "MixedPrecision",
+    "PartialState",
+    "Precision",
+    "PreparedDataLoader",
+    "SeededRandomSampler",
+    "resolve_precision",
+    "set_seed",
+]

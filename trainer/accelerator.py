@@ -1,0 +1,491 @@
+"""``Accelerator``: the low-code level. A plain PyTorch loop runs on any device and any strategy.
+
+The user keeps their loop; ``prepare`` hands back the same objects, wrapped so that the loop's
+own calls (``model(x)``, ``optimizer.step()``, ``scheduler.step()``, ``for batch in loader``)
+do the right thing for the chosen strategy, precision and accumulation. Everything backend-
+specific is in the Strategy; everything dtype-specific is in the Precision policy; when to step
+is the GradientAccumulation policy's call. This file only wires them together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gc
+import inspect
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from strategies import Strategy, resolve_strategy
+from trainer import checkpointing, operations
+from trainer.accumulation import GradientAccumulation
+from trainer.data_loader import PreparedDataLoader, SkipFirstBatches
+from trainer.devices import empty_cache
+from trainer.precision import Precision, resolve_precision
+from trainer.state import PartialState
+from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
+
+PRECISION_ENV = "TRAINER_MIXED_PRECISION"
+ACCUMULATION_ENV = "TRAINER_GRADIENT_ACCUMULATION_STEPS"
+STRATEGY_ENV = "TRAINER_STRATEGY"
+
+
+def _is_scheduler(obj: Any) -> bool:
+    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+class Accelerator:
+    """Make a PyTorch training loop device-, precision- and strategy-agnostic.
+
+    Args:
+        mixed_precision: ``"no"``/``"fp32"``, ``"fp16"`` or ``"bf16"``; by default what
+            ``trainer launch`` set (``TRAINER_MIXED_PRECISION``), else ``"no"``.
+        gradient_accumulation_steps: micro-batches per optimizer step (used with ``accumulate``).
+        accumulation_normalize: ``"mean"`` (losses are means) or ``"tokens"`` (losses are sums;
+            pass ``num_tokens`` to ``backward``); see ``trainer.accumulation``.
+        cpu: run on the CPU even where an accelerator is present.
+        strategy: ``"auto"``, a strategy name, or a ``Strategy`` object.
+        project_dir: where ``save_state()`` with no directory writes numbered checkpoints.
+        device_placement: move models and batches to ``accelerator.device``.
+        step_scheduler_with_optimizer: the prepared scheduler advances only when the optimizer
+            really steps (after accumulation, not on skipped fp16 steps).
+        log_with: experiment trackers (not available in this release; must be None).
+    """
+
+    def __init__(
+        self,
+        mixed_precision: str | Precision | None = None,
+        gradient_accumulation_steps: int | None = None,
+        cpu: bool = False,
+        strategy: str | Strategy | None = None,
+        project_dir: str | os.PathLike | None = None,
+        device_placement: bool = True,
+        step_scheduler_with_optimizer: bool = True,
+        accumulation_normalize: str = "mean",
+        gradient_accumulation_plugin: GradientAccumulation | None = None,
+        log_with: Any = None,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            _raise_unknown_arguments(unknown, Accelerator.__init__)
+        if log_with not in (None, [], ()):
+            raise ValueError(
+                f"log_with={log_with!r}: experiment trackers are not available in this release; "
+                "remove log_with (accelerator.log() is then a no-op)."
+            )
+        self.state = PartialState(cpu=cpu)
+        self.strategy = resolve_strategy(strategy or os.environ.get(STRATEGY_ENV), self.state.num_processes)
+        self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
+        self.precision = resolve_precision(
+            mixed_precision if mixed_precision is not None else os.environ.get(PRECISION_ENV, "no"),
+            self.strategy.root_device)
+        if gradient_accumulation_plugin is not None:
+            self.accumulation = gradient_accumulation_plugin
+        else:
+            steps = gradient_accumulation_steps
+            if steps is None:
+                steps = int(os.environ.get(ACCUMULATION_ENV, "1"))
+            self.accumulation = GradientAccumulation(steps, normalize=accumulation_normalize)
+        self.project_dir = Path(project_dir) if project_dir is not None else None
+        self.device_placement = device_placement
+        self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
+        self.save_iteration = 0
+        self._models: list[nn.Module] = []
+        self._optimizers: list[AcceleratedOptimizer] = []
+        self._schedulers: list[AcceleratedScheduler] = []
+        self._dataloaders: list[PreparedDataLoader] = []
+        self._custom_objects: list[Any] = []
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.strategy.root_device
+
+    @property
+    def process_index(self) -> int:
+        return self.state.process_index
+
+    @property
+    def local_process_index(self) -> int:
+        return self.state.local_process_index
+
+    @property
+    def num_processes(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self.state.is_local_main_process
+
+    @property
+    def is_last_process(self) -> bool:
+        return self.state.is_last_process
+
+    @property
+    def use_distributed(self) -> bool:
+        return self.state.use_distributed
+
+    @property
+    def mixed_precision(self) -> str:
+        return self.precision.name
+
+    @property
+    def distributed_type(self) -> str:
+        return self.strategy.name
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulation.steps
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, steps: int) -> None:
+        self.accumulation.steps = steps
+
+    @property
+    def sync_gradients(self) -> bool:
+        """True when the current micro-step ends an accumulation group (the optimizer steps)."""
+        return self.accumulation.sync_gradients
+
+    @property
+    def optimizer_step_was_skipped(self) -> bool:
+        """True when the last optimizer step was skipped (fp16 gradients overflowed)."""
+        return any(optimizer.step_was_skipped for optimizer in self._optimizers)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return getattr(self.precision, "scaler", None)
+
+    # -- the process helpers of PartialState, for scripts that only hold an Accelerator ------------
+    def wait_for_everyone(self) -> None:
+        self.state.wait_for_everyone()
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        self.state.print(*args, **kwargs)
+
+    def main_process_first(self) -> Any:
+        return self.state.main_process_first()
+
+    def local_main_process_first(self) -> Any:
+        return self.state.local_main_process_first()
+
+    def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Any:
+        return self.state.split_between_processes(inputs, apply_padding=apply_padding)
+
+    def on_main_process(self, function: Any) -> Any:
+        return self.state.on_main_process(function)
+
+    def on_local_main_process(self, function: Any) -> Any:
+        return self.state.on_local_main_process(function)
+
+    def on_last_process(self, function: Any) -> Any:
+        return self.state.on_last_process(function)
+
+    def on_process(self, function: Any = None, process_index: int | None = None) -> Any:
+        return self.state.on_process(function, process_index=process_index)
+
+    # -- prepare --------------------------------------------------------------------------------------
+    def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
+        """Wrap models, optimizers, data loaders and schedulers, given in any order.
+
+        Returns them in the order given (one object when one was passed). Models are prepared
+        first and schedulers last, whatever the order, because optimizers and schedulers refer to
+        what comes before them.
+        """
+        if device_placement is None:
+            device_placement = [self.device_placement] * len(args)
+        elif len(device_placement) != len(args):
+            raise ValueError(f"device_placement has {len(device_placement)} entries for {len(args)} objects.")
+        result = list(args)
+        for rank in range(4):
+            for index, obj in enumerate(args):
+                if _prepare_rank(obj) == rank:
+                    result[index] = self._prepare_one(obj, device_placement[index])
+        return result[0] if len(result) == 1 else tuple(result)
+
+    def _prepare_one(self, obj: Any, placement: bool) -> Any:
+        if isinstance(obj, (AcceleratedOptimizer, AcceleratedScheduler, PreparedDataLoader)):
+            return obj
+        if isinstance(obj, nn.Module):
+            return self.prepare_model(obj, device_placement=placement)
+        if isinstance(obj, torch.optim.Optimizer):
+            return self.prepare_optimizer(obj)
+        if _is_scheduler(obj):
+            return self.prepare_scheduler(obj)
+        if isinstance(obj, DataLoader):
+            return self.prepare_data_loader(obj, device_placement=placement)
+        return obj
+
+    def prepare_model(self, model: nn.Module, device_placement: bool | None = None) -> nn.Module:
+        """Convert the model for the precision policy, then let the strategy place and wrap it."""
+        if any(model is known for known in self._models):
+            return model
+        model = self.precision.convert_module(model)
+        if self.precision.is_mixed and not hasattr(model, "_original_forward"):
+            model._original_forward = model.forward
+            model.forward = self.precision.wrap_forward(model.forward)
+        placement = self.device_placement if device_placement is None else device_placement
+        wrapped = self.strategy.setup_module(model) if placement else model
+        self._models.append(wrapped)
+        return wrapped
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> AcceleratedOptimizer:
+        prepared = AcceleratedOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy,
+                                        self.precision, self.accumulation, self._finalize_gradients)
+        self._optimizers.append(prepared)
+        return prepared
+
+    def prepare_scheduler(self, scheduler: Any) -> AcceleratedScheduler:
+        owners = [opt for opt in self._optimizers if opt.optimizer is getattr(scheduler, "optimizer", None)]
+        prepared = AcceleratedScheduler(scheduler, owners or list(self._optimizers), self.accumulation,
+                                        step_with_optimizer=self.step_scheduler_with_optimizer)
+        self._schedulers.append(prepared)
+        return prepared
+
+    def prepare_data_loader(self, data_loader: DataLoader, device_placement: bool | None = None) -> PreparedDataLoader:
+        placement = self.device_placement if device_placement is None else device_placement
+        prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation)
+        self._dataloaders.append(prepared)
+        return prepared
+
+    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
+        """The user's module, without the strategy's wrapper (and, if asked, without autocast)."""
+        inner = self.strategy.unwrap_module(model)
+        if not keep_fp32_wrapper and hasattr(inner, "_original_forward"):
+            inner.forward = inner.__dict__.pop("_original_forward")
+            if inner.forward == type(inner).forward.__get__(inner):
+                del inner.forward
+        return inner
+
+    # -- the training step ------------------------------------------------------------------------------
+    @contextmanager
+    def accumulate(self, *models: nn.Module) -> Iterator[None]:
+        """One micro-step: gradients synchronise and the optimizer steps only at group boundaries."""
+        self.accumulation.begin_micro_step()
+        if self.accumulation.should_sync_backward or not models:
+            yield
+            return
+        with ExitStack() as stack:
+            for model in models:
+                stack.enter_context(self.strategy.no_backward_sync(model))
+            yield
+
+    @contextmanager
+    def no_sync(self, model: nn.Module) -> Iterator[None]:
+        """Backward without gradient synchronisation (for hand-written accumulation)."""
+        with self.strategy.no_backward_sync(model):
+            yield
+
+    def backward(self, loss: torch.Tensor, num_tokens: Any = None, **kwargs: Any) -> None:
+        """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once."""
+        loss = self.accumulation.scale_loss(loss, num_tokens)
+        loss = self.precision.scale_loss(loss)
+        self.strategy.backward(loss, self._models[0] if len(self._models) == 1 else None, **kwargs)
+
+    def autocast(self, **kwargs: Any) -> Any:
+        """The precision policy's autocast, for code outside the prepared model's forward."""
+        return self.precision.autocast(**kwargs)
+
+    def _finalize_gradients(self) -> None:
+        """At a boundary: the accumulation policy's last division, once, before clipping or stepping."""
+        if not self.accumulation.needs_finalize:
+            return
+        total_tokens = None
+        if self.accumulation.normalize == "tokens":
+            tokens = torch.as_tensor(self.accumulation.pending_tokens, dtype=torch.float64, device=self.device)
+            # Strategies average gradients over processes, so divide by the mean token count.
+            total_tokens = float(self.strategy.all_reduce(tokens)) / self.num_processes
+        params = (p for opt in self._optimizers for group in opt.param_groups for p in group["params"])
+        self.accumulation.finalize_gradients(params, total_tokens)
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Undo the fp16 loss scale on the gradients (before clipping or inspecting them)."""
+        targets = [optimizer] if optimizer is not None else self._optimizers
+        for opt in targets:
+            self.precision.unscale_gradients(getattr(opt, "optimizer", opt))
+
+    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor | None:
+        """Clip the total gradient norm; returns the norm before clipping.
+
+        Only at accumulation boundaries: mid-group gradients are partial sums, and clipping them
+        would change the accumulated result. Returns None on other micro-steps.
+        """
+        if not self.sync_gradients:
+            return None
+        self._finalize_gradients()
+        self.unscale_gradients()
+        return self.strategy.clip_grad_norm_(list(parameters), max_norm, norm_type)
+
+    def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
+        """Clamp every gradient to [-clip_value, clip_value] (at accumulation boundaries only)."""
+        if not self.sync_gradients:
+            return
+        self._finalize_gradients()
+        self.unscale_gradients()
+        self.strategy.clip_grad_value_(list(parameters), clip_value)
+
+    # -- collectives --------------------------------------------------------------------------------------
+    def gather(self, tensor: Any) -> Any:
+        """Every process's tensors, concatenated along dim 0 (nested structures keep their shape)."""
+        return operations.gather(tensor, self.strategy)
+
+    def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
+        """``gather``, then drop the samples that even sharding duplicated in the last batch."""
+        if use_gather_object or not _only_tensors(input_data):
+            data = operations.gather_object(input_data, self.strategy)
+        else:
+            data = operations.gather(input_data, self.strategy)
+        loader = self.accumulation.active_dataloader
+        remainder = getattr(loader, "remainder", -1) if loader is not None and loader.end_of_dataloader else -1
+        if remainder is None or remainder < 0:
+            return data
+        if isinstance(data, list):
+            return data[:remainder]
+        return operations.recursively_apply(lambda t: t[:remainder], data)
+
+    def reduce(self, tensor: Any, reduction: str = "sum", scale: float = 1.0) -> Any:
+        return operations.reduce(tensor, self.strategy, reduction, scale)
+
+    def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: int = 0, pad_first: bool = False) -> Any:
+        return operations.pad_across_processes(tensor, self.strategy, dim, pad_index, pad_first)
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> SkipFirstBatches:
+        """One pass of ``dataloader`` that starts ``num_batches`` in (resuming mid-epoch).
+
+        The skipped batches are not loaded: the index sampler skips them. The pass belongs to the
+        loader's current epoch, so the next ``for batch in dataloader`` is the following epoch.
+        """
+        if not isinstance(dataloader, PreparedDataLoader):
+            if not isinstance(dataloader, DataLoader):
+                raise TypeError(f"skip_first_batches needs a DataLoader, got {type(dataloader).__name__}.")
+            dataloader = PreparedDataLoader(dataloader, None, self.accumulation)
+        return SkipFirstBatches(dataloader, num_batches)
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+    def register_for_checkpointing(self, *objects: Any) -> None:
+        """Save and restore these objects (anything with ``state_dict``/``load_state_dict``) with the state."""
+        for obj in objects:
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise TypeError(
+                    f"register_for_checkpointing: {type(obj).__name__} has no state_dict()/load_state_dict(); "
+                    "only such objects can be saved."
+                )
+            self._custom_objects.append(obj)
+
+    def save_state(self, output_dir: str | os.PathLike | None = None) -> Path:
+        """Write models, optimizers, schedulers, data loader positions, scaler and RNG states.
+
+        Tensors go to safetensors, the rest to JSON. The directory is replaced atomically.
+        With no ``output_dir``, writes ``project_dir/checkpoints/checkpoint_<n>``.
+        """
+        target = self._checkpoint_dir(output_dir, for_saving=True)
+        checkpointing.save_accelerator_state(self, target)
+        self.save_iteration += 1
+        return target
+
+    def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True) -> Path:
+        """Restore what ``save_state`` wrote, into the objects prepared so far, RNG states last."""
+        source = self._checkpoint_dir(input_dir, for_saving=False)
+        checkpointing.load_accelerator_state(self, source, strict=strict)
+        return source
+
+    def _checkpoint_dir(self, directory: str | os.PathLike | None, for_saving: bool) -> Path:
+        if directory is not None:
+            return Path(directory)
+        if self.project_dir is None:
+            raise ValueError(
+                f"{'save_state' if for_saving else 'load_state'}() needs a directory: pass one, or create "
+                "the Accelerator with project_dir= to use numbered checkpoints."
+            )
+        root = self.project_dir / "checkpoints"
+        if for_saving:
+            return root / f"checkpoint_{self.save_iteration}"
+        latest = checkpointing.latest_checkpoint(root)
+        if latest is None:
+            raise FileNotFoundError(f"load_state(): no checkpoint_<n> directory under {root}.")
+        return latest
+
+    def save_model(self, model: nn.Module, save_directory: str | os.PathLike) -> Path:
+        """Write the unwrapped model's weights to ``save_directory/model.safetensors``."""
+        directory = Path(save_directory)
+        if self.is_main_process:
+            directory.mkdir(parents=True, exist_ok=True)
+        self.wait_for_everyone()
+        path = directory / "model.safetensors"
+        self.strategy.save_module(model, path)
+        self.wait_for_everyone()
+        return path
+
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+        return (self.unwrap_model(model) if unwrap else model).state_dict()
+
+    # -- trackers (none in this release) -------------------------------------------------------------------
+    def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
+                      init_kwargs: dict[str, Any] | None = None) -> None:
+        """Start the trackers given by ``log_with`` (there are none; kept so scripts run unchanged)."""
+
+    def log(self, values: dict[str, Any], step: int | None = None, log_kwargs: dict[str, Any] | None = None) -> None:
+        """Send values to the trackers given by ``log_with`` (none: nothing to send)."""
+
+    def end_training(self) -> None:
+        """Finish trackers and wait for every process."""
+        self.wait_for_everyone()
+
+    # -- memory ----------------------------------------------------------------------------------------------------
+    def free_memory(self, *objects: Any) -> list[None]:
+        """Drop every reference the Accelerator holds, collect garbage and empty the device cache.
+
+        Returns one None per object passed, so ``model, optimizer = accelerator.free_memory(model,
+        optimizer)`` also releases the caller's references.
+        """
+        self._models.clear()
+        self._optimizers.clear()
+        self._schedulers.clear()
+        self._dataloaders.clear()
+        self._custom_objects.clear()
+        gc.collect()
+        empty_cache()
+        return [None] * len(objects)
+
+    clear = free_memory
+
+
+def _only_tensors(data: Any) -> bool:
+    """True when every leaf of a nested structure is a tensor (so all_gather can move it)."""
+    leaves: list[bool] = []
+
+    def record(leaf: Any) -> Any:
+        leaves.append(torch.is_tensor(leaf))
+        return leaf
+
+    operations.recursively_apply(record, data, test=lambda x: not isinstance(x, (list, tuple, Mapping)))
+    return bool(leaves) and all(leaves)
+
+
+def _prepare_rank(obj: Any) -> int:
+    """Preparation order: models, optimizers, schedulers and everything else."""
+    if isinstance(obj, nn.Module):
+        return 0
+    if isinstance(obj, torch.optim.Optimizer):
+        return 1
+    if _is_scheduler(obj):
+        return 2
+    return 3
+
+
+def _raise_unknown_arguments(unknown: dict[str, Any], function: Any) -> None:
+    known = [name for name in inspect.signature(function).parameters if name not in ("self", "unknown")]
+    name = next(iter(unknown))
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise TypeError(f"Accelerator() got an unexpected argument {name!r}.{hint} Valid arguments: {known}.")

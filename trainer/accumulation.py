@@ -1,0 +1,153 @@
+"""Gradient accumulation: k micro-batches, one optimizer step, the gradient of one big batch.
+
+The policy decides, for every micro-step, whether this backward ends a group (a *boundary*,
+where gradients are synchronised and the optimizer steps) and by how much the loss is
+divided, so that the accumulated gradient equals the gradient of the whole group:
+
+* ``normalize="mean"`` (default): each micro-batch loss is a mean; it is divided by the number
+  of micro-batches in its group. The last group of an epoch may be shorter than ``steps``; when
+  the data loader's length is known the divisor is that group's true size, otherwise the
+  gradients are rescaled at the boundary.
+* ``normalize="tokens"``: each micro-batch loss is a *sum* over its tokens (or items) and
+  ``backward(loss, num_tokens=n)`` reports how many it had. At the boundary the gradients are
+  divided by the token count of the whole group (over every process), which gives exactly the
+  gradient of one big batch even when micro-batches hold different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import torch
+
+NORMALIZATIONS = ("mean", "tokens")
+
+
+class _BatchSource(Protocol):
+    """What the policy needs to know of the data loader being iterated."""
+
+    end_of_dataloader: bool
+
+    @property
+    def remaining(self) -> int | None: ...
+
+
+class GradientAccumulation:
+    """Accumulate ``steps`` micro-batches per optimizer step.
+
+    Args:
+        steps: micro-batches per optimizer step.
+        normalize: ``"mean"`` or ``"tokens"`` (see the module docstring).
+        sync_with_dataloader: the end of the data loader is always a boundary.
+        sync_each_batch: synchronise gradients on every micro-step (saves memory under sharded
+            strategies at the cost of communication); the optimizer still steps on boundaries.
+    """
+
+    def __init__(self, steps: int = 1, normalize: str = "mean", sync_with_dataloader: bool = True,
+                 sync_each_batch: bool = False) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be a whole number >= 1, got {steps!r}.")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize={normalize!r} is not one of {list(NORMALIZATIONS)}.")
+        self.steps = steps
+        self.normalize = normalize
+        self.sync_with_dataloader = sync_with_dataloader
+        self.sync_each_batch = sync_each_batch
+        self.micro_step = 0  # micro-steps done in the current group
+        self.group_size = steps
+        self.sync_gradients = True
+        self._dataloaders: list[_BatchSource] = []
+        self._tokens: torch.Tensor | float = 0.0
+        self._grad_divisor: float | torch.Tensor | None = None
+
+    # -- data loaders tell the policy where they are --------------------------------------------
+    def push_dataloader(self, dataloader: _BatchSource) -> None:
+        self._dataloaders.append(dataloader)
+
+    def pop_dataloader(self, dataloader: _BatchSource) -> None:
+        if dataloader in self._dataloaders:
+            self._dataloaders.remove(dataloader)
+
+    @property
+    def active_dataloader(self) -> _BatchSource | None:
+        return self._dataloaders[-1] if self._dataloaders else None
+
+    @property
+    def end_of_dataloader(self) -> bool:
+        loader = self.active_dataloader
+        return bool(loader is not None and loader.end_of_dataloader)
+
+    # -- one micro-step ---------------------------------------------------------------------------
+    def begin_micro_step(self) -> bool:
+        """Count a micro-step; return True when its backward ends a group (a boundary)."""
+        loader = self.active_dataloader
+        if self.micro_step == 0:
+            remaining = loader.remaining if loader is not None else None
+            self.group_size = self.steps if remaining is None else max(1, min(self.steps, remaining + 1))
+        self.micro_step += 1
+        end = self.sync_with_dataloader and self.end_of_dataloader
+        self.sync_gradients = self.micro_step >= self.group_size or end
+        if self.sync_gradients:
+            if self.normalize == "mean" and self.micro_step < self.group_size:
+                # The group ended early and its size could not be known in advance: each loss was
+                # divided by group_size, the gradient must be divided by micro_step instead.
+                self._grad_divisor = self.micro_step / self.group_size
+            self.micro_step = 0
+        return self.sync_gradients
+
+    @property
+    def should_sync_backward(self) -> bool:
+        """Whether this micro-step's backward must all-reduce gradients."""
+        return self.sync_gradients or self.sync_each_batch
+
+    def scale_loss(self, loss: torch.Tensor, num_tokens: Any = None) -> torch.Tensor:
+        """The loss to differentiate for this micro-step (divided once, here and nowhere else)."""
+        if self.normalize == "tokens":
+            if num_tokens is None:
+                raise ValueError(
+                    "Accumulation normalises by tokens: pass the micro-batch's token count, "
+                    "backward(loss, num_tokens=n), with loss summed (not averaged) over those tokens."
+                )
+            self._tokens = self._tokens + (num_tokens.detach() if torch.is_tensor(num_tokens) else num_tokens)
+            return loss
+        if num_tokens is not None:
+            raise ValueError(
+                "backward(num_tokens=...) is for token-normalised accumulation; create the Accelerator "
+                "with accumulation_normalize='tokens' (and pass summed losses) to use it."
+            )
+        return loss / self.group_size if self.group_size != 1 else loss
+
+    def finalize_gradients(self, parameters: Iterable[torch.Tensor], total_tokens: Any = None) -> None:
+        """At a boundary, divide the gradients by what the losses were not yet divided by.
+
+        ``total_tokens`` is the token count of the whole group over every process, which the
+        caller reduces (the policy holds no process group); only needed in token mode.
+        """
+        divisor = self._grad_divisor
+        if self.normalize == "tokens" and total_tokens is not None:
+            divisor = total_tokens
+        self._grad_divisor = None
+        self._tokens = 0.0
+        if divisor is None:
+            return
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, float(divisor))
+
+    @property
+    def pending_tokens(self) -> torch.Tensor | float:
+        """Tokens counted in the current group on this process."""
+        return self._tokens
+
+    @property
+    def needs_finalize(self) -> bool:
+        return self._grad_divisor is not None or self.normalize == "tokens"
+
+    # -- checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_step": self.micro_step, "group_size": self.group_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.micro_step = int(state.get("micro_step", 0))
+        self.group_size = int(state.get("group_size", self.steps))

@@ -1,0 +1,130 @@
+"""What ``Accelerator.save_state`` writes and ``load_state`` reads, file by file.
+
+Layout of a checkpoint directory (``_<i>`` suffixes for the second and later object of a kind)::
+
+    accelerator.json            counts of each kind, precision, process count, accumulation position
+    model.safetensors           weights of each prepared model
+    optimizer.json/.safetensors each optimizer's state dict (tensors apart from the structure)
+    scheduler.json              each scheduler's state dict
+    dataloader.json             each data loader's epoch, position and shuffle seed
+    precision.json              the fp16 loss scaler
+    custom_<i>.json/.safetensors objects given to register_for_checkpointing
+    random_states_<rank>.json/.safetensors   python, numpy, torch and device RNG states per process
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trainer.checkpoint_io import (
+    commit_directory,
+    load_state_files,
+    new_scratch_directory,
+    read_json,
+    save_state_files,
+    write_json,
+)
+from trainer.random_state import capture_rng_state, restore_rng_state
+
+if TYPE_CHECKING:
+    from trainer.accelerator import Accelerator
+
+FORMAT_VERSION = 1
+
+
+def _name(kind: str, index: int) -> str:
+    return kind if index == 0 else f"{kind}_{index}"
+
+
+def _counts(accelerator: Accelerator) -> dict[str, int]:
+    return {"models": len(accelerator._models), "optimizers": len(accelerator._optimizers),
+            "schedulers": len(accelerator._schedulers), "dataloaders": len(accelerator._dataloaders),
+            "custom_objects": len(accelerator._custom_objects)}
+
+
+def save_accelerator_state(accelerator: Accelerator, target: Path) -> None:
+    """Write every piece into a scratch directory on the main process, then swap it in."""
+    strategy = accelerator.strategy
+    main = accelerator.is_main_process
+    scratch = strategy.broadcast_object(str(new_scratch_directory(target)) if main else None)
+    scratch_path = Path(scratch)
+    try:
+        for index, model in enumerate(accelerator._models):
+            strategy.save_module(model, scratch_path / f"{_name('model', index)}.safetensors")
+        meta, tensors = capture_rng_state()
+        save_state_files({"meta": meta, "tensors": tensors}, scratch_path, f"random_states_{accelerator.process_index}")
+        # Optimizer state may be sharded, so every process asks the strategy for it.
+        optimizer_states = [strategy.optimizer_state_dict(opt.optimizer) for opt in accelerator._optimizers]
+        if main:
+            for index, state in enumerate(optimizer_states):
+                save_state_files(state, scratch_path, _name("optimizer", index))
+            for index, scheduler in enumerate(accelerator._schedulers):
+                save_state_files(scheduler.state_dict(), scratch_path, _name("scheduler", index))
+            for index, loader in enumerate(accelerator._dataloaders):
+                save_state_files(loader.state_dict(), scratch_path, _name("dataloader", index))
+            for index, obj in enumerate(accelerator._custom_objects):
+                save_state_files(obj.state_dict(), scratch_path, _name("custom", index))
+            save_state_files(accelerator.precision.state_dict(), scratch_path, "precision")
+            write_json(scratch_path / "accelerator.json", {
+                "format_version": FORMAT_VERSION,
+                "counts": _counts(accelerator),
+                "mixed_precision": accelerator.mixed_precision,
+                "num_processes": accelerator.num_processes,
+                "strategy": accelerator.strategy.name,
+                "accumulation": accelerator.accumulation.state_dict(),
+                "save_iteration": accelerator.save_iteration,
+            })
+        strategy.barrier()
+    except BaseException:
+        if main:
+            shutil.rmtree(scratch_path, ignore_errors=True)
+        raise
+    if main:
+        commit_directory(scratch_path, target)
+    strategy.barrier()
+
+
+def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool = True) -> None:
+    """Check the checkpoint matches what was prepared, then restore it; RNG states come last."""
+    info_path = source / "accelerator.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(
+            f"{source} is not a checkpoint written by save_state(): it has no accelerator.json."
+        )
+    info = read_json(info_path)
+    saved, current = info["counts"], _counts(accelerator)
+    if strict and saved != current:
+        raise ValueError(
+            f"The checkpoint {source} holds {saved} but this Accelerator has prepared {current}. "
+            "Prepare (and register) the same objects in the same order before load_state(), or pass strict=False."
+        )
+    device = accelerator.device
+    for index, model in enumerate(accelerator._models[: saved["models"]]):
+        accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
+    for index, optimizer in enumerate(accelerator._optimizers[: saved["optimizers"]]):
+        optimizer.load_state_dict(load_state_files(source, _name("optimizer", index), device))
+    for index, scheduler in enumerate(accelerator._schedulers[: saved["schedulers"]]):
+        scheduler.load_state_dict(load_state_files(source, _name("scheduler", index)))
+    for index, loader in enumerate(accelerator._dataloaders[: saved["dataloaders"]]):
+        loader.load_state_dict(load_state_files(source, _name("dataloader", index)))
+    for index, obj in enumerate(accelerator._custom_objects[: saved["custom_objects"]]):
+        obj.load_state_dict(load_state_files(source, _name("custom", index)))
+    accelerator.precision.load_state_dict(load_state_files(source, "precision"))
+    accelerator.accumulation.load_state_dict(info.get("accumulation", {}))
+    accelerator.save_iteration = int(info.get("save_iteration", 0)) + 1
+    rng_name = f"random_states_{accelerator.process_index}"
+    if (source / f"{rng_name}.json").is_file():
+        rng = load_state_files(source, rng_name)
+        restore_rng_state(rng["meta"], rng["tensors"])
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The ``checkpoint_<n>`` directory with the largest n under ``root``."""
+    if not root.is_dir():
+        return None
+    numbered = [(int(m.group(1)), p) for p in root.iterdir()
+                if p.is_dir() and (m := re.fullmatch(r"checkpoint_(\d+)", p.name))]
+    return max(numbered)[1] if numbered else None

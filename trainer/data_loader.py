@@ -1,0 +1,242 @@
+"""Prepared data loaders: device placement, resumable shuffling, end-of-epoch look-ahead.
+
+A prepared loader wraps a DataLoader rebuilt from the user's arguments, with two changes:
+
+* a shuffling sampler draws its permutation from ``seed + epoch`` rather than from the global
+  RNG at ``iter()`` time, so an epoch's order can be reproduced after a restart;
+* the index sampler can skip its first batches without loading them, which is how
+  ``skip_first_batches`` resumes mid-epoch cheaply.
+
+Iteration looks one batch ahead so that the accumulation policy knows, while the last batch is
+being processed, that the epoch ends there (the last, possibly short, group is a boundary).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
+
+from trainer.operations import send_to_device
+
+if TYPE_CHECKING:
+    from trainer.accumulation import GradientAccumulation
+
+_LOADER_ARGS = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn",
+                "multiprocessing_context", "generator", "persistent_workers", "pin_memory_device", "in_order")
+
+
+class SeededRandomSampler(Sampler[int]):
+    """A RandomSampler whose order is a function of ``(seed, epoch)`` only."""
+
+    def __init__(self, data_source: Sized, seed: int, replacement: bool = False,
+                 num_samples: int | None = None) -> None:
+        self.data_source = data_source
+        self.seed = int(seed)
+        self.epoch = 0
+        self.replacement = replacement
+        self._num_samples = num_samples
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data_source) if self._num_samples is None else self._num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        n = len(self.data_source)
+        if self.replacement:
+            yield from torch.randint(n, (self.num_samples,), generator=generator).tolist()
+            return
+        for _ in range(self.num_samples // n):
+            yield from torch.randperm(n, generator=generator).tolist()
+        yield from torch.randperm(n, generator=generator)[: self.num_samples % n].tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+
+
+class SkippableSampler(Sampler[Any]):
+    """Wraps an index or batch sampler; the next pass starts ``skip`` items in, without loading them."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+        self.skip = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.skip = self.skip, 0
+        for index, item in enumerate(self.sampler):
+            if index >= skip:
+                yield item
+
+    def set_epoch(self, epoch: int) -> None:
+        inner = getattr(self.sampler, "sampler", self.sampler)
+        for candidate in (self.sampler, inner):
+            if hasattr(candidate, "set_epoch"):
+                candidate.set_epoch(epoch)
+                return
+
+    @property
+    def base_sampler(self) -> Any:
+        """The index sampler (inside the batch sampler, if there is one)."""
+        return getattr(self.sampler, "sampler", self.sampler)
+
+
+def _rebuild(loader: DataLoader) -> tuple[DataLoader, SkippableSampler | None]:
+    """A DataLoader equal to ``loader`` but with a seeded shuffle and a skippable index sampler."""
+    kwargs = {name: getattr(loader, name) for name in _LOADER_ARGS if hasattr(loader, name)}
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        return DataLoader(dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **kwargs), None
+    sampler = loader.sampler
+    if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
+        sampler = SeededRandomSampler(dataset, seed=torch.initial_seed(), replacement=sampler.replacement,
+                                      num_samples=sampler._num_samples)
+    if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
+        skippable = SkippableSampler(sampler)
+        return DataLoader(dataset, batch_size=None, sampler=skippable, **kwargs), skippable
+    batch_sampler = loader.batch_sampler
+    if type(batch_sampler) is BatchSampler and batch_sampler.sampler is loader.sampler:
+        batch_sampler = BatchSampler(sampler, loader.batch_size, loader.drop_last)
+    skippable = SkippableSampler(batch_sampler)
+    return DataLoader(dataset, batch_sampler=skippable, **kwargs), skippable
+
+
+class PreparedDataLoader:
+    """Iterates like the user's DataLoader; batches arrive on the device; resumable.
+
+    Attribute reads that this class does not define (``dataset``, ``collate_fn``...) go to the
+    underlying DataLoader.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device | None = None,
+                 policy: GradientAccumulation | None = None) -> None:
+        self.base_dataloader, self._index_sampler = _rebuild(loader)
+        self.original_dataloader = loader
+        # Moving CPU tensors to the CPU is a no-op that still costs a walk of the batch.
+        self.device = device if device is not None and device.type != "cpu" else None
+        self._policy = policy
+        self.iteration = 0  # the epoch: completed passes, or what set_epoch said
+        self.position = 0  # batches yielded (or skipped) in the current pass
+        self.end_of_dataloader = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("base_dataloader", "original_dataloader"):
+            raise AttributeError(name)
+        return getattr(self.base_dataloader, name)
+
+    def __len__(self) -> int:
+        return len(self.base_dataloader)
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.original_dataloader.batch_size
+
+    @property
+    def sampler(self) -> Any:
+        return self._index_sampler.base_sampler if self._index_sampler is not None else self.base_dataloader.sampler
+
+    @property
+    def remaining(self) -> int | None:
+        """Batches still to come in this pass after the current one, or None when unknown."""
+        try:
+            return len(self.base_dataloader) - self.position
+        except TypeError:
+            return None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.iteration = int(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate(skip=0)
+
+    def _iterate(self, skip: int) -> Iterator[Any]:
+        self._set_sampler_epoch(self.iteration)
+        self.end_of_dataloader = False
+        self.position = skip
+        if self._index_sampler is not None:
+            self._index_sampler.skip = skip
+        if self._policy is not None:
+            self._policy.push_dataloader(self)
+        try:
+            iterator = iter(self.base_dataloader)
+            if self._index_sampler is None:  # an iterable dataset: skipping means reading
+                for _ in range(skip):
+                    next(iterator, None)
+            try:
+                upcoming = next(iterator)
+            except StopIteration:
+                self.end_of_dataloader = True
+                self.iteration += 1
+                return
+            while True:
+                current = upcoming
+                try:
+                    upcoming = next(iterator)
+                except StopIteration:
+                    self.end_of_dataloader = True
+                self.position += 1
+                yield current if self.device is None else send_to_device(current, self.device)
+                if self.end_of_dataloader:
+                    break
+            self.iteration += 1
+        finally:
+            if self._policy is not None:
+                self._policy.pop_dataloader(self)
+
+    def _set_sampler_epoch(self, epoch: int) -> None:
+        if self._index_sampler is not None:
+            self._index_sampler.set_epoch(epoch)
+        elif hasattr(self.base_dataloader.dataset, "set_epoch"):
+            self.base_dataloader.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is: the epoch, the batches consumed in it, the shuffle seed."""
+        state: dict[str, Any] = {"iteration": self.iteration, "position": self.position}
+        sampler = self.sampler
+        if hasattr(sampler, "state_dict"):
+            state["sampler"] = sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        self.position = int(state.get("position", 0))
+        sampler = self.sampler
+        if "sampler" in state and hasattr(sampler, "load_state_dict"):
+            sampler.load_state_dict(state["sampler"])
+
+
+class SkipFirstBatches:
+    """One pass of a prepared loader that starts ``num_batches`` in (see ``skip_first_batches``)."""
+
+    def __init__(self, loader: PreparedDataLoader, num_batches: int) -> None:
+        self.loader = loader
+        self.num_batches = num_batches
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.loader._iterate(skip=self.num_batches)
+
+    def __len__(self) -> int:
+        return max(0, len(self.loader) - self.num_batches)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)

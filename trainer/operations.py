@@ -1,0 +1,119 @@
+"""Operations on nested batches (tensors inside dicts, lists, tuples, dataclasses).
+
+Batches and model outputs come in many shapes; these helpers walk them once and apply a
+tensor function to every leaf, keeping the container types (including namedtuples and
+``transformers`` ``ModelOutput`` dicts) so user code sees what it put in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from strategies import Strategy
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def recursively_apply(func: Callable[[torch.Tensor], Any], data: Any,
+                      test: Callable[[Any], bool] = torch.is_tensor) -> Any:
+    """Apply ``func`` to every leaf for which ``test`` holds; other leaves are returned as they are."""
+    if test(data):
+        return func(data)
+    if isinstance(data, (list, tuple)):
+        items = [recursively_apply(func, item, test) for item in data]
+        if _is_namedtuple(data):
+            return type(data)(*items)
+        return type(data)(items) if isinstance(data, tuple) else items
+    if isinstance(data, Mapping):
+        items = {key: recursively_apply(func, value, test) for key, value in data.items()}
+        try:
+            return type(data)(items)
+        except TypeError:
+            return items
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        changes = {f.name: recursively_apply(func, getattr(data, f.name), test)
+                   for f in dataclasses.fields(data) if f.init}
+        return dataclasses.replace(data, **changes)
+    return data
+
+
+def send_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """Move every tensor of a nested batch to ``device``."""
+    return recursively_apply(lambda t: t.to(device, non_blocking=non_blocking), data)
+
+
+def _is_low_float(obj: Any) -> bool:
+    return torch.is_tensor(obj) and obj.dtype in (torch.float16, torch.bfloat16)
+
+
+def convert_to_fp32(data: Any) -> Any:
+    """Cast fp16/bf16 tensors of a nested output to fp32 (mixed precision returns fp32 outputs)."""
+    return recursively_apply(lambda t: t.float(), data, test=_is_low_float)
+
+
+def find_batch_size(data: Any) -> int | None:
+    """The length of the first tensor's first dimension in a nested batch."""
+    found: list[int] = []
+
+    def record(tensor: torch.Tensor) -> torch.Tensor:
+        if not found and tensor.dim():
+            found.append(tensor.shape[0])
+        return tensor
+
+    recursively_apply(record, data)
+    return found[0] if found else None
+
+
+def gather(data: Any, strategy: Strategy) -> Any:
+    """Concatenate every process's tensors along dim 0, for each tensor of a nested structure."""
+    return recursively_apply(strategy.all_gather, data)
+
+
+def gather_object(obj: Any, strategy: Strategy) -> list[Any]:
+    """Every process's picklable object, as a flat list in rank order (lists are concatenated)."""
+    gathered = strategy.all_gather_object(obj)
+    if isinstance(obj, list):
+        return [item for part in gathered for item in part]
+    return gathered
+
+
+def reduce(data: Any, strategy: Strategy, reduction: str = "sum", scale: float = 1.0) -> Any:
+    """Reduce every tensor across processes with ``reduction`` (sum, mean, max, min), then scale."""
+    if reduction not in ("sum", "mean", "max", "min"):
+        raise ValueError(f"reduction={reduction!r} is not one of 'sum', 'mean', 'max', 'min'.")
+
+    def _reduce(tensor: torch.Tensor) -> torch.Tensor:
+        result = strategy.all_reduce(tensor, op=reduction)
+        return result * scale if scale != 1.0 else result
+
+    return recursively_apply(_reduce, data)
+
+
+def pad_across_processes(data: Any, strategy: Strategy, dim: int = 0, pad_index: int = 0,
+                         pad_first: bool = False) -> Any:
+    """Pad every tensor along ``dim`` to the largest size any process has, so they can be gathered."""
+
+    def _pad(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 0 or dim >= tensor.dim() or dim < -tensor.dim():
+            return tensor
+        axis = dim % tensor.dim()
+        size = torch.tensor([tensor.shape[axis]], device=tensor.device)
+        longest = int(strategy.all_gather(size).max())
+        if longest == tensor.shape[axis]:
+            return tensor
+        shape = list(tensor.shape)
+        shape[axis] = longest
+        padded = tensor.new_full(shape, pad_index)
+        index = [slice(None)] * tensor.dim()
+        index[axis] = slice(longest - tensor.shape[axis], longest) if pad_first else slice(0, tensor.shape[axis])
+        padded[tuple(index)] = tensor
+        return padded
+
+    return recursively_apply(_pad, data)

@@ -1,0 +1,155 @@
+"""Precision policies: how the forward pass is cast and how the loss and the step are handled.
+
+A precision string (``"fp16"``, ``"bf16"``...) is resolved once, by ``resolve_precision``,
+into one of the objects below; the rest of the code only calls their methods.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+from trainer.operations import convert_to_fp32
+
+
+class Precision:
+    """Full fp32: nothing is cast or scaled."""
+
+    name = "no"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    @property
+    def is_mixed(self) -> bool:
+        return False
+
+    def autocast(self, **kwargs: Any) -> AbstractContextManager:
+        return nullcontext()
+
+    def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        """The module's forward as the training loop should call it."""
+        return forward
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Change the module itself (fp8 swaps its linear layers); identity otherwise."""
+        return module
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring the gradients to their true scale before they are clipped or inspected."""
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, step: Callable[..., Any], **kwargs: Any) -> bool:
+        """Run ``step``; return False when the step was skipped (fp16 overflow)."""
+        step(**kwargs)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class MixedPrecision(Precision):
+    """Autocast the forward pass to ``dtype``; parameters, gradients and outputs stay fp32."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, name: str) -> None:
+        super().__init__(device)
+        self.dtype = dtype
+        self.name = name
+
+    @property
+    def is_mixed(self) -> bool:
+        return True
+
+    def autocast(self, **kwargs: Any) -> AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, **kwargs)
+
+    def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(forward)
+        def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+            with self.autocast():
+                output = forward(*args, **kwargs)
+            # Outputs go back to fp32 so the loss and the metrics are computed at full precision.
+            return convert_to_fp32(output)
+
+        autocast_forward.__wrapped__ = forward  # type: ignore[attr-defined]
+        return autocast_forward
+
+
+class Float16Precision(MixedPrecision):
+    """fp16 autocast with a GradScaler: the loss is scaled, overflowing steps are skipped."""
+
+    def __init__(self, device: torch.device, **scaler_kwargs: Any) -> None:
+        super().__init__(device, torch.float16, "fp16")
+        self.scaler = torch.amp.GradScaler(device.type, **scaler_kwargs)
+        self._unscaled: set[int] = set()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss)
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        if id(optimizer) not in self._unscaled:
+            self.scaler.unscale_(optimizer)
+            self._unscaled.add(id(optimizer))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, step: Callable[..., Any], **kwargs: Any) -> bool:
+        # The scale drops only when an inf/nan was found, i.e. when the step was skipped. Reading
+        # it works for every optimizer: fused and foreach ones receive found_inf and skip inside
+        # their kernel, so "was optimizer.step called" would say nothing for them.
+        # GradScaler keys its bookkeeping by the optimizer object, so it must call the optimizer's
+        # own step (strategies that need their own step, like DeepSpeed, scale losses themselves).
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(optimizer, **kwargs)
+        self.scaler.update()
+        self._unscaled.discard(id(optimizer))
+        return self.scaler.get_scale() >= scale_before
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+_ALIASES = {
+    "no": "no", "fp32": "no", "32": "no", "32-true": "no", "float32": "no",
+    "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "float16": "fp16",
+    "bf16": "bf16", "bf16-mixed": "bf16", "bfloat16": "bf16",
+}
+VALID_PRECISIONS = ("no", "fp32", "fp16", "bf16")
+_LATER = {"fp8": "fp8 training needs torchao and a GPU with fp8 support; it is not available in this release."}
+
+
+def canonical_precision(precision: str | None) -> str:
+    """The canonical name (``"no"``, ``"fp16"``, ``"bf16"``) of a precision string, or one clear error."""
+    key = "no" if precision is None else str(precision).strip().lower()
+    if key in _ALIASES:
+        return _ALIASES[key]
+    if key in _LATER:
+        raise ValueError(f"mixed_precision={precision!r}: {_LATER[key]} Valid values: {list(VALID_PRECISIONS)}.")
+    close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.5)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"Unknown precision {precision!r}; valid values: {list(VALID_PRECISIONS)}.{hint}")
+
+
+def resolve_precision(precision: str | Precision | None, device: torch.device,
+                      scaler_kwargs: dict[str, Any] | None = None) -> Precision:
+    """Build the Precision object for a string; objects pass through."""
+    if isinstance(precision, Precision):
+        return precision
+    name = canonical_precision(precision)
+    if name == "fp16":
+        return Float16Precision(device, **(scaler_kwargs or {}))
+    if name == "bf16":
+        return MixedPrecision(device, torch.bfloat16, "bf16")
+    return Precision(device)

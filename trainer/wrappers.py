@@ -1,0 +1,124 @@
+"""The optimizer and scheduler that ``Accelerator.prepare`` returns.
+
+They keep the user's loop unchanged (``optimizer.step()``, ``optimizer.zero_grad()``,
+``scheduler.step()`` on every micro-batch) while acting only where they should: the optimizer
+steps and clears gradients on accumulation boundaries only, through the precision policy
+(which may skip an overflowing fp16 step), and the scheduler advances only when the optimizer
+really stepped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from strategies import Strategy
+    from trainer.accumulation import GradientAccumulation
+    from trainer.precision import Precision
+
+
+class AcceleratedOptimizer(torch.optim.Optimizer):
+    """The user's optimizer, stepping on accumulation boundaries through the precision policy."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, precision: Precision,
+                 policy: GradientAccumulation, before_step: Callable[[], None]) -> None:
+        # No super().__init__: the wrapped optimizer owns param_groups and state.
+        self.optimizer = optimizer
+        self._strategy = strategy
+        self._precision = precision
+        self._policy = policy
+        self._before_step = before_step
+        self.step_was_skipped = False
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = groups
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.optimizer.state = state
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict[str, Any]) -> None:
+        self.optimizer.defaults = defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._strategy.optimizer_state_dict(self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._strategy.load_optimizer_state_dict(self.optimizer, state_dict)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._policy.sync_gradients:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if not self._policy.sync_gradients:
+            return
+        self._before_step()
+        kwargs = {} if closure is None else {"closure": closure}
+        stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step, **kwargs)
+        self.step_was_skipped = not stepped
+
+    def _strategy_step(self, **kwargs: Any) -> Any:
+        return self._strategy.optimizer_step(self.optimizer, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"AcceleratedOptimizer({self.optimizer!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+class AcceleratedScheduler:
+    """The user's LR scheduler, advancing once per optimizer step that really happened."""
+
+    def __init__(self, scheduler: Any, optimizers: list[AcceleratedOptimizer],
+                 policy: GradientAccumulation, step_with_optimizer: bool = True) -> None:
+        self.scheduler = scheduler
+        self.optimizers = optimizers
+        self._policy = policy
+        self.step_with_optimizer = step_with_optimizer
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        if self.step_with_optimizer:
+            if not self._policy.sync_gradients:
+                return
+            if any(optimizer.step_was_skipped for optimizer in self.optimizers):
+                return
+        self.scheduler.step(*args, **kwargs)
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
