@@ -176,7 +176,14 @@ class PreparedDataLoader:
         if self._policy is not None:
             self._policy.push_dataloader(self)
         try:
-            iterator = iter(self.base_dataloader)
+            if skip:
+                # Creating an iterator draws the workers' base seed from the global RNG. The run
+                # being resumed drew it at the start of this epoch, before the checkpoint saved
+                # the RNG state, so drawing it again here would shift every later random number.
+                with torch.random.fork_rng(devices=[]):
+                    iterator = iter(self.base_dataloader)
+            else:
+                iterator = iter(self.base_dataloader)
             if self._index_sampler is None:  # an iterable dataset: skipping means reading
                 for _ in range(skip):
                     next(iterator, None)
