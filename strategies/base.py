@@ -105,6 +105,9 @@ class Strategy:
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Reduce across processes into a new tensor; ``op`` is sum, mean, max or min."""
         result = tensor.clone()
+        if op == "mean" and not (result.is_floating_point() or result.is_complex()):
+            # A mean of integers is fractional: the result is float on any number of processes.
+            result = result.to(torch.get_default_dtype())
         if not self.is_distributed:
             return result
         dist.all_reduce(result, op=_REDUCE_OPS["sum" if op == "mean" else op])

@@ -48,10 +48,10 @@ def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
 def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list such as ``node[003-005,9],gpu1``."""
     first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
-    match = re.match(r"^([^\[]+)\[([^\],\-]+)", first)
+    match = re.match(r"^([^\[]+)\[([^\],\-]+)[^\]]*\](.*)$", first)
     if match is None:
         return first
-    return match.group(1) + match.group(2)
+    return match.group(1) + match.group(2) + match.group(3)
 
 
 def _from_torchrun(env: Mapping[str, str]) -> ClusterEnvironment:
@@ -61,7 +61,7 @@ def _from_torchrun(env: Mapping[str, str]) -> ClusterEnvironment:
         world_size=world_size,
         local_rank=_int(env, "LOCAL_RANK", 0),
         local_world_size=_int(env, "LOCAL_WORLD_SIZE", world_size),
-        master_addr=env.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
+        master_addr=env.get("MASTER_ADDR") or DEFAULT_MASTER_ADDR,
         master_port=_int(env, "MASTER_PORT", DEFAULT_MASTER_PORT),
         launcher="torchrun",
     )
@@ -112,7 +112,7 @@ def _from_mpi(env: Mapping[str, str], prefix: str, launcher: str) -> ClusterEnvi
         world_size=world_size,
         local_rank=_int(env, names[2], 0),
         local_world_size=local_world_size,
-        master_addr=env.get("MASTER_ADDR", DEFAULT_MASTER_ADDR),
+        master_addr=env.get("MASTER_ADDR") or DEFAULT_MASTER_ADDR,
         master_port=_int(env, "MASTER_PORT", DEFAULT_MASTER_PORT),
         launcher=launcher,
     )
