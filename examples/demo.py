@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from datasets import load_dataset
+from datasets import disable_progress_bars, load_dataset
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
@@ -37,7 +37,9 @@ def build(accelerator: Accelerator, data_dir: Path, batch_size: int):
 def run_epochs(accelerator, model, optimizer, loader, scheduler, epochs: range, checkpoints: Path) -> Path:
     last = checkpoints
     for epoch in epochs:
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, leave=True)
+        # A live bar on a terminal; one line per epoch in a log file.
+        live = accelerator.is_local_main_process and sys.stderr.isatty()
+        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not live, leave=True)
         for source, targets in bar:
             with accelerator.accumulate(model):
                 loss = F.cross_entropy(model(source), targets)
@@ -48,6 +50,8 @@ def run_epochs(accelerator, model, optimizer, loader, scheduler, epochs: range, 
                 optimizer.zero_grad()
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         last = accelerator.save_state(checkpoints / f"epoch_{epoch}")
+        if not live:
+            accelerator.print(f"epoch {epoch}: loss {loss.item():.4f}, lr {scheduler.get_last_lr()[0]:.2e}, saved {last.name}")
     return last
 
 
@@ -63,6 +67,7 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
+    disable_progress_bars()  # the dataset is tiny; its progress bars would only add noise
     out = args.output_dir.resolve()
     train_dir = write_my_dataset(out / "data" / "train", samples=768, seed=0)
     test_dir = write_my_dataset(out / "data" / "test", samples=256, seed=1)

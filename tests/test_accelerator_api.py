@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,9 @@ def test_mean_of_integers_is_float_on_one_process():
     accelerator = Accelerator()
     result = accelerator.reduce(torch.tensor([1, 2]), "mean")
     assert result.dtype == torch.float32 and result.tolist() == [1.0, 2.0]
+
+
+def test_the_trainer_console_script_is_installed():
+    script = Path(sys.executable).parent / "trainer"
+    result = subprocess.run([str(script), "env"], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("- trainer: ")

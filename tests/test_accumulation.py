@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
 from models import classification_data, max_abs_diff, mlp
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from trainer import Accelerator
+from strategies import SingleDevice
+from trainer import Accelerator, GradientAccumulation
 
 TOLERANCE = 1e-6
 
@@ -196,3 +199,38 @@ def test_bad_accumulation_steps(steps):
 def test_bad_normalisation_name():
     with pytest.raises(ValueError, match=r"normalize='token' is not one of \['mean', 'tokens'\]"):
         Accelerator(gradient_accumulation_steps=2, accumulation_normalize="token")
+
+
+class RecordingSingleDevice(SingleDevice):
+    """A real SingleDevice strategy that also notes when the loop asked it not to synchronise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.no_sync_steps: list[int] = []
+        self.backward_calls = 0
+
+    def backward(self, loss, module=None, **kwargs):
+        self.backward_calls += 1
+        super().backward(loss, module, **kwargs)
+
+    @contextmanager
+    def no_backward_sync(self, module, enabled=True):
+        self.no_sync_steps.append(self.backward_calls)
+        yield
+
+
+@pytest.mark.parametrize("sync_each_batch, expected", [(False, [0, 1, 3, 4]), (True, [])])
+def test_micro_steps_skip_gradient_sync_except_on_boundaries(sync_each_batch, expected):
+    strategy = RecordingSingleDevice()
+    policy = GradientAccumulation(3, sync_each_batch=sync_each_batch)
+    accelerator = Accelerator(strategy=strategy, gradient_accumulation_plugin=policy)
+    model = mlp()
+    model, optimizer, loader = accelerator.prepare(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(*classification_data(48)), batch_size=8))
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+    # Six micro-batches, groups of three: backward calls 0, 1 and 3, 4 run without synchronising.
+    assert strategy.no_sync_steps == expected

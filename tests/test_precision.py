@@ -123,3 +123,11 @@ def test_fp16_gradients_are_unscaled_before_clipping():
     assert abs(norm.item() - expected.item()) <= 1e-5 * expected.item()
     optimizer.step()  # unscaled once: GradScaler would raise if step unscaled again
     assert not accelerator.optimizer_step_was_skipped
+
+
+def test_a_bad_precision_is_refused_before_the_process_state_exists():
+    from trainer import PartialState
+
+    with pytest.raises(ValueError, match="Unknown precision"):
+        Accelerator(mixed_precision="fp61")
+    assert not PartialState._shared_state

@@ -27,7 +27,7 @@ from trainer import checkpointing, operations
 from trainer.accumulation import GradientAccumulation
 from trainer.data_loader import PreparedDataLoader, SkipFirstBatches
 from trainer.devices import empty_cache
-from trainer.precision import Precision, resolve_precision
+from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.state import PartialState
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
@@ -79,12 +79,11 @@ class Accelerator:
                 f"log_with={log_with!r}: experiment trackers are not available in this release; "
                 "remove log_with (accelerator.log() is then a no-op)."
             )
-        self.state = PartialState(cpu=cpu)
-        self.strategy = resolve_strategy(strategy or os.environ.get(STRATEGY_ENV), self.state.num_processes)
-        self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
-        self.precision = resolve_precision(
-            mixed_precision if mixed_precision is not None else os.environ.get(PRECISION_ENV, "no"),
-            self.strategy.root_device)
+        # Everything the user passed is checked before the process group or any device is touched.
+        if mixed_precision is None:
+            mixed_precision = os.environ.get(PRECISION_ENV, "no")
+        if not isinstance(mixed_precision, Precision):
+            mixed_precision = canonical_precision(mixed_precision)
         if gradient_accumulation_plugin is not None:
             self.accumulation = gradient_accumulation_plugin
         else:
@@ -92,6 +91,10 @@ class Accelerator:
             if steps is None:
                 steps = int(os.environ.get(ACCUMULATION_ENV, "1"))
             self.accumulation = GradientAccumulation(steps, normalize=accumulation_normalize)
+        self.state = PartialState(cpu=cpu)
+        self.strategy = resolve_strategy(strategy or os.environ.get(STRATEGY_ENV), self.state.num_processes)
+        self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
+        self.precision = resolve_precision(mixed_precision, self.strategy.root_device)
         self.project_dir = Path(project_dir) if project_dir is not None else None
         self.device_placement = device_placement
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer

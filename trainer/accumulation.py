@@ -129,8 +129,8 @@ class GradientAccumulation:
             divisor = total_tokens
         self._grad_divisor = None
         self._tokens = 0.0
-        if divisor is None:
-            return
+        if divisor is None or float(divisor) == 0:
+            return  # no tokens in the whole group: the summed losses were zero, so are the gradients
         grads = [p.grad for p in parameters if p.grad is not None]
         if grads:
             torch._foreach_div_(grads, float(divisor))
