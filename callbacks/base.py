@@ -1,8 +1,17 @@
-"""The Callback base class and the names of the events a Trainer emits, in loop order."""
+"""The Callback base class and the events a Trainer emits.
+
+Override the events you need; each receives the trainer first and talks to it through its
+public surface (``trainer.model``, ``trainer.global_step``, ``trainer.log``, ``trainer.should_stop``
+...). The order in which the events fire is documented as pseudocode in ``docs/trainer.md``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
 
 EVENTS = (
     "on_fit_start", "on_train_epoch_start", "on_train_batch_start", "on_before_backward",
@@ -14,14 +23,42 @@ EVENTS = (
 
 
 class Callback:
-    """Override the events you need; each receives the trainer first.
+    """Base class: every event is a no-op here, and the bus skips events a callback does not override.
 
-    A callback with state implements ``state_dict`` / ``load_state_dict``; what it returns is
-    saved in checkpoints and handed back on resume.
+    A callback with state implements ``state_dict`` / ``load_state_dict``; what it returns
+    (numbers, strings, lists, dicts, tensors) is saved in checkpoints and handed back on resume.
+    Set ``checkpoints = True`` on callbacks that write checkpoints: the bus runs them after all
+    others, so that a checkpoint sees the state the other callbacks reached at that event.
     """
+
+    checkpoints = False
+
+    @property
+    def state_key(self) -> str:
+        """The name this callback's state is saved under (unique per class by default)."""
+        return type(self).__qualname__
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_train_epoch_start(self, trainer: Trainer) -> None: ...
+    def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None: ...
+    def on_before_backward(self, trainer: Trainer, loss: Any) -> None: ...
+    def on_after_backward(self, trainer: Trainer) -> None: ...
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: Any) -> None: ...
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_start(self, trainer: Trainer) -> None: ...
+    def on_validation_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_train_epoch_end(self, trainer: Trainer) -> None: ...
+    def on_save_checkpoint(self, trainer: Trainer, checkpoint_dir: Path) -> None: ...
+    def on_load_checkpoint(self, trainer: Trainer, checkpoint_dir: Path) -> None: ...
+    def on_predict_start(self, trainer: Trainer) -> None: ...
+    def on_predict_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_predict_end(self, trainer: Trainer) -> None: ...
+    def on_exception(self, trainer: Trainer, exception: BaseException) -> None: ...
+    def on_fit_end(self, trainer: Trainer) -> None: ...

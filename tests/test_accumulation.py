@@ -234,3 +234,18 @@ def test_micro_steps_skip_gradient_sync_except_on_boundaries(sync_each_batch, ex
             optimizer.zero_grad()
     # Six micro-batches, groups of three: backward calls 0, 1 and 3, 4 run without synchronising.
     assert strategy.no_sync_steps == expected
+
+
+def test_groups_may_run_across_epochs_without_sync_with_dataloader():
+    policy = GradientAccumulation(4, sync_with_dataloader=False)
+    accelerator = Accelerator(gradient_accumulation_plugin=policy)
+    model = mlp()
+    model, optimizer, loader = accelerator.prepare(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(*classification_data(40)), batch_size=8))
+    boundaries = []
+    for _ in range(2):  # 5 batches per epoch: groups of four run over the epoch's end
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                boundaries.append(accelerator.sync_gradients)
+    assert boundaries == [False, False, False, True] * 2 + [False, False]

@@ -46,9 +46,9 @@ def uninterrupted(precision: str = "no"):
     return model, optimizer
 
 
-def interrupted(tmp_path, precision: str = "no"):
+def interrupted(tmp_path, precision: str = "no", batches: int = STOP_AT[1]):
     accelerator, model, optimizer, loader, scheduler = build(0, precision)
-    epoch, batches = STOP_AT
+    epoch = STOP_AT[0]
     for _ in range(epoch):
         train_batches(accelerator, model, optimizer, loader, scheduler, loader)
     train_batches(accelerator, model, optimizer, loader, scheduler, _take(loader, batches))
@@ -73,10 +73,11 @@ def _take(loader, count):
             return
 
 
-@pytest.mark.parametrize("precision", ["no", "fp16", "bf16"])
-def test_resume_is_bit_identical_to_never_stopping(tmp_path, precision):
+@pytest.mark.parametrize("precision, batches", [("no", 6), ("fp16", 6), ("bf16", 6), ("no", 5), ("fp16", 5)])
+def test_resume_is_bit_identical_to_never_stopping(tmp_path, precision, batches):
+    """Saved at an accumulation boundary (6 batches, k=2) or inside a group (5): the same weights."""
     straight_model, straight_optimizer = uninterrupted(precision)
-    resumed_model, resumed_optimizer = interrupted(tmp_path, precision)
+    resumed_model, resumed_optimizer = interrupted(tmp_path, precision, batches)
     assert same_weights(straight_model, resumed_model)
     a, b = straight_optimizer.state_dict(), resumed_optimizer.state_dict()
     for key in a["state"]:
@@ -211,3 +212,25 @@ def test_split_and_join_round_trip_of_awkward_state():
     assert restored["state"][0]["exp_avg"].tolist() == [1.0, 1.0]
     assert restored["param_groups"] == state["param_groups"]
     assert restored["nested"] == state["nested"]
+
+
+class RunsCode:
+    """Unpickling this object writes a marker file: proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_holding_a_pickle_is_refused_and_nothing_runs(tmp_path):
+    import pickle
+
+    accelerator, *_ = build(0)
+    path = accelerator.save_state(tmp_path / "ckpt")
+    marker = tmp_path / "code-ran"
+    (path / "extra_state.pkl").write_bytes(pickle.dumps(RunsCode(str(marker))))
+    with pytest.raises(ValueError, match=r"Refusing to load .*\['extra_state.pkl'\], which are neither JSON nor safetensors"):
+        accelerator.load_state(path)
+    assert not marker.exists()

@@ -11,6 +11,7 @@ from trainer.data_loader import PreparedDataLoader, SeededRandomSampler
 from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
 from trainer.random_state import set_seed
 from trainer.state import PartialState
+from trainer.trainer import Trainer
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "Precision",
     "PreparedDataLoader",
     "SeededRandomSampler",
+    "Trainer",
     "resolve_precision",
     "set_seed",
 ]

@@ -13,7 +13,7 @@ import difflib
 import gc
 import inspect
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -200,9 +200,9 @@ class Accelerator:
     def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
         """Wrap models, optimizers, data loaders and schedulers, given in any order.
 
-        Returns them in the order given (one object when one was passed). Models are prepared
-        first and schedulers last, whatever the order, because optimizers and schedulers refer to
-        what comes before them.
+        Returns them in the order given (one object when one was passed). Whatever the order,
+        models are prepared first, then optimizers, then schedulers, then everything else,
+        because optimizers refer to models and schedulers to optimizers.
         """
         if device_placement is None:
             device_placement = [self.device_placement] * len(args)
@@ -385,14 +385,16 @@ class Accelerator:
                 )
             self._custom_objects.append(obj)
 
-    def save_state(self, output_dir: str | os.PathLike | None = None) -> Path:
+    def save_state(self, output_dir: str | os.PathLike | None = None,
+                   before_commit: Callable[[Path], None] | None = None) -> Path:
         """Write models, optimizers, schedulers, data loader positions, scaler and RNG states.
 
         Tensors go to safetensors, the rest to JSON. The directory is replaced atomically.
         With no ``output_dir``, writes ``project_dir/checkpoints/checkpoint_<n>``.
+        ``before_commit(scratch_dir)`` may add files before the directory is put in place.
         """
         target = self._checkpoint_dir(output_dir, for_saving=True)
-        checkpointing.save_accelerator_state(self, target)
+        checkpointing.save_accelerator_state(self, target, before_commit)
         self.save_iteration += 1
         return target
 

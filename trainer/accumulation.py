@@ -83,7 +83,7 @@ class GradientAccumulation:
         """Count a micro-step; return True when its backward ends a group (a boundary)."""
         loader = self.active_dataloader
         if self.micro_step == 0:
-            remaining = loader.remaining if loader is not None else None
+            remaining = loader.remaining if loader is not None and self.sync_with_dataloader else None
             self.group_size = self.steps if remaining is None else max(1, min(self.steps, remaining + 1))
         self.micro_step += 1
         end = self.sync_with_dataloader and self.end_of_dataloader
@@ -146,8 +146,13 @@ class GradientAccumulation:
 
     # -- checkpointing ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"micro_step": self.micro_step, "group_size": self.group_size}
+        """Where the current group stands (the checkpoint also holds the gradients accumulated so far)."""
+        return {"micro_step": self.micro_step, "group_size": self.group_size,
+                "tokens": float(self._tokens), "grad_divisor": None if self._grad_divisor is None
+                else float(self._grad_divisor)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.micro_step = int(state.get("micro_step", 0))
         self.group_size = int(state.get("group_size", self.steps))
+        self._tokens = float(state.get("tokens", 0.0))
+        self._grad_divisor = state.get("grad_divisor")

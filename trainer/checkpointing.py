@@ -8,7 +8,8 @@ Layout of a checkpoint directory (``_<i>`` suffixes for the second and later obj
     scheduler.json              each scheduler's state dict
     dataloader.json             each data loader's epoch, position and shuffle seed
     precision.json              the fp16 loss scaler
-    custom_<i>.json/.safetensors objects given to register_for_checkpointing
+    gradients.safetensors       gradients accumulated so far, when saved inside an accumulation group
+    custom.json/.safetensors    objects given to register_for_checkpointing
     random_states_<rank>.json/.safetensors   python, numpy, torch and device RNG states per process
 """
 
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint_io import (
     commit_directory,
@@ -45,8 +49,13 @@ def _counts(accelerator: Accelerator) -> dict[str, int]:
             "custom_objects": len(accelerator._custom_objects)}
 
 
-def save_accelerator_state(accelerator: Accelerator, target: Path) -> None:
-    """Write every piece into a scratch directory on the main process, then swap it in."""
+def save_accelerator_state(accelerator: Accelerator, target: Path,
+                           before_commit: Callable[[Path], None] | None = None) -> None:
+    """Write every piece into a scratch directory on the main process, then swap it in.
+
+    ``before_commit`` runs with the scratch directory once everything is written and before it
+    replaces ``target`` (a place for callbacks to add files of their own).
+    """
     strategy = accelerator.strategy
     main = accelerator.is_main_process
     scratch = strategy.broadcast_object(str(new_scratch_directory(target)) if main else None)
@@ -54,6 +63,13 @@ def save_accelerator_state(accelerator: Accelerator, target: Path) -> None:
     try:
         for index, model in enumerate(accelerator._models):
             strategy.save_module(model, scratch_path / f"{_name('model', index)}.safetensors")
+            if accelerator.accumulation.micro_step and main:
+                # Inside an accumulation group the gradients are part of the state: without them
+                # the resumed group would miss the micro-batches already done.
+                grads = {name: p.grad.detach().contiguous().cpu()
+                         for name, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
+                if grads:
+                    save_file(grads, str(scratch_path / f"{_name('gradients', index)}.safetensors"))
         meta, tensors = capture_rng_state()
         save_state_files({"meta": meta, "tensors": tensors}, scratch_path, f"random_states_{accelerator.process_index}")
         # Optimizer state may be sharded, so every process asks the strategy for it.
@@ -77,6 +93,8 @@ def save_accelerator_state(accelerator: Accelerator, target: Path) -> None:
                 "accumulation": accelerator.accumulation.state_dict(),
                 "save_iteration": accelerator.save_iteration,
             })
+        if before_commit is not None:
+            before_commit(scratch_path)
         strategy.barrier()
     except BaseException:
         if main:
@@ -94,6 +112,7 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
         raise FileNotFoundError(
             f"{source} is not a checkpoint written by save_state(): it has no accelerator.json."
         )
+    _refuse_foreign_files(source)
     info = read_json(info_path)
     saved, current = info["counts"], _counts(accelerator)
     if strict and saved != current:
@@ -104,6 +123,10 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
     device = accelerator.device
     for index, model in enumerate(accelerator._models[: saved["models"]]):
         accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
+        grads_path = source / f"{_name('gradients', index)}.safetensors"
+        grads = load_file(str(grads_path), device=str(device)) if grads_path.is_file() else {}
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            p.grad = grads.get(name)
     for index, optimizer in enumerate(accelerator._optimizers[: saved["optimizers"]]):
         optimizer.load_state_dict(load_state_files(source, _name("optimizer", index), device))
     for index, scheduler in enumerate(accelerator._schedulers[: saved["schedulers"]]):
@@ -119,6 +142,20 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
     if (source / f"{rng_name}.json").is_file():
         rng = load_state_files(source, rng_name)
         restore_rng_state(rng["meta"], rng["tensors"])
+
+
+SAFE_SUFFIXES = (".json", ".safetensors")
+
+
+def _refuse_foreign_files(source: Path) -> None:
+    """Refuse a checkpoint holding anything but JSON and safetensors (a pickle could run code)."""
+    foreign = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix not in SAFE_SUFFIXES)
+    if foreign:
+        raise ValueError(
+            f"Refusing to load {source}: it contains {foreign}, which are neither JSON nor safetensors. "
+            "Checkpoints written by save_state() hold only those two formats; a file such as a pickle can "
+            "run code when read. Remove the file(s) if the checkpoint is otherwise yours."
+        )
 
 
 def latest_checkpoint(root: Path) -> Path | None:

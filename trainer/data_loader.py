@@ -13,6 +13,7 @@ being processed, that the epoch ends there (the last, possibly short, group is a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sized
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +185,10 @@ class PreparedDataLoader:
                     iterator = iter(self.base_dataloader)
             else:
                 iterator = iter(self.base_dataloader)
-            if self._index_sampler is None:  # an iterable dataset: skipping means reading
+            if self._index_sampler is None and skip:
+                warnings.warn(
+                    f"Resuming {skip} batches into an iterable dataset: its batches cannot be skipped "
+                    "without reading them, so they are read and dropped.", stacklevel=2)
                 for _ in range(skip):
                     next(iterator, None)
             try:
@@ -192,6 +196,7 @@ class PreparedDataLoader:
             except StopIteration:
                 self.end_of_dataloader = True
                 self.iteration += 1
+                self.position = 0
                 return
             while True:
                 current = upcoming
@@ -203,7 +208,9 @@ class PreparedDataLoader:
                 yield current if self.device is None else send_to_device(current, self.device)
                 if self.end_of_dataloader:
                     break
+            # The pass is complete: the next one is a new epoch that has not started yet.
             self.iteration += 1
+            self.position = 0
         finally:
             if self._policy is not None:
                 self._policy.pop_dataloader(self)

@@ -1,0 +1,65 @@
+"""The callback bus: one ordered list, one dispatch per event, checkpointing callbacks last."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+from callbacks.base import EVENTS, Callback
+
+
+def _overrides(callback: Any, event: str) -> bool:
+    method = getattr(type(callback), event, None)
+    return method is not None and method is not getattr(Callback, event, None)
+
+
+class CallbackBus:
+    """Calls ``event`` on every callback that defines it, in list order, checkpointing callbacks last.
+
+    Which callbacks handle which event is worked out once, so an event nobody listens to costs
+    one dictionary lookup in the training loop.
+    """
+
+    def __init__(self, callbacks: Iterable[Any] = ()) -> None:
+        callbacks = list(callbacks)
+        for callback in callbacks:
+            for name in dir(type(callback)):
+                if name.startswith("on_") and name not in EVENTS:
+                    close = difflib.get_close_matches(name, EVENTS, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"{type(callback).__name__}.{name} is not a Trainer event, so it would never run.{hint} "
+                        f"Events: {', '.join(EVENTS)}."
+                    )
+        # sorted() is stable: list order is kept within each group.
+        self.callbacks = sorted(callbacks, key=lambda cb: bool(getattr(cb, "checkpoints", False)))
+        self._handlers = {event: [getattr(cb, event) for cb in self.callbacks if _overrides(cb, event)]
+                          for event in EVENTS}
+        keys = [self.state_key(cb) for cb in self.callbacks]
+        duplicates = sorted({key for key in keys if keys.count(key) > 1})
+        if duplicates:
+            raise ValueError(
+                f"Two callbacks save their state under the same key {duplicates}: give one of them a "
+                "different state_key (a property returning a unique string)."
+            )
+
+    @staticmethod
+    def state_key(callback: Any) -> str:
+        return getattr(callback, "state_key", type(callback).__qualname__)
+
+    def call(self, event: str, *args: Any) -> None:
+        for handler in self._handlers[event]:
+            handler(*args)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.state_key(cb): cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            key = self.state_key(callback)
+            if key in state and hasattr(callback, "load_state_dict"):
+                callback.load_state_dict(state[key])
+
+    def find(self, kind: type) -> list[Any]:
+        return [cb for cb in self.callbacks if isinstance(cb, kind)]

@@ -1,0 +1,132 @@
+"""ModelCheckpoint: save the training state every n steps or epochs, or when a metric improves."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+MODES = ("min", "max")
+
+
+def metric_or_error(metrics: dict[str, float], name: str, who: str) -> float:
+    """``metrics[name]``, or one error naming the metrics there are (and the closest one)."""
+    if name in metrics:
+        return float(metrics[name])
+    close = difflib.get_close_matches(name, list(metrics), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise KeyError(f"{who} monitors {name!r}, which validation did not produce.{hint} Available: {sorted(metrics)}.")
+
+
+class ModelCheckpoint(Callback):
+    """Write full training checkpoints (model, optimizer, scheduler, loop position, RNG, callbacks).
+
+    Args:
+        dirpath: where checkpoints go; default ``trainer.output_dir / "checkpoints"``.
+        every_n_steps: save after every n optimizer steps.
+        every_n_epochs: save at the end of every n epochs (the default when nothing else is asked).
+        monitor: save after each validation, ranking checkpoints by this metric.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        save_top_k: how many to keep (the best by ``monitor``, else the most recent); -1 keeps all.
+        save_last: always keep the most recent checkpoint too, so that ``fit(resume="latest")``
+            continues from where training stopped rather than from the best point.
+    """
+
+    checkpoints = True
+
+    def __init__(self, dirpath: str | Path | None = None, every_n_steps: int | None = None,
+                 every_n_epochs: int | None = None, monitor: str | None = None, mode: str = "min",
+                 save_top_k: int = 1, save_last: bool = True) -> None:
+        if mode not in MODES:
+            raise ValueError(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
+        if not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k!r}): use a whole number >= 0, or -1 for all.")
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelCheckpoint({name}={value!r}): use a whole number >= 1, or None.")
+        if every_n_steps is None and every_n_epochs is None and monitor is None:
+            every_n_epochs = 1
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
+        self.monitor, self.mode = monitor, mode
+        self.save_top_k, self.save_last = save_top_k, save_last
+        self.saved: list[dict[str, Any]] = []  # {"name", "step", "score"}, oldest first
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        """The saved checkpoint with the best ``monitor`` value."""
+        scored = [r for r in self.saved if r["score"] is not None]
+        return min(scored, key=self._rank) if scored else None
+
+    def root(self, trainer: Trainer) -> Path:
+        return self.dirpath if self.dirpath is not None else trainer.checkpoint_dir
+
+    # -- when to save -----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+        n = self.every_n_steps
+        if n is not None and trainer.accelerator.sync_gradients and trainer.global_step % n == 0:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.monitor is not None and trainer.fitting:
+            self.save(trainer, score=metric_or_error(metrics, self.monitor, "ModelCheckpoint"))
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        n = self.every_n_epochs
+        if n is not None and (trainer.current_epoch + 1) % n == 0:
+            self.save(trainer)
+
+    # -- saving and retention -------------------------------------------------------------------------
+    def save(self, trainer: Trainer, score: float | None = None) -> Path:
+        """Save now (replacing a checkpoint of the same step), then drop what retention excludes."""
+        root = self.root(trainer)
+        name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
+        if trainer.accelerator.accumulation.micro_step:  # inside an accumulation group
+            name += f"-batch={trainer.progress.batch_in_epoch}"
+        previous = next((r for r in self.saved if r["name"] == name), None)
+        if previous is not None:
+            self.saved.remove(previous)
+            if score is None:
+                score = previous["score"]
+        self.saved.append({"name": name, "step": trainer.global_step, "score": score})
+        path = trainer.save_checkpoint(root / name)
+        self._prune(trainer, root)
+        return path
+
+    def _rank(self, record: dict[str, Any]) -> float:
+        score = record["score"]
+        if score is None or math.isnan(score):
+            return math.inf
+        return score if self.mode == "min" else -score
+
+    def _prune(self, trainer: Trainer, root: Path) -> None:
+        if self.save_top_k == -1:
+            return
+        if self.monitor is not None:
+            kept = sorted(self.saved, key=self._rank)[: self.save_top_k]
+        else:
+            kept = self.saved[len(self.saved) - self.save_top_k:] if self.save_top_k else []
+        keep = {r["name"] for r in kept}
+        if self.save_last and self.saved:
+            keep.add(self.saved[-1]["name"])
+        dropped = [r for r in self.saved if r["name"] not in keep]
+        self.saved = [r for r in self.saved if r["name"] in keep]
+        if trainer.is_main_process:
+            for record in dropped:
+                shutil.rmtree(root / record["name"], ignore_errors=True)
+            if dropped and self.saved:
+                trainer.point_latest_to(root / self.saved[-1]["name"])
+        trainer.accelerator.wait_for_everyone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": [dict(r) for r in self.saved]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved = [dict(r) for r in state.get("saved", [])]

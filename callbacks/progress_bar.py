@@ -1,0 +1,92 @@
+"""ProgressBar: a tqdm bar for training and a nested one for validation, on the main process only."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+
+class ProgressBar(Callback):
+    """Shows batches per epoch with the loss, the learning rate and it/s.
+
+    Args:
+        refresh_every_n_steps: how often the loss and lr shown are updated (reading the loss
+            synchronises the device, so not on every step).
+        enabled: ``None`` (default) shows bars only when stderr is a terminal, so logs of batch
+            jobs stay free of carriage-return noise; ``True``/``False`` force it.
+    """
+
+    def __init__(self, refresh_every_n_steps: int = 10, enabled: bool | None = None) -> None:
+        self.refresh_every_n_steps = refresh_every_n_steps
+        self.enabled = enabled
+        self.train_bar: Any = None
+        self.val_bar: Any = None
+        self._postfix: dict[str, str] = {}
+
+    def _show(self, trainer: Trainer) -> bool:
+        wanted = sys.stderr.isatty() if self.enabled is None else self.enabled
+        return bool(wanted and trainer.is_main_process)
+
+    def _open_train_bar(self, trainer: Trainer) -> None:
+        loader = trainer.train_loader
+        total = len(loader) if hasattr(loader, "__len__") else None
+        self.train_bar = tqdm(total=total, initial=trainer.progress.batch_in_epoch, desc=f"epoch {trainer.current_epoch}",
+                              disable=not self._show(trainer), dynamic_ncols=True, leave=True, file=sys.stderr)
+
+    def on_train_epoch_start(self, trainer: Trainer) -> None:
+        self._open_train_bar(trainer)
+
+    def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
+        if self.train_bar is None:  # resumed inside an epoch
+            self._open_train_bar(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar = self.train_bar
+        bar.update(1)
+        if bar.disable or not trainer.accelerator.sync_gradients or trainer.global_step % self.refresh_every_n_steps:
+            return
+        if "train_loss" in trainer.metrics:
+            self._postfix["loss"] = f"{trainer.metrics['train_loss']:.4f}"
+        self._postfix["lr"] = f"{trainer.optimizer.param_groups[0]['lr']:.2e}"
+        bar.set_postfix(self._postfix, refresh=False)
+
+    def on_validation_start(self, trainer: Trainer) -> None:
+        loader = trainer.eval_loader
+        total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
+        nested = self.train_bar is not None and not self.train_bar.disable
+        self.val_bar = tqdm(total=total, desc="validating", leave=False, position=1 if nested else 0,
+                            disable=not self._show(trainer), dynamic_ncols=True, file=sys.stderr)
+
+    def on_validation_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.val_bar is not None:
+            self.val_bar.update(1)
+
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.val_bar is not None:
+            self.val_bar.close()  # leave=False: the nested bar leaves no line behind
+            self.val_bar = None
+        if self.train_bar is not None and not self.train_bar.disable and metrics:
+            self._postfix.update({name: f"{value:.4f}" for name, value in metrics.items()})
+            self.train_bar.set_postfix(self._postfix)
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        self._close()
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self._close()
+
+    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for bar in (self.val_bar, self.train_bar):
+            if bar is not None:
+                bar.close()
+        self.train_bar = self.val_bar = None

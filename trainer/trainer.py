@@ -1,0 +1,398 @@
+"""``Trainer``: owns the training loop; customised by subclassing, extended by callbacks.
+
+The loop in ``fit`` reads top to bottom: epochs, batches, one micro-step each, validation when
+due, checkpoints and logging through callbacks. It never names a backend: placement and
+synchronisation are the Strategy's, dtypes the Precision policy's, and when to step the
+accumulation policy's, all reached through the Accelerator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from callbacks import ModelCheckpoint, ProgressBar
+from callbacks.bus import CallbackBus
+from strategies import Strategy
+from trainer.accelerator import Accelerator
+from trainer.metrics import MetricAccumulator
+from trainer.operations import find_batch_size
+from trainer.progress import TrainerProgress
+from trainer.random_state import set_seed
+from trainer.trainer_checkpoint import TrainerCheckpointState, find_latest, write_latest
+from trainer.trainer_data import build_dataloader
+
+
+class Trainer:
+    """Train, validate and predict with a model.
+
+    Args:
+        model: the ``nn.Module``. A model whose output has ``.loss`` (a transformers model) trains
+            without overriding ``training_step``.
+        optimizer, scheduler: optional; otherwise ``configure_optimizers`` makes them.
+        train_data, eval_data: a torch Dataset, a ``datasets.Dataset`` or a DataLoader.
+        batch_size, eval_batch_size, collate_fn, num_workers, shuffle: how DataLoaders are built.
+        max_epochs, max_steps: when training ends (``max_steps`` counts optimizer steps and wins).
+        strategy, precision: ``"auto"`` reads what ``trainer launch`` set; see ``Accelerator``.
+        accumulate: micro-batches per optimizer step; ``accumulation_normalize="tokens"`` for
+            losses summed over tokens (``training_step`` then returns ``{"loss", "num_tokens"}``).
+        grad_clip: max total gradient norm, or None.
+        eval_every_n_steps, eval_every_n_epochs: when to validate (if ``eval_data`` is given).
+        log_every_n_steps: how often the training loss is logged.
+        seed: seeds python, numpy and torch before anything random happens.
+        output_dir: where checkpoints go (``output_dir/checkpoints``).
+        callbacks: extra callbacks; a ProgressBar and a ModelCheckpoint are added unless present
+            (``progress_bar=False`` / ``checkpoint=False`` to leave them out).
+        trackers: experiment trackers (not available in this release; must be empty).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        *,
+        train_data: Any = None,
+        eval_data: Any = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        collate_fn: Callable | None = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        max_epochs: int = 1,
+        max_steps: int | None = None,
+        strategy: str | Strategy = "auto",
+        precision: str = "auto",
+        accumulate: int = 1,
+        accumulation_normalize: str = "mean",
+        grad_clip: float | None = None,
+        eval_every_n_steps: int | None = None,
+        eval_every_n_epochs: int | None = 1,
+        log_every_n_steps: int = 10,
+        seed: int = 0,
+        output_dir: str | os.PathLike = "outputs",
+        callbacks: list[Any] | None = None,
+        trackers: list[Any] | None = None,
+        progress_bar: bool = True,
+        checkpoint: bool = True,
+        cpu: bool = False,
+    ) -> None:
+        if trackers:
+            raise ValueError(f"trackers={trackers!r}: experiment trackers are not available in this release; "
+                             "remove trackers= (trainer.log values are kept in trainer.metrics).")
+        for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs), ("log_every_n_steps", log_every_n_steps)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        set_seed(seed)
+        self.accelerator = Accelerator(
+            mixed_precision=None if precision == "auto" else precision, gradient_accumulation_steps=accumulate,
+            accumulation_normalize=accumulation_normalize, strategy=None if strategy == "auto" else strategy, cpu=cpu)
+        self.max_epochs, self.max_steps = max_epochs, max_steps
+        self.grad_clip = grad_clip
+        self.eval_every_n_steps, self.eval_every_n_epochs = eval_every_n_steps, eval_every_n_epochs
+        self.log_every_n_steps = log_every_n_steps
+        self.output_dir = Path(output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.progress = TrainerProgress()
+        self.metrics: dict[str, float] = {}
+        self.should_stop = False
+        self.callbacks = CallbackBus(self._default_callbacks(list(callbacks or []), progress_bar, checkpoint))
+
+        self.model = self.accelerator.prepare(model)
+        self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
+        build = {"collate_fn": collate_fn, "num_workers": num_workers}
+        self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
+        self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, private_rng=True, **build)
+        self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
+        self.accelerator.register_for_checkpointing(TrainerCheckpointState(self))
+        self.fitting = False  # True inside fit(): callbacks that only act while training check it
+        self._group_loss: torch.Tensor | None = None
+        self._group_micro_steps = 0
+
+    # -- the parts a subclass overrides ------------------------------------------------------------
+    def training_step(self, batch: Any) -> Any:
+        """The loss of one micro-batch (or a dict with ``loss``). Default: the model's ``.loss``."""
+        return _loss_of(self.forward(batch))
+
+    def validation_step(self, batch: Any) -> Mapping[str, Any]:
+        """A dict of scalar metrics for one batch. Default: ``{"val_loss": loss}``."""
+        return {"val_loss": _loss_of(self.forward(batch))}
+
+    def predict_step(self, batch: Any) -> Any:
+        """What ``predict`` returns for one batch. Default: the model's output."""
+        return self.forward(batch)
+
+    def configure_optimizers(self) -> Any:
+        """An optimizer, or ``(optimizer, scheduler)``. Default: AdamW with lr 1e-3."""
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+
+    def forward(self, batch: Any) -> Any:
+        """Call the model on a batch: a dict as keyword arguments, a tuple or list as positional ones."""
+        if isinstance(batch, Mapping):
+            return self.model(**batch)
+        if isinstance(batch, (tuple, list)):
+            return self.model(*batch)
+        return self.model(batch)
+
+    # -- public surface ------------------------------------------------------------------------------
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    @property
+    def current_epoch(self) -> int:
+        return self.progress.epoch
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def call(self, event: str, *args: Any) -> None:
+        """Run ``event`` on every callback that defines it, in order."""
+        self.callbacks.call(event, self, *args)
+
+    def log(self, name: str, value: Any, sync: bool = False) -> None:
+        """Record a value in ``trainer.metrics``; ``sync=True`` averages it over processes first."""
+        if sync:
+            value = self.accelerator.reduce(torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float64),
+                                            "mean")
+        self.metrics[name] = float(value)
+
+    def log_dict(self, values: Mapping[str, Any], sync: bool = False) -> None:
+        for name, value in values.items():
+            self.log(name, value, sync=sync)
+
+    # -- fit ------------------------------------------------------------------------------------------
+    def fit(self, resume: str | os.PathLike | None = None) -> dict[str, float]:
+        """Train until ``max_epochs``/``max_steps`` or until a callback sets ``should_stop``.
+
+        ``resume="latest"`` continues from the newest complete checkpoint in ``output_dir`` (and
+        starts afresh when there is none); a path resumes from that checkpoint.
+        """
+        if self.train_loader is None:
+            raise ValueError("fit() needs train_data: pass it to the Trainer.")
+        if resume is not None:
+            self._resume(resume)
+        self.fitting = True
+        try:
+            self.call("on_fit_start")
+            while not self._finished():
+                self._train_epoch()
+            self.call("on_fit_end")
+        except BaseException as exception:
+            self.call("on_exception", exception)
+            raise
+        finally:
+            self.fitting = False
+        return dict(self.metrics)
+
+    def _train_epoch(self) -> None:
+        progress, accelerator = self.progress, self.accelerator
+        self.model.train()
+        self.train_loader.set_epoch(progress.epoch)
+        if progress.batch_in_epoch == 0:
+            self.call("on_train_epoch_start")
+            batches = self.train_loader
+        else:  # resuming inside this epoch: its first batches are skipped, not loaded
+            batches = accelerator.skip_first_batches(self.train_loader, progress.batch_in_epoch)
+        for batch in batches:
+            batch_idx = progress.batch_in_epoch
+            self.call("on_train_batch_start", batch, batch_idx)
+            outputs = self._training_micro_step(batch)
+            progress.batch_in_epoch += 1
+            self.call("on_train_batch_end", outputs, batch, batch_idx)
+            if self._validation_due_after_step():
+                self.validate()
+            if self.should_stop or self._reached_max_steps():
+                return
+        self._end_epoch()
+
+    def _training_micro_step(self, batch: Any) -> Any:
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            outputs = self.training_step(batch)
+            loss, num_tokens = _unpack_loss(outputs)
+            self.call("on_before_backward", loss)
+            accelerator.backward(loss, num_tokens=num_tokens)
+            self.call("on_after_backward")
+            self._track_loss(loss)
+            if accelerator.sync_gradients:
+                if self.grad_clip is not None:
+                    accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.call("on_before_optimizer_step", self.optimizer)
+                self.optimizer.step()
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                self.optimizer.zero_grad()
+                self.progress.global_step += 1
+                self._log_training_loss()
+        return outputs
+
+    def _end_epoch(self) -> None:
+        if self._validation_due_after_epoch():
+            self.validate()
+        self.progress.epoch_end_done = True
+        self.call("on_train_epoch_end")
+        self.progress.start_next_epoch()
+
+    # -- validation and prediction ------------------------------------------------------------------
+    def validate(self, eval_data: Any = None) -> dict[str, float]:
+        """Run ``validation_step`` over the validation set; metrics are reduced once, at the end."""
+        loader = self.eval_loader if eval_data is None else self._prepare_data(
+            eval_data, self._predict_build["batch_size"], False, private_rng=True,
+            collate_fn=self._predict_build["collate_fn"], num_workers=self._predict_build["num_workers"])
+        if loader is None:
+            raise ValueError("validate() needs eval_data: pass it to the Trainer or to validate().")
+        was_training = self.model.training
+        self.call("on_validation_start")
+        self.model.eval()
+        totals = MetricAccumulator()
+        with torch.no_grad():
+            for batch_idx, batch in enumerate(loader):
+                outputs = self.validation_step(batch)
+                totals.update(outputs, find_batch_size(batch) or 1)
+                self.call("on_validation_batch_end", outputs, batch, batch_idx)
+        metrics = totals.compute(self.accelerator.strategy)
+        self.metrics.update(metrics)
+        self.progress.validated_at = self.progress.position
+        self.call("on_validation_end", metrics)
+        self.model.train(was_training)
+        return metrics
+
+    def predict(self, data: Any, stream: bool = False) -> list[Any] | Iterator[Any]:
+        """``predict_step`` over ``data`` in batches, without gradients.
+
+        Returns the list of per-batch outputs, or with ``stream=True`` an iterator that yields them
+        as they are computed (for outputs too large to hold at once).
+        """
+        loader = self._prepare_data(data, self._predict_build["batch_size"], False, private_rng=True,
+                                    collate_fn=self._predict_build["collate_fn"],
+                                    num_workers=self._predict_build["num_workers"])
+        iterator = self._predict_batches(loader)
+        return iterator if stream else list(iterator)
+
+    def _predict_batches(self, loader: Any) -> Iterator[Any]:
+        was_training = self.model.training
+        self.model.eval()
+        self.call("on_predict_start")
+        with torch.no_grad():
+            for batch_idx, batch in enumerate(loader):
+                outputs = self.predict_step(batch)
+                self.call("on_predict_batch_end", outputs, batch, batch_idx)
+                yield outputs
+        self.call("on_predict_end")
+        self.model.train(was_training)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Write the whole training state to ``path`` (atomically) and point ``latest`` at it."""
+        path = Path(path)
+        saved = self.accelerator.save_state(path, before_commit=lambda scratch: self.call("on_save_checkpoint", scratch))
+        if self.is_main_process:
+            self.point_latest_to(saved)
+        self.accelerator.wait_for_everyone()
+        return saved
+
+    def point_latest_to(self, checkpoint: Path) -> None:
+        """Make ``fit(resume="latest")`` resume from ``checkpoint`` (a file ``latest`` beside it)."""
+        write_latest(checkpoint.parent, checkpoint)
+
+    def _resume(self, resume: str | os.PathLike) -> None:
+        if str(resume) == "latest":
+            path = find_latest(self.checkpoint_dir)
+            if path is None:
+                self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting from the beginning.")
+                return
+        else:
+            path = Path(resume)
+        self.accelerator.load_state(path)
+        if self.progress.epoch_end_done:  # saved at the very end of an epoch
+            self.progress.start_next_epoch()
+        self.call("on_load_checkpoint", path)
+
+    # -- small helpers ------------------------------------------------------------------------------------
+    def _finished(self) -> bool:
+        return self.should_stop or self.progress.epoch >= self.max_epochs or self._reached_max_steps()
+
+    def _reached_max_steps(self) -> bool:
+        return self.max_steps is not None and self.progress.global_step >= self.max_steps
+
+    def _validation_due_after_step(self) -> bool:
+        n = self.eval_every_n_steps
+        return (self.eval_loader is not None and n is not None and self.accelerator.sync_gradients
+                and self.progress.global_step % n == 0 and self.progress.validated_at != self.progress.position)
+
+    def _validation_due_after_epoch(self) -> bool:
+        n = self.eval_every_n_epochs
+        return (self.eval_loader is not None and n is not None and (self.progress.epoch + 1) % n == 0
+                and self.progress.validated_at != self.progress.position)
+
+    def _track_loss(self, loss: torch.Tensor) -> None:
+        detached = loss.detach()
+        self._group_loss = detached if self._group_loss is None else self._group_loss + detached
+        self._group_micro_steps += 1
+
+    def _log_training_loss(self) -> None:
+        if self.progress.global_step % self.log_every_n_steps == 0 and self._group_loss is not None:
+            self.metrics["train_loss"] = self._group_loss.item() / self._group_micro_steps
+        self._group_loss, self._group_micro_steps = None, 0
+
+    def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
+        configured = optimizer if optimizer is not None else self.configure_optimizers()
+        if isinstance(configured, Mapping):
+            optimizer, scheduler = configured["optimizer"], configured.get("lr_scheduler", scheduler)
+        elif isinstance(configured, (tuple, list)):
+            optimizer, scheduler = configured[0], configured[1] if len(configured) > 1 else scheduler
+        else:
+            optimizer = configured
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"configure_optimizers must return an optimizer or (optimizer, scheduler), "
+                            f"got {type(optimizer).__name__}.")
+        optimizer = self.accelerator.prepare(optimizer)
+        return optimizer, (self.accelerator.prepare(scheduler) if scheduler is not None else None)
+
+    def _prepare_data(self, data: Any, batch_size: int, shuffle: bool, private_rng: bool = False, **build: Any) -> Any:
+        if data is None:
+            return None
+        return self.accelerator.prepare(build_dataloader(data, batch_size, shuffle, private_rng=private_rng, **build))
+
+    @staticmethod
+    def _default_callbacks(callbacks: list[Any], progress_bar: bool, checkpoint: bool) -> list[Any]:
+        if progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+            callbacks.insert(0, ProgressBar())
+        if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+            callbacks.append(ModelCheckpoint())
+        return callbacks
+
+
+def _loss_of(output: Any) -> Any:
+    """The loss in a model's output: ``.loss``, ``["loss"]``, or the output itself if it is a scalar."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and torch.is_tensor(output) and output.numel() == 1:
+        loss = output
+    if loss is None:
+        raise TypeError(
+            f"The model returned a {type(output).__name__} without a loss. Either give the model a "
+            "loss (outputs with .loss, like transformers models with labels) or subclass Trainer and "
+            "define training_step(self, batch) returning the loss."
+        )
+    return loss
+
+
+def _unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
+    """(loss, num_tokens) from what training_step returned."""
+    if isinstance(outputs, Mapping):
+        if "loss" not in outputs:
+            raise KeyError(f"training_step returned a dict without 'loss' (keys: {sorted(outputs)}).")
+        return outputs["loss"], outputs.get("num_tokens")
+    if not torch.is_tensor(outputs):
+        raise TypeError(f"training_step must return the loss tensor or a dict with 'loss', got {type(outputs).__name__}.")
+    return outputs, None
+

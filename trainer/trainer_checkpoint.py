@@ -1,0 +1,79 @@
+"""The Trainer's part of a checkpoint, and the ``latest`` pointer beside the checkpoints.
+
+The Accelerator already saves models, optimizers, schedulers, loader positions, the scaler,
+RNG states and, inside an accumulation group, the gradients accumulated so far. The Trainer
+adds its loop position, its callbacks' states and the last metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trainer.checkpoint_io import read_json
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+LATEST = "latest"
+
+
+class TrainerCheckpointState:
+    """Registered with the Accelerator, so it is written and read with the rest of the state."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self.trainer
+        state: dict[str, Any] = {
+            "progress": trainer.progress.state_dict(),
+            "callbacks": trainer.callbacks.state_dict(),
+            "metrics": dict(trainer.metrics),
+            "should_stop": trainer.should_stop,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        trainer = self.trainer
+        trainer.progress.load_state_dict(state["progress"])
+        trainer.callbacks.load_state_dict(state.get("callbacks", {}))
+        trainer.metrics.update(state.get("metrics", {}))
+        trainer.should_stop = bool(state.get("should_stop", False))
+
+
+def write_latest(root: Path, checkpoint: Path) -> None:
+    """Point ``root/latest`` at ``checkpoint`` (written to a temporary file, then renamed over)."""
+    fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
+    with os.fdopen(fd, "w") as file:
+        file.write(checkpoint.name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / "accelerator.json").is_file()
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The global step a complete checkpoint was taken at."""
+    for path in sorted(checkpoint.glob("custom*.json")):
+        state = read_json(path)
+        if isinstance(state, dict) and "progress" in state:
+            return int(state["progress"]["global_step"])
+    return -1
+
+
+def find_latest(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names; if it is missing or incomplete, the newest complete one."""
+    pointer = root / LATEST
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if candidate.name and is_complete(candidate):
+            return candidate
+    complete = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)] \
+        if root.is_dir() else []
+    if not complete:
+        return None
+    return max(complete, key=lambda p: (saved_step(p), p.stat().st_mtime))
