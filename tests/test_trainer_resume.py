@@ -67,7 +67,8 @@ def assert_same(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    trainer = make_trainer(tmp_path_factory.mktemp("straight"), callbacks=[EarlyStopping("val_loss", patience=100), ValidationLog()])
+    callbacks = [EarlyStopping("val_loss", patience=100), ValidationLog()]
+    trainer = make_trainer(tmp_path_factory.mktemp("straight"), callbacks=callbacks)
     trainer.fit()
     PartialState._reset_state()
     return final_state(trainer), trainer.global_step, dict(trainer.metrics), early_stopping_state(trainer)
