@@ -13,7 +13,7 @@ $(BIN)/python:
 
 $(VENV)/.installed-base: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e ".[examples]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-base

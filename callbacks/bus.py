@@ -34,8 +34,8 @@ class CallbackBus:
                     )
         # sorted() is stable: list order is kept within each group.
         self.callbacks = sorted(callbacks, key=lambda cb: bool(getattr(cb, "checkpoints", False)))
-        self._handlers = {event: [getattr(cb, event) for cb in self.callbacks if _overrides(cb, event)]
-                          for event in EVENTS}
+        self.handlers = {event: [getattr(cb, event) for cb in self.callbacks if _overrides(cb, event)]
+                         for event in EVENTS}
         keys = [self.state_key(cb) for cb in self.callbacks]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:
@@ -49,7 +49,7 @@ class CallbackBus:
         return getattr(callback, "state_key", type(callback).__qualname__)
 
     def call(self, event: str, *args: Any) -> None:
-        for handler in self._handlers[event]:
+        for handler in self.handlers[event]:
             handler(*args)
 
     def state_dict(self) -> dict[str, Any]:

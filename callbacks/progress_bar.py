@@ -29,12 +29,14 @@ class ProgressBar(Callback):
         self.train_bar: Any = None
         self.val_bar: Any = None
         self._postfix: dict[str, str] = {}
+        self._pending = 0  # batches done but not yet shown
 
     def _show(self, trainer: Trainer) -> bool:
         wanted = sys.stderr.isatty() if self.enabled is None else self.enabled
         return bool(wanted and trainer.is_main_process)
 
     def _open_train_bar(self, trainer: Trainer) -> None:
+        self._pending = 0
         loader = trainer.train_loader
         total = len(loader) if hasattr(loader, "__len__") else None
         self.train_bar = tqdm(total=total, initial=trainer.progress.batch_in_epoch, desc=f"epoch {trainer.current_epoch}",
@@ -48,16 +50,28 @@ class ProgressBar(Callback):
             self._open_train_bar(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # The bar advances in bulk at refresh steps: tqdm's bookkeeping on every batch would cost
+        # more than the rest of this callback.
+        self._pending += 1
+        if not trainer.accelerator.sync_gradients or trainer.global_step % self.refresh_every_n_steps:
+            return
         bar = self.train_bar
-        bar.update(1)
-        if bar.disable or not trainer.accelerator.sync_gradients or trainer.global_step % self.refresh_every_n_steps:
+        bar.update(self._pending)
+        self._pending = 0
+        if bar.disable:
             return
         if "train_loss" in trainer.metrics:
             self._postfix["loss"] = f"{trainer.metrics['train_loss']:.4f}"
         self._postfix["lr"] = f"{trainer.optimizer.param_groups[0]['lr']:.2e}"
         bar.set_postfix(self._postfix, refresh=False)
 
+    def _flush(self) -> None:
+        if self.train_bar is not None and self._pending:
+            self.train_bar.update(self._pending)
+        self._pending = 0
+
     def on_validation_start(self, trainer: Trainer) -> None:
+        self._flush()
         loader = trainer.eval_loader
         total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
         nested = self.train_bar is not None and not self.train_bar.disable
@@ -86,6 +100,7 @@ class ProgressBar(Callback):
         self._close()
 
     def _close(self) -> None:
+        self._flush()
         for bar in (self.val_bar, self.train_bar):
             if bar is not None:
                 bar.close()

@@ -14,7 +14,7 @@ import gc
 import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -270,17 +270,9 @@ class Accelerator:
         return inner
 
     # -- the training step ------------------------------------------------------------------------------
-    @contextmanager
-    def accumulate(self, *models: nn.Module) -> Iterator[None]:
+    def accumulate(self, *models: nn.Module) -> AbstractContextManager[None]:
         """One micro-step: gradients synchronise and the optimizer steps only at group boundaries."""
-        self.accumulation.begin_micro_step()
-        if self.accumulation.should_sync_backward or not models:
-            yield
-            return
-        with ExitStack() as stack:
-            for model in models:
-                stack.enter_context(self.strategy.no_backward_sync(model))
-            yield
+        return _MicroStep(self, models)
 
     @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
@@ -463,6 +455,28 @@ class Accelerator:
         return [None] * len(objects)
 
     clear = free_memory
+
+
+class _MicroStep:
+    """The context ``accumulate`` returns (a class, not a generator: it runs on every training step)."""
+
+    __slots__ = ("accelerator", "models", "stack")
+
+    def __init__(self, accelerator: Accelerator, models: tuple[nn.Module, ...]) -> None:
+        self.accelerator, self.models, self.stack = accelerator, models, None
+
+    def __enter__(self) -> None:
+        policy = self.accelerator.accumulation
+        policy.begin_micro_step()
+        if self.models and not policy.should_sync_backward:
+            self.stack = ExitStack()
+            for model in self.models:
+                self.stack.enter_context(self.accelerator.strategy.no_backward_sync(model))
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        if self.stack is not None:
+            return self.stack.__exit__(*exc_info)
+        return None
 
 
 def _only_tensors(data: Any) -> bool:

@@ -13,6 +13,7 @@ being processed, that the epoch ends there (the last, possibly short, group is a
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator, Sized
 from typing import TYPE_CHECKING, Any
@@ -81,9 +82,7 @@ class SkippableSampler(Sampler[Any]):
 
     def __iter__(self) -> Iterator[Any]:
         skip, self.skip = self.skip, 0
-        for index, item in enumerate(self.sampler):
-            if index >= skip:
-                yield item
+        return itertools.islice(iter(self.sampler), skip, None)
 
     def set_epoch(self, epoch: int) -> None:
         inner = getattr(self.sampler, "sampler", self.sampler)

@@ -85,9 +85,10 @@ class Trainer:
         if trackers:
             raise ValueError(f"trackers={trackers!r}: experiment trackers are not available in this release; "
                              "remove trackers= (trainer.log values are kept in trainer.metrics).")
-        for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs), ("log_every_n_steps", log_every_n_steps)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+        for name, value, least in (("batch_size", batch_size, 1), ("max_epochs", max_epochs, 0),
+                                   ("log_every_n_steps", log_every_n_steps, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}.")
         set_seed(seed)
         self.accelerator = Accelerator(
             mixed_precision=None if precision == "auto" else precision, gradient_accumulation_steps=accumulate,
@@ -111,8 +112,7 @@ class Trainer:
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
         self.accelerator.register_for_checkpointing(TrainerCheckpointState(self))
         self.fitting = False  # True inside fit(): callbacks that only act while training check it
-        self._group_loss: torch.Tensor | None = None
-        self._group_micro_steps = 0
+        self._group_losses: list[torch.Tensor] = []  # this accumulation group's micro-batch losses
 
     # -- the parts a subclass overrides ------------------------------------------------------------
     def training_step(self, batch: Any) -> Any:
@@ -154,7 +154,8 @@ class Trainer:
 
     def call(self, event: str, *args: Any) -> None:
         """Run ``event`` on every callback that defines it, in order."""
-        self.callbacks.call(event, self, *args)
+        for handler in self.callbacks.handlers[event]:
+            handler(self, *args)
 
     def log(self, name: str, value: Any, sync: bool = False) -> None:
         """Record a value in ``trainer.metrics``; ``sync=True`` averages it over processes first."""
@@ -333,14 +334,15 @@ class Trainer:
                 and self.progress.validated_at != self.progress.position)
 
     def _track_loss(self, loss: torch.Tensor) -> None:
-        detached = loss.detach()
-        self._group_loss = detached if self._group_loss is None else self._group_loss + detached
-        self._group_micro_steps += 1
+        # Only groups whose step is logged keep their losses, as tensors: reading a value
+        # synchronises the device, so it happens once, when logged.
+        if (self.progress.global_step + 1) % self.log_every_n_steps == 0:
+            self._group_losses.append(loss.detach())
 
     def _log_training_loss(self) -> None:
-        if self.progress.global_step % self.log_every_n_steps == 0 and self._group_loss is not None:
-            self.metrics["train_loss"] = self._group_loss.item() / self._group_micro_steps
-        self._group_loss, self._group_micro_steps = None, 0
+        if self.progress.global_step % self.log_every_n_steps == 0 and self._group_losses:
+            self.metrics["train_loss"] = torch.stack(self._group_losses).float().mean().item()
+        self._group_losses.clear()
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
         configured = optimizer if optimizer is not None else self.configure_optimizers()
@@ -388,6 +390,8 @@ def _loss_of(output: Any) -> Any:
 
 def _unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
     """(loss, num_tokens) from what training_step returned."""
+    if torch.is_tensor(outputs):
+        return outputs, None
     if isinstance(outputs, Mapping):
         if "loss" not in outputs:
             raise KeyError(f"training_step returned a dict without 'loss' (keys: {sorted(outputs)}).")

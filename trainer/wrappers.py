@@ -9,6 +9,7 @@ really stepped.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         self._precision = precision
         self._policy = policy
         self._before_step = before_step
+        self._strategy_step = functools.partial(strategy.optimizer_step, optimizer)
         self.step_was_skipped = False
 
     @property
@@ -77,9 +79,6 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         kwargs = {} if closure is None else {"closure": closure}
         stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step, **kwargs)
         self.step_was_skipped = not stepped
-
-    def _strategy_step(self, **kwargs: Any) -> Any:
-        return self._strategy.optimizer_step(self.optimizer, **kwargs)
 
     def __repr__(self) -> str:
         return f"AcceleratedOptimizer({self.optimizer!r})"
