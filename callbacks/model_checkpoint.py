@@ -60,6 +60,13 @@ class ModelCheckpoint(Callback):
         self.saved: list[dict[str, Any]] = []  # {"name", "step", "score"}, oldest first
 
     @property
+    def state_key(self) -> str:
+        """Unique per configuration, so several ModelCheckpoints keep their records apart."""
+        where = "" if self.dirpath is None else f", dirpath={self.dirpath}"
+        return (f"ModelCheckpoint[monitor={self.monitor}, every_n_steps={self.every_n_steps}, "
+                f"every_n_epochs={self.every_n_epochs}{where}]")
+
+    @property
     def best(self) -> dict[str, Any] | None:
         """The saved checkpoint with the best ``monitor`` value."""
         scored = [r for r in self.saved if r["score"] is not None]

@@ -269,3 +269,97 @@ def test_log_and_log_dict(tmp_path):
     trainer.log("a", torch.tensor(2.5))
     trainer.log_dict({"b": 1, "c": torch.tensor(4.0)}, sync=True)
     assert {k: trainer.metrics[k] for k in "abc"} == {"a": 2.5, "b": 1.0, "c": 4.0}
+
+
+def test_reaching_max_steps_on_an_epochs_last_batch_still_ends_the_epoch(tmp_path):
+    recorder = Recorder()
+    trainer = make_trainer(tmp_path, max_epochs=5, max_steps=5, callbacks=[recorder])  # 5 steps per epoch
+    trainer.fit()
+    assert trainer.global_step == 5
+    assert recorder.events.count("on_train_epoch_end") == 1 and recorder.events.count("on_save_checkpoint") == 1
+    assert (tmp_path / "checkpoints" / "epoch=0-step=5").is_dir()
+
+
+def test_validation_does_not_change_training(tmp_path):
+    """Validating (with a DataLoader the user built, and randomness in validation_step) leaves training bit-identical."""
+    from torch.utils.data import DataLoader
+
+    class NoisyValidation(ClassifierTrainer):
+        def validation_step(self, batch):
+            torch.rand(3)  # draws from the global RNG
+            return super().validation_step(batch)
+
+    eval_set = TensorDataset(torch.randn(12, 6), torch.randint(0, 3, (12,)))
+    with_validation = make_trainer(tmp_path / "a", eval_every_n_steps=2, checkpoint=False,
+                                   eval_data=DataLoader(eval_set, batch_size=4, shuffle=True))
+    with_validation.__class__ = NoisyValidation
+    with_validation.fit()
+    PartialState._reset_state()
+    without = make_trainer(tmp_path / "b", eval_data=None, checkpoint=False)
+    without.fit()
+    a, b = with_validation.model.state_dict(), without.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_off_loaders_do_not_enter_checkpoints(tmp_path):
+    trainer = make_trainer(tmp_path, max_epochs=1)
+    trainer.fit()
+    trainer.predict(TensorDataset(torch.randn(8, 6)))
+    trainer.validate(TensorDataset(torch.randn(8, 6), torch.randint(0, 3, (8,))))
+    trainer.save_checkpoint(tmp_path / "after-predict")
+    PartialState._reset_state()
+    resumed = make_trainer(tmp_path, max_epochs=2)
+    resumed.fit(resume=tmp_path / "after-predict")
+    assert resumed.global_step == 10
+
+
+def test_streamed_prediction_leaves_the_callers_grad_mode_and_model_mode_alone(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.model.train()
+    stream = trainer.predict(TensorDataset(torch.randn(16, 6)), stream=True)
+    first = next(stream)
+    assert not first.requires_grad
+    assert torch.is_grad_enabled()
+    assert not trainer.model.training  # predicting
+    stream.close()  # abandoned half way
+    assert trainer.model.training
+
+
+def test_accumulation_steps_can_change_between_groups():
+    from trainer import Accelerator
+
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    for steps in (2, 2, 1):
+        accelerator.gradient_accumulation_steps = steps
+        with accelerator.accumulate(model):
+            accelerator.backward(model(torch.ones(1, 1)).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+    assert model.weight.item() == -1.0  # two steps of -1: one after the group of two, one alone
+
+
+@pytest.mark.parametrize("name", ["eval_every_n_steps", "eval_every_n_epochs", "max_steps"])
+def test_zero_intervals_are_refused(tmp_path, name):
+    with pytest.raises(ValueError, match=f"{name} must be a whole number >= 1, or None; got 0"):
+        make_trainer(tmp_path, **{name: 0})
+
+
+def test_resume_latest_finds_checkpoints_in_a_custom_folder(tmp_path):
+    custom = tmp_path / "elsewhere"
+    make_trainer(tmp_path, max_epochs=1, checkpoint=False, callbacks=[ModelCheckpoint(dirpath=custom)]).fit()
+    PartialState._reset_state()
+    resumed = make_trainer(tmp_path, max_epochs=2, checkpoint=False, callbacks=[ModelCheckpoint(dirpath=custom)])
+    resumed.fit(resume="latest")
+    assert (custom / "latest").read_text().strip() == "epoch=1-step=10"
+    assert resumed.global_step == 10
+
+
+def test_two_checkpoint_callbacks_keep_separate_records(tmp_path):
+    every = ModelCheckpoint(every_n_steps=2, save_top_k=-1, dirpath=tmp_path / "steps")
+    best = ModelCheckpoint(monitor="val_loss", save_top_k=1, save_last=False, dirpath=tmp_path / "best")
+    make_trainer(tmp_path, max_epochs=1, checkpoint=False, callbacks=[every, best]).fit()
+    assert [r["name"] for r in every.saved] == ["epoch=0-step=2", "epoch=0-step=4"]
+    assert len(best.saved) == 1 and best.saved[0]["score"] is not None

@@ -254,10 +254,13 @@ class Accelerator:
         self._schedulers.append(prepared)
         return prepared
 
-    def prepare_data_loader(self, data_loader: DataLoader, device_placement: bool | None = None) -> PreparedDataLoader:
+    def prepare_data_loader(self, data_loader: DataLoader, device_placement: bool | None = None,
+                            register: bool = True) -> PreparedDataLoader:
+        """Wrap a DataLoader; ``register=False`` leaves it out of ``save_state`` (a one-off loader)."""
         placement = self.device_placement if device_placement is None else device_placement
         prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation)
-        self._dataloaders.append(prepared)
+        if register:
+            self._dataloaders.append(prepared)
         return prepared
 
     def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:

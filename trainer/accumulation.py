@@ -82,9 +82,12 @@ class GradientAccumulation:
     def begin_micro_step(self) -> bool:
         """Count a micro-step; return True when its backward ends a group (a boundary)."""
         loader = self.active_dataloader
-        if self.micro_step == 0 and self.steps > 1:
-            remaining = loader.remaining if loader is not None and self.sync_with_dataloader else None
-            self.group_size = self.steps if remaining is None else max(1, min(self.steps, remaining + 1))
+        if self.micro_step == 0:
+            if self.steps == 1:  # the common case, on every step: no need to ask the loader
+                self.group_size = 1
+            else:
+                remaining = loader.remaining if loader is not None and self.sync_with_dataloader else None
+                self.group_size = self.steps if remaining is None else max(1, min(self.steps, remaining + 1))
         self.micro_step += 1
         end = self.sync_with_dataloader and loader is not None and loader.end_of_dataloader
         self.sync_gradients = self.micro_step >= self.group_size or end

@@ -24,7 +24,7 @@ from trainer.metrics import MetricAccumulator
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
 from trainer.random_state import set_seed
-from trainer.trainer_checkpoint import TrainerCheckpointState, find_latest, write_latest
+from trainer.trainer_checkpoint import TrainerCheckpointState, find_latest, saved_step, write_latest
 from trainer.trainer_data import build_dataloader
 
 
@@ -89,6 +89,12 @@ class Trainer:
                                    ("log_every_n_steps", log_every_n_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}.")
+        for name, value in (("eval_every_n_steps", eval_every_n_steps), ("eval_every_n_epochs", eval_every_n_epochs),
+                            ("max_steps", max_steps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1, or None; got {value!r}.")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be a positive number, or None; got {grad_clip!r}.")
         set_seed(seed)
         self.accelerator = Accelerator(
             mixed_precision=None if precision == "auto" else precision, gradient_accumulation_steps=accumulate,
@@ -108,7 +114,7 @@ class Trainer:
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
         build = {"collate_fn": collate_fn, "num_workers": num_workers}
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
-        self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, private_rng=True, **build)
+        self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
         self.accelerator.register_for_checkpointing(TrainerCheckpointState(self))
         self.fitting = False  # True inside fit(): callbacks that only act while training check it
@@ -209,8 +215,8 @@ class Trainer:
             self.call("on_train_batch_end", outputs, batch, batch_idx)
             if self._validation_due_after_step():
                 self.validate()
-            if self.should_stop or self._reached_max_steps():
-                return
+            if (self.should_stop or self._reached_max_steps()) and not self.train_loader.end_of_dataloader:
+                return  # stopped inside the epoch: its end (validation, on_train_epoch_end) does not run
         self._end_epoch()
 
     def _training_micro_step(self, batch: Any) -> Any:
@@ -245,15 +251,16 @@ class Trainer:
     def validate(self, eval_data: Any = None) -> dict[str, float]:
         """Run ``validation_step`` over the validation set; metrics are reduced once, at the end."""
         loader = self.eval_loader if eval_data is None else self._prepare_data(
-            eval_data, self._predict_build["batch_size"], False, private_rng=True,
-            collate_fn=self._predict_build["collate_fn"], num_workers=self._predict_build["num_workers"])
+            eval_data, shuffle=False, private_rng=True, register=False, **self._predict_build)
         if loader is None:
             raise ValueError("validate() needs eval_data: pass it to the Trainer or to validate().")
         was_training = self.model.training
         self.call("on_validation_start")
         self.model.eval()
         totals = MetricAccumulator()
-        with torch.no_grad():
+        # Validation must not move training's random stream (shuffling, dropout): whatever it draws,
+        # from the loader or from validation_step, comes from a copy of the RNG state.
+        with torch.no_grad(), _forked_rng(self.accelerator.device):
             for batch_idx, batch in enumerate(loader):
                 outputs = self.validation_step(batch)
                 totals.update(outputs, find_batch_size(batch) or 1)
@@ -271,9 +278,7 @@ class Trainer:
         Returns the list of per-batch outputs, or with ``stream=True`` an iterator that yields them
         as they are computed (for outputs too large to hold at once).
         """
-        loader = self._prepare_data(data, self._predict_build["batch_size"], False, private_rng=True,
-                                    collate_fn=self._predict_build["collate_fn"],
-                                    num_workers=self._predict_build["num_workers"])
+        loader = self._prepare_data(data, shuffle=False, private_rng=True, register=False, **self._predict_build)
         iterator = self._predict_batches(loader)
         return iterator if stream else list(iterator)
 
@@ -281,13 +286,17 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         self.call("on_predict_start")
-        with torch.no_grad():
+        try:
             for batch_idx, batch in enumerate(loader):
-                outputs = self.predict_step(batch)
+                # no_grad per batch, not around the yield: the caller's code between batches keeps
+                # its own grad mode.
+                with torch.no_grad():
+                    outputs = self.predict_step(batch)
                 self.call("on_predict_batch_end", outputs, batch, batch_idx)
                 yield outputs
-        self.call("on_predict_end")
-        self.model.train(was_training)
+            self.call("on_predict_end")
+        finally:
+            self.model.train(was_training)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
@@ -305,10 +314,13 @@ class Trainer:
 
     def _resume(self, resume: str | os.PathLike) -> None:
         if str(resume) == "latest":
-            path = find_latest(self.checkpoint_dir)
-            if path is None:
-                self.accelerator.print(f"No checkpoint in {self.checkpoint_dir}: starting from the beginning.")
+            roots = {self.checkpoint_dir, *(cb.root(self) for cb in self.callbacks.find(ModelCheckpoint))}
+            found = [path for path in map(find_latest, sorted(roots)) if path is not None]
+            if not found:
+                places = ", ".join(str(root) for root in sorted(roots))
+                self.accelerator.print(f"No checkpoint in {places}: starting from the beginning.")
                 return
+            path = max(found, key=saved_step)
         else:
             path = Path(resume)
         self.accelerator.load_state(path)
@@ -358,10 +370,13 @@ class Trainer:
         optimizer = self.accelerator.prepare(optimizer)
         return optimizer, (self.accelerator.prepare(scheduler) if scheduler is not None else None)
 
-    def _prepare_data(self, data: Any, batch_size: int, shuffle: bool, private_rng: bool = False, **build: Any) -> Any:
+    def _prepare_data(self, data: Any, batch_size: int, shuffle: bool, private_rng: bool = False,
+                      register: bool = True, **build: Any) -> Any:
+        """A prepared loader; ``register=False`` for one-off loaders that checkpoints must not count."""
         if data is None:
             return None
-        return self.accelerator.prepare(build_dataloader(data, batch_size, shuffle, private_rng=private_rng, **build))
+        loader = build_dataloader(data, batch_size, shuffle, private_rng=private_rng, **build)
+        return self.accelerator.prepare_data_loader(loader, register=register)
 
     @staticmethod
     def _default_callbacks(callbacks: list[Any], progress_bar: bool, checkpoint: bool) -> list[Any]:
@@ -370,6 +385,13 @@ class Trainer:
         if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             callbacks.append(ModelCheckpoint())
         return callbacks
+
+
+def _forked_rng(device: torch.device) -> Any:
+    """A context that restores the CPU (and this device's) RNG state when it exits."""
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
 
 
 def _loss_of(output: Any) -> Any:

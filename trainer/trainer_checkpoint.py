@@ -33,6 +33,7 @@ class TrainerCheckpointState:
             "callbacks": trainer.callbacks.state_dict(),
             "metrics": dict(trainer.metrics),
             "should_stop": trainer.should_stop,
+            "group_losses": list(trainer._group_losses),  # for the train_loss of a group resumed midway
         }
         return state
 
@@ -42,6 +43,7 @@ class TrainerCheckpointState:
         trainer.callbacks.load_state_dict(state.get("callbacks", {}))
         trainer.metrics.update(state.get("metrics", {}))
         trainer.should_stop = bool(state.get("should_stop", False))
+        trainer._group_losses[:] = [loss.to(trainer.accelerator.device) for loss in state.get("group_losses", [])]
 
 
 def write_latest(root: Path, checkpoint: Path) -> None:

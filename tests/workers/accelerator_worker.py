@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,41 +16,20 @@ import torch.distributed as dist
 from strategies.base import Strategy
 from trainer import Accelerator, PartialState
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import RANK, expect, expect_same, fail, say  # noqa: E402
+
 PRINT_MARKER = "ACCELERATOR-PRINT-MARKER: printed by the main process only"
-RANK = int(os.environ["RANK"])
 
 
-def say(line: str) -> None:
-    """One write per line, so lines of the two ranks do not interleave in the shared pipe."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
-def fail(what: str, expected: Any, actual: Any) -> None:
-    raise AssertionError(f"rank {RANK}: {what}: expected {expected!r}, got {actual!r}")
 
 
-def expect(actual: Any, expected: Any, what: str) -> None:
-    if type(actual) is not type(expected) or actual != expected:
-        fail(what, expected, actual)
 
 
-def same(actual: Any, expected: Any) -> bool:
-    """Exact equality of nested structures; tensors must match in dtype, shape and values."""
-    if torch.is_tensor(expected):
-        return torch.is_tensor(actual) and actual.dtype == expected.dtype and torch.equal(actual, expected)
-    if type(actual) is not type(expected):
-        return False
-    if isinstance(expected, dict):
-        return actual.keys() == expected.keys() and all(same(actual[k], expected[k]) for k in expected)
-    if isinstance(expected, (list, tuple)):
-        return len(actual) == len(expected) and all(same(a, e) for a, e in zip(actual, expected, strict=True))
-    return actual == expected
 
 
-def expect_same(actual: Any, expected: Any, what: str) -> None:
-    if not same(actual, expected):
-        fail(what, expected, actual)
 
 
 def check_setup(accelerator: Accelerator) -> None:

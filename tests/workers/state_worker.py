@@ -18,25 +18,16 @@ from datasets import Dataset
 
 from trainer import PartialState
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from checks import RANK, expect, expect_same, say  # noqa: E402
+
 PRINT_MARKER = "STATE-PRINT-MARKER: printed by the main process only"
-RANK = int(os.environ["RANK"])
 
 
-def say(line: str) -> None:
-    """One write per line, so lines of the two ranks do not interleave in the shared pipe."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
-def expect(actual: Any, expected: Any, what: str) -> None:
-    if type(actual) is not type(expected) or actual != expected:
-        raise AssertionError(f"rank {RANK}: {what}: expected {expected!r} ({type(expected).__name__}), "
-                             f"got {actual!r} ({type(actual).__name__})")
 
 
-def expect_tensor(actual: Any, expected: torch.Tensor, what: str) -> None:
-    if not (torch.is_tensor(actual) and actual.dtype == expected.dtype and torch.equal(actual, expected)):
-        raise AssertionError(f"rank {RANK}: {what}: expected {expected!r}, got {actual!r}")
 
 
 def check_facts(state: PartialState) -> None:
@@ -117,8 +108,8 @@ def check_split_between_processes(state: PartialState) -> None:
     expect(split(state, (0, 1, 2, 3, 4), apply_padding=True), [(0, 1, 2), (3, 4, 4)][RANK], "padded tuple")
 
     tensor = torch.arange(10).reshape(5, 2)
-    expect_tensor(split(state, tensor), [tensor[:3], tensor[3:]][RANK], "tensor of 5 rows")
-    expect_tensor(split(state, tensor, apply_padding=True),
+    expect_same(split(state, tensor), [tensor[:3], tensor[3:]][RANK], "tensor of 5 rows")
+    expect_same(split(state, tensor, apply_padding=True),
                   [torch.tensor([[0, 1], [2, 3], [4, 5]]), torch.tensor([[6, 7], [8, 9], [8, 9]])][RANK],
                   "padded tensor of 5 rows")
 
