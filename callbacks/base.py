@@ -38,6 +38,14 @@ class Callback:
         """The name this callback's state is saved under (unique per class by default)."""
         return type(self).__qualname__
 
+    def handles(self, event: str) -> bool:
+        """Whether this instance wants ``event`` (asked once, when the bus is built).
+
+        Override to leave out events that the instance's settings make no-ops, so they cost nothing
+        in the training loop (e.g. a checkpoint callback that never saves on steps).
+        """
+        return True
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

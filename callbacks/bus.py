@@ -10,8 +10,12 @@ from callbacks.base import EVENTS, Callback
 
 
 def _overrides(callback: Any, event: str) -> bool:
+    """Whether ``callback`` handles ``event``: it defines the method and, if it says, wants the event."""
     method = getattr(type(callback), event, None)
-    return method is not None and method is not getattr(Callback, event, None)
+    if method is None or method is getattr(Callback, event, None):
+        return False
+    wants = getattr(callback, "handles", None)
+    return wants is None or bool(wants(event))
 
 
 class CallbackBus:

@@ -76,6 +76,11 @@ class ModelCheckpoint(Callback):
         return self.dirpath if self.dirpath is not None else trainer.checkpoint_dir
 
     # -- when to save -----------------------------------------------------------------------------
+    def handles(self, event: str) -> bool:
+        needed = {"on_train_batch_end": self.every_n_steps is not None, "on_validation_end": self.monitor is not None,
+                  "on_train_epoch_end": self.every_n_epochs is not None}
+        return needed.get(event, True)
+
     def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_steps
         if n is not None and trainer.accelerator.sync_gradients and trainer.global_step % n == 0:

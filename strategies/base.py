@@ -12,7 +12,8 @@ Strategies never import ``trainer``: they receive the device and the rank layout
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import functools
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,6 +81,16 @@ class Strategy:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
         return optimizer.step(**kwargs)
+
+    def step_function(self, optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
+        """What steps ``optimizer`` under this strategy, built once (the training loop calls it every step).
+
+        Strategies that keep the plain ``optimizer_step`` get the optimizer's own ``step``: no layer
+        of ours between the loop and the optimizer.
+        """
+        if type(self).optimizer_step is Strategy.optimizer_step:
+            return optimizer.step
+        return functools.partial(self.optimizer_step, optimizer)
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float,
                         norm_type: float = 2.0) -> torch.Tensor:

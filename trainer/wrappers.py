@@ -9,7 +9,6 @@ really stepped.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +31,7 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         self._precision = precision
         self._policy = policy
         self._before_step = before_step
-        self._strategy_step = functools.partial(strategy.optimizer_step, optimizer)
+        self._strategy_step = strategy.step_function(optimizer)
         self.step_was_skipped = False
 
     @property
@@ -76,8 +75,10 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         if not self._policy.sync_gradients:
             return
         self._before_step()
-        kwargs = {} if closure is None else {"closure": closure}
-        stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step, **kwargs)
+        if closure is None:
+            stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step)
+        else:
+            stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step, closure=closure)
         self.step_was_skipped = not stepped
 
     def __repr__(self) -> str:
