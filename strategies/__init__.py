@@ -1,7 +1,8 @@
 """Strategies: where the computation is placed and how processes stay in step."""
 
 from strategies.base import Strategy
+from strategies.ddp import DDP
 from strategies.registry import available_strategies, resolve_strategy
 from strategies.single_device import SingleDevice
 
-__all__ = ["SingleDevice", "Strategy", "available_strategies", "resolve_strategy"]
+__all__ = ["DDP", "SingleDevice", "Strategy", "available_strategies", "resolve_strategy"]

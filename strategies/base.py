@@ -76,6 +76,10 @@ class Strategy:
         """Context in which backward does not synchronise gradients (accumulation micro-steps)."""
         return nullcontext()
 
+    def join(self, modules: list[nn.Module]) -> Any:
+        """Context for loops whose processes may run different numbers of batches (none needed here)."""
+        return nullcontext()
+
     def backward(self, loss: torch.Tensor, module: nn.Module | None = None, **kwargs: Any) -> None:
         loss.backward(**kwargs)
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import difflib
 
 from strategies.base import Strategy
+from strategies.ddp import DDP
 from strategies.single_device import SingleDevice
 
-_BUILDERS = {"single_device": SingleDevice}
+_BUILDERS = {"single_device": SingleDevice, "ddp": DDP}
 # Names users know from other frameworks that mean the same strategy.
-_ALIASES = {"single": "single_device", "no": "single_device", "cpu": "single_device"}
+_ALIASES = {"single": "single_device", "no": "single_device", "cpu": "single_device", "multi_cpu": "ddp",
+            "multi_gpu": "ddp", "multi_xpu": "ddp", "multi_npu": "ddp", "multi_mlu": "ddp", "multi_hpu": "ddp"}
 # Strategies that this release does not ship yet.
-_PLANNED = ("ddp", "fsdp", "deepspeed", "megatron", "xla")
+_PLANNED = ("fsdp", "deepspeed", "megatron", "xla")
 
 
 def available_strategies() -> list[str]:

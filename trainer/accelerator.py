@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from strategies import Strategy, resolve_strategy
 from trainer import checkpointing, operations
 from trainer.accumulation import GradientAccumulation
-from trainer.data_loader import PreparedDataLoader, SkipFirstBatches
+from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.state import PartialState
@@ -53,6 +53,10 @@ class Accelerator:
         strategy: ``"auto"``, a strategy name, or a ``Strategy`` object.
         project_dir: where ``save_state()`` with no directory writes numbered checkpoints.
         device_placement: move models and batches to ``accelerator.device``.
+        even_batches: with several processes, complete the last round of batches with samples from the
+            start so every process steps equally often (``gather_for_metrics`` drops the extras).
+        split_batches: the data loader's batch size is the global one, cut among the processes
+            (default: it is the per-process size).
         step_scheduler_with_optimizer: the prepared scheduler advances only when the optimizer
             really steps (after accumulation, not on skipped fp16 steps).
         log_with: experiment trackers (not available in this release; must be None).
@@ -68,6 +72,8 @@ class Accelerator:
         device_placement: bool = True,
         step_scheduler_with_optimizer: bool = True,
         accumulation_normalize: str = "mean",
+        even_batches: bool = True,
+        split_batches: bool = False,
         gradient_accumulation_plugin: GradientAccumulation | None = None,
         log_with: Any = None,
         **unknown: Any,
@@ -97,6 +103,7 @@ class Accelerator:
         self.precision = resolve_precision(mixed_precision, self.strategy.root_device)
         self.project_dir = Path(project_dir) if project_dir is not None else None
         self.device_placement = device_placement
+        self.even_batches, self.split_batches = even_batches, split_batches
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self.save_iteration = 0
         self._models: list[nn.Module] = []
@@ -258,7 +265,11 @@ class Accelerator:
                             register: bool = True) -> PreparedDataLoader:
         """Wrap a DataLoader; ``register=False`` leaves it out of ``save_state`` (a one-off loader)."""
         placement = self.device_placement if device_placement is None else device_placement
-        prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation)
+        shard = self.strategy.distributed_sampler_kwargs
+        sharding = None if shard is None else Sharding(**shard, even_batches=self.even_batches,
+                                                       split_batches=self.split_batches)
+        prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation,
+                                      sharding=sharding, agree=self.strategy.broadcast_object)
         if register:
             self._dataloaders.append(prepared)
         return prepared

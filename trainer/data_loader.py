@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator, Sized
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
 
+from trainer.data_sharding import IterableDatasetShard, ShardedBatchSampler
 from trainer.operations import send_to_device
 
 if TYPE_CHECKING:
@@ -97,25 +99,68 @@ class SkippableSampler(Sampler[Any]):
         return getattr(self.sampler, "sampler", self.sampler)
 
 
-def _rebuild(loader: DataLoader) -> tuple[DataLoader, SkippableSampler | None]:
-    """A DataLoader equal to ``loader`` but with a seeded shuffle and a skippable index sampler."""
+@dataclass(frozen=True)
+class Sharding:
+    """How a loader is split across processes (see ``trainer.data_sharding``)."""
+
+    num_replicas: int
+    rank: int
+    even_batches: bool = True
+    split_batches: bool = False
+
+
+def _shard_iterable(dataset: Any, batch_size: int | None, sharding: Sharding, drop_last: bool) -> Any:
+    if _is_hf_iterable(dataset):
+        from datasets.distributed import split_dataset_by_node
+
+        return split_dataset_by_node(dataset, rank=sharding.rank, world_size=sharding.num_replicas)
+    if batch_size is None:
+        raise ValueError("Sharding an iterable dataset across processes needs a batch_size on its DataLoader.")
+    return IterableDatasetShard(dataset, batch_size, sharding.num_replicas, sharding.rank,
+                                even_batches=sharding.even_batches, drop_last=drop_last)
+
+
+def _is_hf_iterable(dataset: Any) -> bool:
+    return type(dataset).__module__.startswith("datasets.") and hasattr(dataset, "n_shards")
+
+
+def _rebuild(loader: DataLoader, sharding: Sharding | None = None) -> tuple[DataLoader, SkippableSampler | None]:
+    """A DataLoader equal to ``loader`` but with a seeded shuffle, this process's share of the data,
+    and a skippable index sampler."""
     kwargs = {name: getattr(loader, name) for name in _LOADER_ARGS if hasattr(loader, name)}
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     dataset = loader.dataset
+    batch_size = loader.batch_size
+    splitting = sharding is not None and sharding.split_batches and batch_size is not None
+    if splitting and batch_size % sharding.num_replicas:
+        raise ValueError(
+            f"split_batches=True cuts each batch of {batch_size} into {sharding.num_replicas} equal parts, "
+            f"which is impossible: use a batch size divisible by {sharding.num_replicas}."
+        )
     if isinstance(dataset, IterableDataset):
-        return DataLoader(dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, **kwargs), None
+        if sharding is not None:
+            if sharding.split_batches and batch_size is not None:
+                batch_size //= sharding.num_replicas
+            dataset = _shard_iterable(dataset, batch_size, sharding, loader.drop_last)
+        return DataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs), None
     sampler = loader.sampler
     if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
         sampler = SeededRandomSampler(dataset, seed=torch.initial_seed(), replacement=sampler.replacement,
                                       num_samples=sampler._num_samples)
     if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
-        skippable = SkippableSampler(sampler)
+        index_sampler: Any = sampler
+    else:
+        index_sampler = loader.batch_sampler
+        if type(index_sampler) is BatchSampler and index_sampler.sampler is loader.sampler:
+            index_sampler = BatchSampler(sampler, loader.batch_size, loader.drop_last)
+    if sharding is not None:
+        index_sampler = ShardedBatchSampler(index_sampler, sharding.num_replicas, sharding.rank,
+                                            even_batches=sharding.even_batches, split_batches=sharding.split_batches,
+                                            drop_last=loader.drop_last)
+    skippable = SkippableSampler(index_sampler)
+    if loader.batch_sampler is None:
         return DataLoader(dataset, batch_size=None, sampler=skippable, **kwargs), skippable
-    batch_sampler = loader.batch_sampler
-    if type(batch_sampler) is BatchSampler and batch_sampler.sampler is loader.sampler:
-        batch_sampler = BatchSampler(sampler, loader.batch_size, loader.drop_last)
-    skippable = SkippableSampler(batch_sampler)
     return DataLoader(dataset, batch_sampler=skippable, **kwargs), skippable
 
 
@@ -127,8 +172,13 @@ class PreparedDataLoader:
     """
 
     def __init__(self, loader: DataLoader, device: torch.device | None = None,
-                 policy: GradientAccumulation | None = None) -> None:
-        self.base_dataloader, self._index_sampler = _rebuild(loader)
+                 policy: GradientAccumulation | None = None, sharding: Sharding | None = None,
+                 agree: Callable[[Any], Any] | None = None) -> None:
+        self.base_dataloader, self._index_sampler = _rebuild(loader, sharding)
+        sampler = self.sampler
+        if agree is not None and isinstance(sampler, SeededRandomSampler):
+            # Every process must shuffle alike, or their shares would overlap: rank 0's seed wins.
+            sampler.seed = agree(sampler.seed)
         self.original_dataloader = loader
         # Moving CPU tensors to the CPU is a no-op that still costs a walk of the batch.
         self.device = device if device is not None and device.type != "cpu" else None
@@ -152,6 +202,12 @@ class PreparedDataLoader:
     @property
     def sampler(self) -> Any:
         return self._index_sampler.base_sampler if self._index_sampler is not None else self.base_dataloader.sampler
+
+    @property
+    def remainder(self) -> int:
+        """Real samples in the last gathered round of this pass, or -1 when none were padded."""
+        source = self._index_sampler.sampler if self._index_sampler is not None else self.base_dataloader.dataset
+        return getattr(source, "remainder", -1)
 
     @property
     def remaining(self) -> int | None:

@@ -1,0 +1,57 @@
+"""DDP on two CPU processes (gloo) equals one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from ddp_setup import STEPS, dataset, make_model
+from distributed_helpers import WORKERS_DIR, run_distributed
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from trainer import Accelerator, PartialState, set_seed
+
+
+def one_process(accumulation: int) -> dict[str, torch.Tensor]:
+    PartialState._reset_state()
+    set_seed(0)
+    accelerator = Accelerator(gradient_accumulation_steps=accumulation)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(dataset(), batch_size=16, shuffle=True))
+    steps = 0
+    while steps < STEPS:
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                steps += 1
+                if steps == STEPS:
+                    break
+    return model.state_dict()
+
+
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
+    result = run_distributed(WORKERS_DIR / "ddp_worker.py", nproc=2, args=[str(tmp_path)], timeout=180)
+    assert "OK rank 0" in result.stdout and "OK rank 1" in result.stdout
+    for k in (1, 4):
+        ddp = load_file(str(tmp_path / f"ddp_k{k}.safetensors"))
+        single = one_process(k)
+        diff = max((ddp[name] - single[name]).abs().max().item() for name in single)
+        assert diff <= 1e-5, (k, diff)
+        changed = max((single[name] - make_model().state_dict()[name]).abs().max().item() for name in single)
+        assert changed > 1e-2  # the runs did train
+        counts = json.loads((tmp_path / f"allreduce_k{k}.json").read_text())
+        assert counts == {"calls": STEPS, "steps": STEPS}  # one gradient all-reduce per optimizer step
+
+    # gather_for_metrics over 101 samples: exactly 101 predictions, in the single-process order.
+    gathered = load_file(str(tmp_path / "predictions.safetensors"))
+    assert gathered["indices"].tolist() == list(range(101))
+    model = make_model()
+    x = torch.arange(101 * 6, dtype=torch.float32).view(101, 6) / 600
+    with torch.no_grad():
+        assert torch.allclose(gathered["predictions"], model(x), atol=1e-6)

@@ -1,0 +1,73 @@
+"""Two-process DDP runs whose results the test compares with one process (see test_ddp.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from ddp_setup import STEPS, dataset, make_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from strategies import DDP  # noqa: E402
+from trainer import Accelerator, set_seed  # noqa: E402
+
+
+def train(out: Path, accumulation: int) -> None:
+    calls = {"allreduce": 0}
+
+    def counting_hook(state, bucket):
+        calls["allreduce"] += 1
+        return default_hooks.allreduce_hook(state, bucket)
+
+    set_seed(0)
+    accelerator = Accelerator(strategy=DDP(comm_hook=counting_hook, comm_state=None), gradient_accumulation_steps=accumulation)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(dataset(), batch_size=8, shuffle=True)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps = 0
+    while steps < STEPS:
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                steps += 1
+                if steps == STEPS:
+                    break
+    if accelerator.is_main_process:
+        weights = accelerator.unwrap_model(model).state_dict()
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"ddp_k{accumulation}.safetensors"))
+        (out / f"allreduce_k{accumulation}.json").write_text(json.dumps({"calls": calls["allreduce"], "steps": steps}))
+
+
+def predict(out: Path) -> None:
+    accelerator = Accelerator()
+    model = accelerator.prepare(make_model())
+    x = torch.arange(101 * 6, dtype=torch.float32).view(101, 6) / 600
+    loader = accelerator.prepare(DataLoader(torch.utils.data.TensorDataset(x, torch.arange(101)), batch_size=8))
+    predictions, indices = [], []
+    with torch.no_grad():
+        for xb, ib in loader:
+            gathered = accelerator.gather_for_metrics((model(xb), ib))
+            predictions.append(gathered[0])
+            indices.append(gathered[1])
+    if accelerator.is_main_process:
+        save_file({"predictions": torch.cat(predictions), "indices": torch.cat(indices)}, str(out / "predictions.safetensors"))
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    predict(out)
+    for k in (1, 4):
+        train(out, k)
+    print(f"OK rank {os.environ['RANK']}", flush=True)
