@@ -80,6 +80,7 @@ def main() -> None:
     write_my_dataset(data_dir)
     accelerator, _model, losses = train(data_dir, epochs=args.epochs)
     accelerator.print(f"device={accelerator.device} first-epoch loss={losses[0]:.4f} last-epoch loss={losses[-1]:.4f}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def main() -> None:
     acc = accuracy(trainer)
     trainer.accelerator.print(f"test accuracy {acc:.4f} (target {TARGET_ACCURACY}) after {trainer.global_step} steps; "
                               f"checkpoints in {trainer.checkpoint_dir}")
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

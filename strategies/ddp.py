@@ -36,8 +36,9 @@ class DDP(Strategy):
         if isinstance(comm_hook, str) and comm_hook not in _BUILTIN_HOOKS:
             raise ValueError(f"DDP(comm_hook={comm_hook!r}): use one of {list(_BUILTIN_HOOKS)} or a hook callable.")
         self.ddp_kwargs = {"bucket_cap_mb": bucket_cap_mb, "find_unused_parameters": find_unused_parameters,
-                           "static_graph": static_graph, "gradient_as_bucket_view": gradient_as_bucket_view,
-                           "broadcast_buffers": broadcast_buffers}
+                           "static_graph": static_graph, "gradient_as_bucket_view": gradient_as_bucket_view}
+        if not broadcast_buffers:  # passed only when changed: recent torch warns about the argument itself
+            self.ddp_kwargs["broadcast_buffers"] = False
         self.comm_hook, self.comm_state = comm_hook, comm_state
 
     def setup_module(self, module: nn.Module) -> nn.Module:

@@ -449,8 +449,13 @@ class Accelerator:
         """Send values to the trackers given by ``log_with`` (none: nothing to send)."""
 
     def end_training(self) -> None:
-        """Finish trackers and wait for every process."""
+        """Finish trackers, wait for every process, and close the process group.
+
+        Closing the group explicitly, rather than leaving it to interpreter shutdown, lets its
+        threads stop in order before the process exits.
+        """
         self.wait_for_everyone()
+        self.state.destroy_process_group()
 
     # -- memory ----------------------------------------------------------------------------------------------------
     def free_memory(self, *objects: Any) -> list[None]:

@@ -8,7 +8,7 @@ Layout of a checkpoint directory (``_<i>`` suffixes for the second and later obj
     scheduler.json              each scheduler's state dict
     dataloader.json             each data loader's epoch, position and shuffle seed
     precision.json              the fp16 loss scaler
-    gradients.safetensors       gradients accumulated so far, when saved inside an accumulation group
+    gradients_<rank>.safetensors  each process's gradients accumulated so far, when saved inside a group
     custom.json/.safetensors    objects given to register_for_checkpointing
     random_states_<rank>.json/.safetensors   python, numpy, torch and device RNG states per process
 """
@@ -43,6 +43,10 @@ def _name(kind: str, index: int) -> str:
     return kind if index == 0 else f"{kind}_{index}"
 
 
+def _gradients_file(model_index: int, process_index: int) -> str:
+    return f"{_name('gradients', model_index)}_{process_index}.safetensors"
+
+
 def _counts(accelerator: Accelerator) -> dict[str, int]:
     return {"models": len(accelerator._models), "optimizers": len(accelerator._optimizers),
             "schedulers": len(accelerator._schedulers), "dataloaders": len(accelerator._dataloaders),
@@ -63,13 +67,14 @@ def save_accelerator_state(accelerator: Accelerator, target: Path,
     try:
         for index, model in enumerate(accelerator._models):
             strategy.save_module(model, scratch_path / f"{_name('model', index)}.safetensors")
-            if accelerator.accumulation.micro_step and main:
+            if accelerator.accumulation.micro_step:
                 # Inside an accumulation group the gradients are part of the state: without them
-                # the resumed group would miss the micro-batches already done.
+                # the resumed group would miss the micro-batches already done. Each process has its
+                # own (they are not synchronised until the group ends).
                 grads = {name: p.grad.detach().contiguous().cpu()
                          for name, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
                 if grads:
-                    save_file(grads, str(scratch_path / f"{_name('gradients', index)}.safetensors"))
+                    save_file(grads, str(scratch_path / _gradients_file(index, accelerator.process_index)))
         meta, tensors = capture_rng_state()
         save_state_files({"meta": meta, "tensors": tensors}, scratch_path, f"random_states_{accelerator.process_index}")
         # Optimizer state may be sharded, so every process asks the strategy for it.
@@ -123,7 +128,7 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
     device = accelerator.device
     for index, model in enumerate(accelerator._models[: saved["models"]]):
         accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
-        grads_path = source / f"{_name('gradients', index)}.safetensors"
+        grads_path = source / _gradients_file(index, accelerator.process_index)
         grads = load_file(str(grads_path), device=str(device)) if grads_path.is_file() else {}
         for name, p in accelerator.unwrap_model(model).named_parameters():
             p.grad = grads.get(name)

@@ -292,6 +292,8 @@ class Trainer:
                 # its own grad mode.
                 with torch.no_grad():
                     outputs = self.predict_step(batch)
+                if self.accelerator.use_distributed:  # every process returns all predictions, in order
+                    outputs = self.accelerator.gather_for_metrics(outputs)
                 self.call("on_predict_batch_end", outputs, batch, batch_idx)
                 yield outputs
             self.call("on_predict_end")

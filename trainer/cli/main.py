@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.cli import env
+from trainer.cli import config_cmd, env, launch
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer", description="Train and run PyTorch models anywhere.")
     commands = parser.add_subparsers(dest="command", metavar="<command>")
+    config_cmd.register(commands)
     env.register(commands)
+    launch.register(commands)
     return parser
 
 

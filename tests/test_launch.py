@@ -1,0 +1,178 @@
+"""`trainer launch`, `trainer config` and the YAML files, on two CPU processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from distributed_helpers import WORKERS_DIR, _worker_env
+from safetensors.torch import load_file
+
+from trainer import config as launch_config
+
+REPO = Path(__file__).resolve().parent.parent
+PROBE = WORKERS_DIR / "launch_probe.py"
+TRAINER = [sys.executable, "-m", "trainer.cli.main"]
+
+TALK_DDP = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+main_training_function: main
+mixed_precision: bf16
+num_machines: 1
+num_processes: 8
+"""
+
+TALK_FSDP = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_backward_prefetch: BACKWARD_PRE
+  fsdp_cpu_ram_efficient_loading: true
+  fsdp_forward_prefetch: false
+  fsdp_offload_params: false
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_sync_module_states: true
+  fsdp_use_orig_params: false
+main_training_function: main
+mixed_precision: bf16
+num_machines: 1
+num_processes: 8
+"""
+
+
+def launch(*args: str, timeout: float = 240, stdin: str | None = None, home: Path | None = None):
+    env = _worker_env()
+    env["TRAINER_CONFIG_FILE"] = str((home or Path("/nonexistent")) / "default_config.yaml")
+    process = subprocess.Popen([*TRAINER, *args], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = process.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"timed out:\n{out}\n{err}") from None
+    return process.returncode, out, err
+
+
+def probes(out: str) -> list[str]:
+    return sorted(line for line in out.splitlines() if line.startswith("PROBE"))
+
+
+def test_the_talks_yaml_files_load_unchanged():
+    for text in (TALK_DDP, TALK_FSDP):
+        config = launch_config.validate(yaml.safe_load(text))
+        assert config["num_processes"] == 8
+
+
+def test_launch_two_cpu_processes_hands_settings_to_the_script():
+    code, out, err = launch("launch", "--num_processes", "2", "--cpu", "--mixed_precision", "bf16",
+                            "--gradient_accumulation_steps", "3", str(PROBE))
+    assert code == 0, err
+    assert probes(out) == [f"PROBE rank={r} world=2 strategy=ddp precision=bf16 device=cpu accumulate=3" for r in (0, 1)]
+
+
+def test_one_process_runs_without_torchrun():
+    code, out, err = launch("launch", "--cpu", str(PROBE))
+    assert code == 0, err
+    assert probes(out) == ["PROBE rank=0 world=1 strategy=single_device precision=no device=cpu accumulate=1"]
+
+
+def test_launch_with_the_talks_ddp_config_adjusted_to_cpu(tmp_path):
+    config = yaml.safe_load(TALK_DDP) | {"num_processes": 2, "use_cpu": True}
+    path = tmp_path / "ddp_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = launch("launch", "--config_file", str(path), str(PROBE))
+    assert code == 0, err
+    assert probes(out) == [f"PROBE rank={r} world=2 strategy=ddp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
+
+
+def test_a_misspelt_nested_key_is_refused_with_a_suggestion(tmp_path):
+    path = tmp_path / "fsdp_config.yaml"
+    path.write_text(TALK_FSDP.replace("fsdp_sharding_strategy", "fsdp_sharding_stratgy"))
+    code, out, err = launch("launch", "--config_file", str(path), str(PROBE))
+    assert code == 2
+    assert "Unknown key 'fsdp_config.fsdp_sharding_stratgy'. Did you mean 'fsdp_sharding_strategy'?" in err
+    assert "PROBE" not in out
+
+
+def test_a_bad_value_names_the_key_and_the_allowed_values(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(TALK_DDP.replace("mixed_precision: bf16", "mixed_precision: bf61"))
+    code, _, err = launch("config", "validate", str(path))
+    assert code == 2
+    assert "mixed_precision: 'bf61' is not allowed. Did you mean 'bf16'? Allowed: no, fp16, bf16, fp8." in err
+
+
+def test_the_talks_loop_and_the_trainer_example_under_launch(tmp_path):
+    code, out, err = launch("launch", "--num_processes", "2", "--cpu", "examples/low_code_loop.py", "--epochs", "2")
+    assert code == 0, err
+    assert out.count("first-epoch loss=") == 1  # printed by the main process only
+    code, out, err = launch("launch", "--num_processes", "2", "--cpu", "examples/trainer_digits.py",
+                            "--output-dir", str(tmp_path / "digits"), "--epochs", "4")
+    assert code == 0, err
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.85
+    assert (tmp_path / "digits" / "checkpoints" / "latest").is_file()
+
+
+def test_a_failing_rank_ends_the_job_quickly_with_its_traceback():
+    started = time.monotonic()
+    code, _, err = launch("launch", "--num_processes", "2", "--cpu", str(PROBE), "--fail-rank", "1", timeout=120)
+    assert code != 0
+    assert time.monotonic() - started < 60
+    assert "RuntimeError: rank 1 fails on purpose" in err
+    assert "trainer launch: a process failed (exit code 1) and the others were stopped" in err
+
+
+def test_a_killed_rank_is_restarted_and_training_resumes_exactly(tmp_path):
+    code, _, err = launch("launch", "--num_processes", "2", "--cpu", str(PROBE), "--trainer", str(tmp_path / "straight"))
+    assert code == 0, err
+    code, _, err = launch("launch", "--num_processes", "2", "--cpu", "--max_restarts", "1", str(PROBE),
+                          "--trainer", str(tmp_path / "killed"), "--kill-rank", "1", "--kill-at", "4")
+    assert code == 0, err
+    a = load_file(str(tmp_path / "straight" / "result.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "result.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_config_questions_answered_on_stdin_write_a_file_launch_accepts(tmp_path):
+    answers = "MULTI_CPU\n1\nthree\n2\nyes\nbf16\n"  # "three" is not a number: asked again
+    code, out, err = launch("config", "--config_file", str(tmp_path / "mine.yaml"), stdin=answers)
+    assert code == 0, err
+    assert "Please answer with a whole number >= 1." in out
+    assert yaml.safe_load((tmp_path / "mine.yaml").read_text()) == {
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU", "main_training_function": "main",
+        "mixed_precision": "bf16", "num_machines": 1, "num_processes": 2, "use_cpu": True}
+    code, out, err = launch("launch", "--config_file", str(tmp_path / "mine.yaml"), str(PROBE))
+    assert code == 0, err
+    assert len(probes(out)) == 2 and "strategy=ddp precision=bf16" in out
+
+
+def test_config_default_and_the_saved_default_is_used(tmp_path):
+    code, out, _ = launch("config", "default", "--cpu", home=tmp_path)
+    assert code == 0 and f"saved at {tmp_path / 'default_config.yaml'}" in out
+    code, out, err = launch("launch", str(PROBE), home=tmp_path)
+    assert code == 0, err
+    assert probes(out) == ["PROBE rank=0 world=1 strategy=single_device precision=no device=cpu accumulate=1"]
+
+
+def test_config_questions_cut_short_write_nothing(tmp_path):
+    code, _, err = launch("config", "--config_file", str(tmp_path / "x.yaml"), stdin="MULTI_CPU\n")
+    assert code == 2 and "nothing was written" in err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+@pytest.mark.parametrize("flags", [["--multi_gpu", "--use_fsdp"]])
+def test_conflicting_launch_flags(flags):
+    code, _, err = launch("launch", *flags, str(PROBE))
+    assert code == 2 and "Choose one of --multi_gpu, --use_fsdp, --use_deepspeed" in err

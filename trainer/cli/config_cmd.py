@@ -1,0 +1,128 @@
+"""``trainer config``: write the launch configuration (interactive, or detected), or check one.
+
+    trainer config                      # questions on the terminal (or answers piped to stdin)
+    trainer config default [--cpu]      # no questions: one machine, every accelerator found
+    trainer config validate FILE        # check a YAML file, key by key
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from trainer import config as launch_config
+from trainer.devices import accelerator_type
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("config", help="write or check the launch configuration",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", nargs="?", choices=["default", "validate"], help="no action: ask questions")
+    parser.add_argument("file", nargs="?", help="with validate: the file to check")
+    parser.add_argument("--config_file", "--config-file", default=None,
+                        help=f"where to write (default: ${launch_config.CONFIG_ENV} or {launch_config.DEFAULT_CONFIG})")
+    parser.add_argument("--cpu", action="store_true", help="with default: a CPU-only configuration")
+    parser.add_argument("--mixed_precision", "--mixed-precision", default="no", choices=["no", "fp16", "bf16", "fp8"])
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "validate":
+            if not args.file:
+                raise launch_config.ConfigError("trainer config validate needs the file to check.")
+            config = launch_config.load(args.file)
+            print(f"{args.file}: valid ({launch_config.with_defaults(config)['distributed_type']}, "
+                  f"{launch_config.with_defaults(config)['num_processes']} process(es))")
+            return 0
+        config = detected(args.cpu, args.mixed_precision) if args.action == "default" else questionnaire(_ask)
+    except launch_config.ConfigError as error:
+        print(f"trainer config: {error}", file=sys.stderr)
+        return 2
+    except EOFError:
+        print("trainer config: the answers ended before the questions did; nothing was written.", file=sys.stderr)
+        return 2
+    path = launch_config.save(config, args.config_file or launch_config.default_config_path())
+    print(f"configuration saved at {path}")
+    return 0
+
+
+def detected(cpu: bool, mixed_precision: str) -> dict[str, Any]:
+    """One machine, every accelerator found (or one process on the CPU)."""
+    kind = None if cpu else accelerator_type()
+    count = torch.accelerator.device_count() if kind else 1
+    distributed = "NO" if count == 1 else f"MULTI_{kind.upper()}"
+    if distributed not in launch_config.DISTRIBUTED_TYPES:
+        distributed = "MULTI_GPU"
+    return {"compute_environment": "LOCAL_MACHINE", "distributed_type": distributed, "mixed_precision": mixed_precision,
+            "num_machines": 1, "num_processes": count, "machine_rank": 0, "use_cpu": kind is None,
+            "rdzv_backend": "static", "main_training_function": "main"}
+
+
+def _ask(prompt: str) -> str:
+    print(prompt, end="", flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.strip()
+
+
+def _choice(ask: Callable[[str], str], question: str, choices: list[Any], default: Any) -> Any:
+    shown = "/".join(str(c) for c in choices)
+    while True:
+        answer = ask(f"{question} ({shown}) [{default}]: ") or str(default)
+        for choice in choices:
+            if answer.lower() == str(choice).lower():
+                return choice
+        print(f"Please answer with one of: {shown}.")
+
+
+def _number(ask: Callable[[str], str], question: str, default: int, least: int = 0) -> int:
+    while True:
+        answer = ask(f"{question} [{default}]: ") or str(default)
+        if answer.isdigit() and int(answer) >= least:
+            return int(answer)
+        print(f"Please answer with a whole number >= {least}.")
+
+
+def _yes(ask: Callable[[str], str], question: str, default: bool) -> bool:
+    return _choice(ask, question, ["yes", "no"], "yes" if default else "no") == "yes"
+
+
+def questionnaire(ask: Callable[[str], str]) -> dict[str, Any]:
+    """Ask, one question a line, what ``trainer launch`` needs to know."""
+    config: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "main_training_function": "main"}
+    kind = _choice(ask, "Which kind of machine/parallelism?", list(launch_config.DISTRIBUTED_TYPES), "NO")
+    config["distributed_type"] = kind
+    config["num_machines"] = _number(ask, "How many machines?", 1, least=1)
+    if config["num_machines"] > 1:
+        config["machine_rank"] = _number(ask, "The rank of this machine?", 0)
+        config["main_process_ip"] = ask("The IP address of machine 0: ") or None
+        config["main_process_port"] = _number(ask, "The port of machine 0?", 29500, least=1)
+        config["rdzv_backend"] = _choice(ask, "Rendezvous backend?", ["static", "c10d"], "static")
+    default_processes = 1 if kind == "NO" else 2
+    config["num_processes"] = _number(ask, "How many processes in total (all machines)?", default_processes, least=1)
+    config["use_cpu"] = _yes(ask, "Run on the CPU only?", accelerator_type() is None)
+    config["mixed_precision"] = _choice(ask, "Mixed precision?", ["no", "fp16", "bf16", "fp8"], "no")
+    if kind == "FSDP":
+        config["fsdp_config"] = {
+            "fsdp_sharding_strategy": _choice(ask, "FSDP sharding strategy?",
+                                              ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"], "FULL_SHARD"),
+            "fsdp_auto_wrap_policy": _choice(ask, "FSDP auto wrap policy?",
+                                             ["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"],
+                                             "TRANSFORMER_BASED_WRAP"),
+            "fsdp_state_dict_type": _choice(ask, "FSDP state dict type?",
+                                            ["SHARDED_STATE_DICT", "FULL_STATE_DICT"], "SHARDED_STATE_DICT"),
+            "fsdp_offload_params": _yes(ask, "Offload parameters to the CPU?", False),
+        }
+    if kind == "DEEPSPEED":
+        config["deepspeed_config"] = {
+            "zero_stage": _choice(ask, "ZeRO stage?", [0, 1, 2, 3], 2),
+            "gradient_accumulation_steps": _number(ask, "Gradient accumulation steps?", 1, least=1),
+            "offload_optimizer_device": _choice(ask, "Offload the optimizer to?", ["none", "cpu", "nvme"], "none"),
+        }
+    return launch_config.validate(config)
