@@ -176,3 +176,11 @@ def test_config_questions_cut_short_write_nothing(tmp_path):
 def test_conflicting_launch_flags(flags):
     code, _, err = launch("launch", *flags, str(PROBE))
     assert code == 2 and "Choose one of --multi_gpu, --use_fsdp, --use_deepspeed" in err
+
+
+def test_trainer_test_runs_the_self_check_on_the_configured_processes(tmp_path):
+    path = tmp_path / "two.yaml"
+    path.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n")
+    code, out, err = launch("test", "--config_file", str(path))
+    assert code == 0, err
+    assert "self-check passed on 2 process(es): device cpu, strategy ddp, precision no" in out

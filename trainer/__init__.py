@@ -8,6 +8,7 @@
 from trainer.accelerator import Accelerator
 from trainer.accumulation import GradientAccumulation
 from trainer.data_loader import PreparedDataLoader, SeededRandomSampler
+from trainer.notebook import notebook_launcher
 from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
 from trainer.random_state import set_seed
 from trainer.state import PartialState
@@ -28,6 +29,7 @@ __all__ = [
     "PreparedDataLoader",
     "SeededRandomSampler",
     "Trainer",
+    "notebook_launcher",
     "resolve_precision",
     "set_seed",
 ]

@@ -53,6 +53,25 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def register_test(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("test", help="check the configured processes can train together")
+    parser.add_argument("--config_file", "--config-file", default=None)
+    parser.set_defaults(func=run_test)
+
+
+def run_test(args: argparse.Namespace) -> int:
+    """Launch the bundled self-check with the configuration, as a training script would be."""
+    script = str(Path(__file__).with_name("selfcheck.py"))
+    launch_args = _parser().parse_args([*(["--config_file", args.config_file] if args.config_file else []), script])
+    return run(launch_args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="trainer")
+    register(root.add_subparsers())
+    return root._subparsers._group_actions[0].choices["launch"]
+
+
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     """The configuration file's settings, overridden by what was given on the command line."""
     path = args.config_file

@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd.register(commands)
     env.register(commands)
     launch.register(commands)
+    launch.register_test(commands)
     return parser
 
 
