@@ -2,7 +2,8 @@
 
 from strategies.base import Strategy
 from strategies.ddp import DDP
+from strategies.fsdp import FSDP
 from strategies.registry import available_strategies, resolve_strategy
 from strategies.single_device import SingleDevice
 
-__all__ = ["DDP", "SingleDevice", "Strategy", "available_strategies", "resolve_strategy"]
+__all__ = ["DDP", "FSDP", "SingleDevice", "Strategy", "available_strategies", "resolve_strategy"]

@@ -6,22 +6,28 @@ import difflib
 
 from strategies.base import Strategy
 from strategies.ddp import DDP
+from strategies.fsdp import FSDP
 from strategies.single_device import SingleDevice
 
-_BUILDERS = {"single_device": SingleDevice, "ddp": DDP}
+_BUILDERS = {"single_device": SingleDevice, "ddp": DDP, "fsdp": FSDP}
 # Names users know from other frameworks that mean the same strategy.
 _ALIASES = {"single": "single_device", "no": "single_device", "cpu": "single_device", "multi_cpu": "ddp",
             "multi_gpu": "ddp", "multi_xpu": "ddp", "multi_npu": "ddp", "multi_mlu": "ddp", "multi_hpu": "ddp"}
 # Strategies that this release does not ship yet.
-_PLANNED = ("fsdp", "deepspeed", "megatron", "xla")
+_PLANNED = ("deepspeed", "megatron", "xla")
 
 
 def available_strategies() -> list[str]:
     return ["auto", *_BUILDERS]
 
 
-def resolve_strategy(strategy: str | Strategy | None, num_processes: int) -> Strategy:
-    """The Strategy for ``strategy`` given how many processes the job runs."""
+def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
+                     settings: dict[str, dict] | None = None) -> Strategy:
+    """The Strategy for ``strategy`` given how many processes the job runs.
+
+    ``settings`` maps a strategy name to the options a launch configuration gave it
+    (e.g. ``{"fsdp": {"fsdp_sharding_strategy": "FULL_SHARD"}}``).
+    """
     if isinstance(strategy, Strategy):
         return strategy
     name = (strategy or "auto").strip().lower()
@@ -29,6 +35,9 @@ def resolve_strategy(strategy: str | Strategy | None, num_processes: int) -> Str
     if name == "auto":
         name = "single_device" if num_processes == 1 else "ddp"
     if name in _BUILDERS:
+        options = (settings or {}).get(name)
+        if options is not None and hasattr(_BUILDERS[name], "from_config"):
+            return _BUILDERS[name].from_config(options)
         return _BUILDERS[name]()
     if name in _PLANNED:
         raise ValueError(

@@ -96,6 +96,19 @@ def test_launch_with_the_talks_ddp_config_adjusted_to_cpu(tmp_path):
     assert probes(out) == [f"PROBE rank={r} world=2 strategy=ddp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
 
 
+def test_launch_with_the_talks_fsdp_config_adjusted_to_cpu(tmp_path):
+    config = yaml.safe_load(TALK_FSDP) | {"num_processes": 2, "use_cpu": True}
+    path = tmp_path / "fsdp_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = launch("launch", "--config_file", str(path), str(PROBE))
+    assert code == 0, err
+    assert probes(out) == [f"PROBE rank={r} world=2 strategy=fsdp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
+    code, out, err = launch("launch", "--config_file", str(path), "examples/low_code_loop.py", "--epochs", "3")
+    assert code == 0, err
+    first, last = (float(out.split(f"{which}-epoch loss=")[1].split()[0]) for which in ("first", "last"))
+    assert last < first
+
+
 def test_a_misspelt_nested_key_is_refused_with_a_suggestion(tmp_path):
     path = tmp_path / "fsdp_config.yaml"
     path.write_text(TALK_FSDP.replace("fsdp_sharding_strategy", "fsdp_sharding_stratgy"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import gc
 import inspect
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -98,7 +99,8 @@ class Accelerator:
                 steps = int(os.environ.get(ACCUMULATION_ENV, "1"))
             self.accumulation = GradientAccumulation(steps, normalize=accumulation_normalize)
         self.state = PartialState(cpu=cpu)
-        self.strategy = resolve_strategy(strategy or os.environ.get(STRATEGY_ENV), self.state.num_processes)
+        self.strategy = resolve_strategy(strategy or os.environ.get(STRATEGY_ENV), self.state.num_processes,
+                                         _launch_settings())
         self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
         self.precision = resolve_precision(mixed_precision, self.strategy.root_device)
         self.project_dir = Path(project_dir) if project_dir is not None else None
@@ -496,6 +498,12 @@ class _MicroStep:
         if self.stack is not None:
             return self.stack.__exit__(*exc_info)
         return None
+
+
+def _launch_settings() -> dict[str, dict]:
+    """Strategy options that ``trainer launch`` passed from the config file (TRAINER_FSDP_CONFIG...)."""
+    raw = os.environ.get("TRAINER_FSDP_CONFIG")
+    return {"fsdp": json.loads(raw)} if raw else {}
 
 
 def _only_tensors(data: Any) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from trainer.checkpoint_io import (
@@ -41,6 +42,20 @@ FORMAT_VERSION = 1
 
 def _name(kind: str, index: int) -> str:
     return kind if index == 0 else f"{kind}_{index}"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor (a sharded DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _like_parameter(local: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """A loaded gradient in the parameter's form (sharded like it when the parameter is a DTensor)."""
+    if hasattr(parameter, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local.to(parameter.device), parameter.device_mesh, parameter.placements)
+    return local
 
 
 def _gradients_file(model_index: int, process_index: int) -> str:
@@ -71,7 +86,7 @@ def save_accelerator_state(accelerator: Accelerator, target: Path,
                 # Inside an accumulation group the gradients are part of the state: without them
                 # the resumed group would miss the micro-batches already done. Each process has its
                 # own (they are not synchronised until the group ends).
-                grads = {name: p.grad.detach().contiguous().cpu()
+                grads = {name: _local(p.grad).detach().contiguous().cpu()
                          for name, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
                 if grads:
                     save_file(grads, str(scratch_path / _gradients_file(index, accelerator.process_index)))
@@ -131,7 +146,7 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
         grads_path = source / _gradients_file(index, accelerator.process_index)
         grads = load_file(str(grads_path), device=str(device)) if grads_path.is_file() else {}
         for name, p in accelerator.unwrap_model(model).named_parameters():
-            p.grad = grads.get(name)
+            p.grad = _like_parameter(grads[name], p) if name in grads else None
     for index, optimizer in enumerate(accelerator._optimizers[: saved["optimizers"]]):
         optimizer.load_state_dict(load_state_files(source, _name("optimizer", index), device))
     for index, scheduler in enumerate(accelerator._schedulers[: saved["schedulers"]]):

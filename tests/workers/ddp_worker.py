@@ -16,7 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from strategies import DDP  # noqa: E402
+from strategies import DDP, FSDP  # noqa: E402
 from trainer import Accelerator, set_seed  # noqa: E402
 
 
@@ -50,6 +50,30 @@ def train(out: Path, accumulation: int) -> None:
         (out / f"allreduce_k{accumulation}.json").write_text(json.dumps({"calls": calls["allreduce"], "steps": steps}))
 
 
+def train_fsdp(out: Path, accumulation: int) -> None:
+    """The same run with parameters, gradients and optimizer state sharded (FSDP), then saved in full."""
+    set_seed(0)
+    accelerator = Accelerator(strategy=FSDP(auto_wrap_policy="SIZE_BASED_WRAP", min_num_params=100),
+                              gradient_accumulation_steps=accumulation)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before prepare, as users do
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(dataset(), batch_size=8, shuffle=True))
+    steps = 0
+    while steps < STEPS:
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                steps += 1
+                if steps == STEPS:
+                    break
+    path = accelerator.save_model(model, out / f"fsdp_k{accumulation}")
+    accelerator.wait_for_everyone()
+    del path
+
+
 def predict(out: Path) -> None:
     accelerator = Accelerator()
     model = accelerator.prepare(make_model())
@@ -70,4 +94,5 @@ if __name__ == "__main__":
     predict(out)
     for k in (1, 4):
         train(out, k)
+        train_fsdp(out, k)
     print(f"OK rank {os.environ['RANK']}", flush=True)
