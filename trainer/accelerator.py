@@ -291,6 +291,16 @@ class Accelerator:
         return _MicroStep(self, models)
 
     @contextmanager
+    def join_uneven_inputs(self, joinables: list[nn.Module]) -> Iterator[None]:
+        """Train on loaders that give processes different numbers of batches (``even_batches=False``).
+
+        A process that runs out keeps answering the others' gradient all-reduces (DDP's ``Join``)
+        instead of leaving them waiting forever.
+        """
+        with self.strategy.join(list(joinables)):
+            yield
+
+    @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:
         """Backward without gradient synchronisation (for hand-written accumulation)."""
         with self.strategy.no_backward_sync(model):

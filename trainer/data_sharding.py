@@ -90,7 +90,9 @@ class ShardedBatchSampler(Sampler[Any]):
 
     def _last_round(self, round_: list[Any], filler: _Filler) -> Iterator[Any]:
         n, rank = self.num_replicas, self.rank
-        full = filler.batch_size  # the size of the epoch's first batch: what every batch should have
+        # What every batch should hold: the batch sampler's size, else the size of the epoch's first batch.
+        full = getattr(self.batch_sampler, "batch_size", None) if filler.batch_size is not None else None
+        full = full or filler.batch_size
         if len(round_) == n and (full is None or _size(round_[-1]) == full):
             yield round_[rank]
             return

@@ -74,6 +74,23 @@ def train_fsdp(out: Path, accumulation: int) -> None:
     del path
 
 
+def uneven(out: Path) -> None:
+    """5 batches over 2 processes without padding: rank 0 has 3, rank 1 has 2; join keeps them in step."""
+    accelerator = Accelerator(even_batches=False)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.utils.data.TensorDataset(torch.randn(5, 6), torch.randint(0, 3, (5,)))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(data, batch_size=1))
+    batches = 0
+    with accelerator.join_uneven_inputs([model]):
+        for x, y in loader:
+            accelerator.backward(F.cross_entropy(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+            batches += 1
+    assert batches == (3 if accelerator.process_index == 0 else 2), batches
+
+
 def predict(out: Path) -> None:
     accelerator = Accelerator()
     model = accelerator.prepare(make_model())
@@ -91,6 +108,7 @@ def predict(out: Path) -> None:
 
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    uneven(out)
     predict(out)
     for k in (1, 4):
         train(out, k)
