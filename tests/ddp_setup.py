@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 STEPS = 20
@@ -17,3 +18,18 @@ def dataset() -> TensorDataset:
     generator = torch.Generator().manual_seed(1)
     samples = 2 * 8 * 4 * STEPS  # enough for 20 steps of 2 x 8 x accumulation 4
     return TensorDataset(torch.randn(samples, 6, generator=generator), torch.randint(0, 3, (samples,), generator=generator))
+
+
+def train_steps(accelerator, model, optimizer, loader, steps: int = STEPS) -> None:
+    """The loop every run shares: micro-batches under accumulate() until ``steps`` optimizer steps."""
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(F.cross_entropy(model(x), y))
+                optimizer.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                done += 1
+                if done == steps:
+                    return

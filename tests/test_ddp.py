@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-import torch.nn.functional as F
-from ddp_setup import STEPS, dataset, make_model
+from ddp_setup import STEPS, dataset, make_model, train_steps
 from distributed_helpers import WORKERS_DIR, run_distributed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -21,17 +20,7 @@ def one_process(accumulation: int) -> dict[str, torch.Tensor]:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(dataset(), batch_size=16, shuffle=True))
-    steps = 0
-    while steps < STEPS:
-        for x, y in loader:
-            with accelerator.accumulate(model):
-                accelerator.backward(F.cross_entropy(model(x), y))
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                steps += 1
-                if steps == STEPS:
-                    break
+    train_steps(accelerator, model, optimizer, loader)
     return model.state_dict()
 
 

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from ddp_setup import STEPS, dataset, make_model  # noqa: E402
+from ddp_setup import STEPS, dataset, make_model, train_steps  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -33,17 +33,8 @@ def train(out: Path, accumulation: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     loader = DataLoader(dataset(), batch_size=8, shuffle=True)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps = 0
-    while steps < STEPS:
-        for x, y in loader:
-            with accelerator.accumulate(model):
-                accelerator.backward(F.cross_entropy(model(x), y))
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                steps += 1
-                if steps == STEPS:
-                    break
+    train_steps(accelerator, model, optimizer, loader)
+    steps = STEPS
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"ddp_k{accumulation}.safetensors"))
@@ -58,17 +49,7 @@ def train_fsdp(out: Path, accumulation: int) -> None:
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before prepare, as users do
     model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(dataset(), batch_size=8, shuffle=True))
-    steps = 0
-    while steps < STEPS:
-        for x, y in loader:
-            with accelerator.accumulate(model):
-                accelerator.backward(F.cross_entropy(model(x), y))
-                optimizer.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                steps += 1
-                if steps == STEPS:
-                    break
+    train_steps(accelerator, model, optimizer, loader)
     path = accelerator.save_model(model, out / f"fsdp_k{accumulation}")
     accelerator.wait_for_everyone()
     del path
