@@ -363,3 +363,21 @@ def test_two_checkpoint_callbacks_keep_separate_records(tmp_path):
     make_trainer(tmp_path, max_epochs=1, checkpoint=False, callbacks=[every, best]).fit()
     assert [r["name"] for r in every.saved] == ["epoch=0-step=2", "epoch=0-step=4"]
     assert len(best.saved) == 1 and best.saved[0]["score"] is not None
+
+
+@pytest.mark.parametrize("value", [True, "1", 0, -1.0])
+def test_grad_clip_must_be_a_positive_number(tmp_path, value):
+    with pytest.raises(ValueError, match="grad_clip must be a positive number, or None"):
+        make_trainer(tmp_path, grad_clip=value)
+
+
+def test_validating_other_data_does_not_replace_the_runs_own_validation(tmp_path):
+    class ExtraValidation(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            if batch_idx == 8:  # the epoch's last batch: its own validation comes right after
+                trainer.validate(TensorDataset(torch.randn(4, 6), torch.randint(0, 3, (4,))))
+
+    recorder = Recorder()
+    make_trainer(tmp_path, max_epochs=2, eval_every_n_steps=None, checkpoint=False,
+                 callbacks=[ExtraValidation(), recorder]).fit()
+    assert recorder.events.count("on_validation_end") == 4  # two extra, two of the run's own

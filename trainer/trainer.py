@@ -93,7 +93,8 @@ class Trainer:
                             ("max_steps", max_steps)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1, or None; got {value!r}.")
-        if grad_clip is not None and not grad_clip > 0:
+        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
+                                      or not grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number, or None; got {grad_clip!r}.")
         set_seed(seed)
         self.accelerator = Accelerator(
@@ -267,7 +268,8 @@ class Trainer:
                 self.call("on_validation_batch_end", outputs, batch, batch_idx)
         metrics = totals.compute(self.accelerator.strategy)
         self.metrics.update(metrics)
-        self.progress.validated_at = self.progress.position
+        if eval_data is None:  # the run's own validation happened here (other data does not count)
+            self.progress.validated_at = self.progress.position
         self.call("on_validation_end", metrics)
         self.model.train(was_training)
         return metrics
@@ -322,7 +324,7 @@ class Trainer:
                 places = ", ".join(str(root) for root in sorted(roots))
                 self.accelerator.print(f"No checkpoint in {places}: starting from the beginning.")
                 return
-            path = max(found, key=saved_step)
+            path = max(found, key=lambda checkpoint: (saved_step(checkpoint), checkpoint.stat().st_mtime))
         else:
             path = Path(resume)
         self.accelerator.load_state(path)
