@@ -58,8 +58,13 @@ def launch(*args: str, timeout: float = 240, stdin: str | None = None, home: Pat
     try:
         out, err = process.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
+        # SIGTERM first: torchrun passes it on to its workers, which run in sessions of their own.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
         raise AssertionError(f"timed out:\n{out}\n{err}") from None
     return process.returncode, out, err
 
