@@ -202,3 +202,8 @@ def test_trainer_test_runs_the_self_check_on_the_configured_processes(tmp_path):
     code, out, err = launch("test", "--config_file", str(path))
     assert code == 0, err
     assert "self-check passed on 2 process(es): device cpu, strategy ddp, precision no" in out
+
+
+def test_several_machines_without_an_address_is_one_clear_error():
+    code, out, err = launch("launch", "--num_machines", "2", "--num_processes", "4", "--cpu", str(PROBE))
+    assert code == 2 and "Several machines need --main_process_ip" in err and "Traceback" not in err

@@ -194,8 +194,9 @@ def process_environment(config: dict[str, Any]) -> dict[str, str]:
         "TRAINER_MIXED_PRECISION": config["mixed_precision"],
         # NO and MULTI_*: one device for one process, DDP for several; what "auto" picks.
         "TRAINER_STRATEGY": "auto" if strategy in ("single_device", "ddp") else strategy,
-        "TRAINER_USE_CPU": "1" if config["use_cpu"] else "0",
     }
+    if config["use_cpu"]:  # otherwise an exported TRAINER_USE_CPU stays as it is
+        env["TRAINER_USE_CPU"] = "1"
     if "gradient_accumulation_steps" in config:
         env["TRAINER_GRADIENT_ACCUMULATION_STEPS"] = str(config["gradient_accumulation_steps"])
     for section in ("fsdp_config", "deepspeed_config", "megatron_lm_config"):

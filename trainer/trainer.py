@@ -39,7 +39,8 @@ class Trainer:
         batch_size, eval_batch_size, collate_fn, num_workers, shuffle: how DataLoaders are built.
         max_epochs, max_steps: when training ends (``max_steps`` counts optimizer steps and wins).
         strategy, precision: ``"auto"`` reads what ``trainer launch`` set; see ``Accelerator``.
-        accumulate: micro-batches per optimizer step; ``accumulation_normalize="tokens"`` for
+        accumulate: micro-batches per optimizer step (default: what ``trainer launch`` set, else 1);
+            ``accumulation_normalize="tokens"`` for
             losses summed over tokens (``training_step`` then returns ``{"loss", "num_tokens"}``).
         grad_clip: max total gradient norm, or None.
         eval_every_n_steps, eval_every_n_epochs: when to validate (if ``eval_data`` is given).
@@ -68,7 +69,7 @@ class Trainer:
         max_steps: int | None = None,
         strategy: str | Strategy = "auto",
         precision: str = "auto",
-        accumulate: int = 1,
+        accumulate: int | None = None,
         accumulation_normalize: str = "mean",
         grad_clip: float | None = None,
         eval_every_n_steps: int | None = None,

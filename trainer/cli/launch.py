@@ -147,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
     # On one machine a restart is a fresh torchrun process (new agent, new rendezvous, new ports):
     # restarting workers inside one agent can leave the new processes talking to the old ones' state.
     attempts = 1 + (config.get("max_restarts", 0) if config["num_machines"] == 1 else 0)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", *_torchrun_argv(config, command)]
+    try:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", *_torchrun_argv(config, command)]
+    except launch_config.ConfigError as error:
+        print(f"trainer launch: {error}", file=sys.stderr)
+        return 2
     for attempt in range(attempts):
         os.environ[RESTART_ENV] = str(attempt)
         code = subprocess.call(torchrun)
