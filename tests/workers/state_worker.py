@@ -183,3 +183,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+    # Leave without interpreter teardown: on a loaded machine, gloo's threads occasionally make a
+    # finished process abort during teardown ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from trainer import Accelerator
@@ -25,3 +28,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # The check is done: leave without interpreter teardown, where gloo's threads occasionally abort
+    # a finished process on a loaded machine and would turn a passed check into a failed launch.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
