@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-RANK = int(os.environ["RANK"])
+RANK = int(os.environ.get("RANK", "0"))
 
 
 def say(line: str) -> None:
@@ -43,3 +43,11 @@ def same(actual: Any, expected: Any) -> bool:
 def expect_same(actual: Any, expected: Any, what: str) -> None:
     if not same(actual, expected):
         fail(what, expected, actual)
+
+
+def leave() -> None:
+    """Exit without interpreter teardown: on a loaded machine, gloo's threads occasionally make a
+    finished process abort during teardown ("terminate called without an active exception")."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from checks import leave  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from trainer_setup import make_trainer  # noqa: E402
 
@@ -61,9 +62,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-    # Leave without interpreter teardown: on a loaded machine, gloo's threads occasionally make a
-    # finished process abort during teardown ("terminate called without an active exception").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()

@@ -19,7 +19,7 @@ from datasets import Dataset
 from trainer import PartialState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from checks import RANK, expect, expect_same, say  # noqa: E402
+from checks import RANK, expect, expect_same, leave, say  # noqa: E402
 
 PRINT_MARKER = "STATE-PRINT-MARKER: printed by the main process only"
 
@@ -183,9 +183,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-    # Leave without interpreter teardown: on a loaded machine, gloo's threads occasionally make a
-    # finished process abort during teardown ("terminate called without an active exception").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
