@@ -32,6 +32,7 @@ class Callback:
     """
 
     checkpoints = False
+    computes_metrics = False  # True: runs before the others, which may read the metrics it adds
 
     @property
     def state_key(self) -> str:

@@ -1,4 +1,4 @@
-"""The callback bus: one ordered list, one dispatch per event, checkpointing callbacks last."""
+"""The callback bus: one ordered list, one dispatch per event; metric computers first, checkpointing last."""
 
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ class CallbackBus:
                         f"{type(callback).__name__}.{name} is not a Trainer event, so it would never run.{hint} "
                         f"Events: {', '.join(EVENTS)}."
                     )
-        # sorted() is stable: list order is kept within each group.
-        self.callbacks = sorted(callbacks, key=lambda cb: bool(getattr(cb, "checkpoints", False)))
+        # sorted() is stable: list order is kept within each group. Callbacks that compute metrics
+        # go first (others read their results), checkpointing callbacks last.
+        self.callbacks = sorted(callbacks, key=lambda cb: (not getattr(cb, "computes_metrics", False),
+                                                           bool(getattr(cb, "checkpoints", False))))
         self.handlers = {event: [getattr(cb, event) for cb in self.callbacks if _overrides(cb, event)]
                          for event in EVENTS}
         keys = [self.state_key(cb) for cb in self.callbacks]

@@ -1,10 +1,11 @@
 """The demo behind ``make demo``: train with the Trainer on the CPU, stop, resume, evaluate.
 
 It trains a digit classifier (scikit-learn's bundled digits, so nothing is downloaded) with a
-progress bar, gradient accumulation, checkpoints, early stopping and LR logging; stops part-way
-as an interrupted job would; starts a new Trainer that resumes from the latest checkpoint; and
-reports the accuracy on held-out digits, checks the weights against an uninterrupted run, and
-says where everything was written.
+progress bar, gradient accumulation, checkpoints, early stopping and LR logging, recorded in a
+CSV file and an MLflow sqlite store (no server); stops part-way as an interrupted job would;
+starts a new Trainer that resumes from the latest checkpoint (and the same MLflow run); and
+reports the accuracy on held-out digits, checks the weights against an uninterrupted run, reads
+the run back from the MLflow store, and says where everything was written.
 
     python examples/demo.py --output-dir outputs/demo
 """
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from trainer_digits import TARGET_ACCURACY, accuracy, train  # noqa: E402
 
+from callbacks import MLflowTracker  # noqa: E402
 from trainer import PartialState  # noqa: E402
 
 
@@ -50,6 +52,23 @@ def main() -> None:
     trainer.accelerator.print(f"  checkpoints: {trainer.checkpoint_dir} (latest: {latest})")
     for path in sorted(p for p in trainer.checkpoint_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         trainer.accelerator.print(f"    {path.name}: {', '.join(sorted(f.name for f in path.iterdir()))}")
+    trainer.accelerator.print(f"  metrics (CSV): {out / 'csv' / 'metrics.csv'}")
+    for tracker in trainer.callbacks.find(MLflowTracker):
+        report_mlflow(tracker, out)
+
+
+def report_mlflow(tracker: MLflowTracker, out: Path) -> None:
+    """Read the run back from the MLflow store, as ``mlflow ui`` would show it."""
+    from mlflow import MlflowClient
+
+    uri = tracker.resolve_uri(out)
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    accuracy = client.get_metric_history(run.info.run_id, "val_acc")
+    best = max(accuracy, key=lambda metric: metric.value)
+    print(f"  MLflow: {uri} (run {run.info.run_id}, {run.info.status}): {len(accuracy)} validations, "
+          f"best val_acc {best.value:.4f} at step {best.step}; {len(run.data.params)} parameters")
+    print(f"    browse it with: mlflow ui --backend-store-uri {uri}")
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def train(output_dir: Path, epochs: int, resume: str | None = "latest", precisio
     trainer = DigitsTrainer(
         make_model(), train_data=train_set, eval_data=test_set, batch_size=32, max_epochs=epochs, accumulate=2,
         precision=precision, grad_clip=1.0, log_every_n_steps=5, output_dir=output_dir, seed=0,
-        progress_bar=not quiet,
+        progress_bar=not quiet, trackers=[] if quiet else None,  # None: CSV, plus a local MLflow store if installed
         callbacks=[*([] if quiet else [EpochSummary()]), LearningRateMonitor(),
                    EarlyStopping("val_acc", mode="max", patience=8),
                    ModelCheckpoint(monitor="val_acc", mode="max", save_top_k=1, save_last=True)])

@@ -60,9 +60,9 @@ def test_unknown_argument_suggests_the_right_one():
         Accelerator(mixed_precison="bf16")
 
 
-def test_trackers_are_refused_until_available():
-    with pytest.raises(ValueError, match="experiment trackers are not available"):
-        Accelerator(log_with="wandb")
+def test_misspelt_tracker_is_one_error_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"Unknown tracker 'tensorbaord'\. Did you mean 'tensorboard'\?"):
+        Accelerator(log_with=["csv", "tensorbaord"])
 
 
 def test_strategy_names():

@@ -53,7 +53,8 @@ def test_the_talks_loop_trains(tmp_path):
     assert losses[-1] < 0.15 < losses[0]
 
 
-def test_demo_trains_stops_resumes_and_matches_an_uninterrupted_run(tmp_path):
+def test_demo_trains_stops_resumes_and_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRAINER_TRACKERS")  # the demo records with the default trackers
     result = subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), "--output-dir", str(tmp_path), "--epochs", "6",
                              "--stop-after", "3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -64,6 +65,11 @@ def test_demo_trains_stops_resumes_and_matches_an_uninterrupted_run(tmp_path):
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert f"checkpoints: {tmp_path / 'checkpoints'} (latest: {latest})" in out
     assert (tmp_path / "checkpoints" / latest / "model.safetensors").is_file()
+    assert f"metrics (CSV): {tmp_path / 'csv' / 'metrics.csv'}" in out
+    if importlib.util.find_spec("mlflow"):
+        # one run across the interruption: 6 epochs of validation, FINISHED
+        assert f"MLflow: sqlite:///{tmp_path / 'mlflow.db'} (run " in out
+        assert "FINISHED): 6 validations" in out
 
 
 def test_trainer_example_reaches_its_stated_accuracy(tmp_path):

@@ -14,6 +14,7 @@ import torch
 import yaml
 from distributed_helpers import WORKERS_DIR, _worker_env
 from safetensors.torch import load_file
+from tracker_helpers import csv_history
 
 from trainer import config as launch_config
 
@@ -141,6 +142,9 @@ def test_the_talks_loop_and_the_trainer_example_under_launch(tmp_path):
     accuracy = float(out.split("test accuracy ")[1].split()[0])
     assert accuracy > 0.85
     assert (tmp_path / "digits" / "checkpoints" / "latest").is_file()
+    # Only the main process records: one row per validation, not one per process.
+    validations = [step for step, _ in csv_history(tmp_path / "digits")["val_acc"]]
+    assert len(validations) == len(set(validations)) == 4
 
 
 def test_a_failing_rank_ends_the_job_quickly_with_its_traceback():

@@ -240,8 +240,8 @@ def test_a_model_without_a_loss_explains_what_to_do(tmp_path):
 
 
 def test_bad_arguments_are_refused_before_training(tmp_path):
-    with pytest.raises(ValueError, match="trackers are not available"):
-        make_trainer(tmp_path, trackers=["mlflow"])
+    with pytest.raises(ValueError, match="Unknown tracker 'mlfow'. Did you mean 'mlflow'"):
+        make_trainer(tmp_path, trackers=["mlfow"])
     PartialState._reset_state()
     with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
         make_trainer(tmp_path, batch_size=0)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from callbacks.trackers import Tracker, make_trackers
 from strategies import Strategy, resolve_strategy
 from trainer import checkpointing, operations
 from trainer.accumulation import GradientAccumulation
@@ -60,7 +61,10 @@ class Accelerator:
             (default: it is the per-process size).
         step_scheduler_with_optimizer: the prepared scheduler advances only when the optimizer
             really steps (after accumulation, not on skipped fp16 steps).
-        log_with: experiment trackers (not available in this release; must be None).
+        log_with: experiment trackers: a name (``"mlflow"``, ``"wandb"``, ``"tensorboard"``, ...),
+            ``"all"`` (every installed one), a Tracker, or a list of these. Started by
+            ``init_trackers``, fed by ``log``, finished by ``end_training``; files go under
+            ``project_dir`` (default: the working directory).
     """
 
     def __init__(
@@ -81,11 +85,7 @@ class Accelerator:
     ) -> None:
         if unknown:
             _raise_unknown_arguments(unknown, Accelerator.__init__)
-        if log_with not in (None, [], ()):
-            raise ValueError(
-                f"log_with={log_with!r}: experiment trackers are not available in this release; "
-                "remove log_with (accelerator.log() is then a no-op)."
-            )
+        self.trackers: list[Tracker] = make_trackers(log_with)  # a missing package fails here, before any work
         # Everything the user passed is checked before the process group or any device is touched.
         if mixed_precision is None:
             mixed_precision = os.environ.get(PRECISION_ENV, "no")
@@ -452,20 +452,38 @@ class Accelerator:
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         return (self.unwrap_model(model) if unwrap else model).state_dict()
 
-    # -- trackers (none in this release) -------------------------------------------------------------------
+    # -- trackers -------------------------------------------------------------------------------------------
     def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
                       init_kwargs: dict[str, Any] | None = None) -> None:
-        """Start the trackers given by ``log_with`` (there are none; kept so scripts run unchanged)."""
+        """Start the trackers given by ``log_with`` (on the main process) and store ``config`` with the run.
+
+        ``init_kwargs`` maps a tracker name to extra arguments for its backend's run start,
+        e.g. ``{"wandb": {"tags": ["baseline"]}}``.
+        """
+        for tracker in self.trackers:
+            tracker.start(project_name, config, self.project_dir, **(init_kwargs or {}).get(tracker.name, {}))
 
     def log(self, values: dict[str, Any], step: int | None = None, log_kwargs: dict[str, Any] | None = None) -> None:
-        """Send values to the trackers given by ``log_with`` (none: nothing to send)."""
+        """Send a dict of values to every tracker at ``step`` (main process only, unless a tracker says otherwise)."""
+        for tracker in self.trackers:
+            tracker.log(values, step=step, **(log_kwargs or {}).get(tracker.name, {}))
+
+    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
+        """The tracker called ``name``; with ``unwrap=True`` the backend's own run object (also ``.tracker``)."""
+        for tracker in self.trackers:
+            if tracker.name == name:
+                return tracker.tracker if unwrap else tracker
+        known = ", ".join(t.name for t in self.trackers) or "none"
+        raise ValueError(f"No tracker named {name!r} was given to log_with (trackers: {known}).")
 
     def end_training(self) -> None:
-        """Finish trackers, wait for every process, and close the process group.
+        """Finish the trackers, wait for every process, and close the process group.
 
         Closing the group explicitly, rather than leaving it to interpreter shutdown, lets its
         threads stop in order before the process exits.
         """
+        for tracker in self.trackers:
+            tracker.finish()
         self.wait_for_everyone()
         self.state.destroy_process_group()
 

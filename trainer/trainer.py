@@ -8,6 +8,7 @@ accumulation policy's, all reached through the Accelerator.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -18,9 +19,10 @@ from torch import nn
 
 from callbacks import ModelCheckpoint, ProgressBar
 from callbacks.bus import CallbackBus
+from callbacks.trackers import default_trackers, make_trackers
 from strategies import Strategy
 from trainer.accelerator import Accelerator
-from trainer.metrics import MetricAccumulator
+from trainer.metrics import LogRecord, MetricAccumulator
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
 from trainer.random_state import set_seed
@@ -37,6 +39,8 @@ class Trainer:
         optimizer, scheduler: optional; otherwise ``configure_optimizers`` makes them.
         train_data, eval_data: a torch Dataset, a ``datasets.Dataset`` or a DataLoader.
         batch_size, eval_batch_size, collate_fn, num_workers, shuffle: how DataLoaders are built.
+            Tokenised examples (dicts with ``input_ids``) are padded per batch unless ``collate_fn``
+            is given; ``tokenizer`` (or the model's ``config.pad_token_id``) gives the pad token.
         max_epochs, max_steps: when training ends (``max_steps`` counts optimizer steps and wins).
         strategy, precision: ``"auto"`` reads what ``trainer launch`` set; see ``Accelerator``.
         accumulate: micro-batches per optimizer step (default: what ``trainer launch`` set, else 1);
@@ -49,7 +53,13 @@ class Trainer:
         output_dir: where checkpoints go (``output_dir/checkpoints``).
         callbacks: extra callbacks; a ProgressBar and a ModelCheckpoint are added unless present
             (``progress_bar=False`` / ``checkpoint=False`` to leave them out).
-        trackers: experiment trackers (not available in this release; must be empty).
+        trackers: experiment trackers: names (``"mlflow"``, ``"wandb"``, ...) or Tracker instances.
+            None (the default) records locally with no server: CSV, plus MLflow in a sqlite store
+            under ``output_dir`` when mlflow is installed (``TRAINER_TRACKERS`` overrides); ``[]``
+            records nothing.
+        project, run_name: how the run is named in the trackers.
+        hparams: extra run configuration stored with the run (the Trainer's own settings and a
+            transformers model's ``config`` are stored too).
     """
 
     def __init__(
@@ -63,6 +73,7 @@ class Trainer:
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         collate_fn: Callable | None = None,
+        tokenizer: Any = None,
         num_workers: int = 0,
         shuffle: bool = True,
         max_epochs: int = 1,
@@ -78,14 +89,14 @@ class Trainer:
         seed: int = 0,
         output_dir: str | os.PathLike = "outputs",
         callbacks: list[Any] | None = None,
-        trackers: list[Any] | None = None,
+        trackers: Any = None,
+        project: str = "trainer",
+        run_name: str | None = None,
+        hparams: Mapping[str, Any] | None = None,
         progress_bar: bool = True,
         checkpoint: bool = True,
         cpu: bool = False,
     ) -> None:
-        if trackers:
-            raise ValueError(f"trackers={trackers!r}: experiment trackers are not available in this release; "
-                             "remove trackers= (trainer.log values are kept in trainer.metrics).")
         for name, value, least in (("batch_size", batch_size, 1), ("max_epochs", max_epochs, 0),
                                    ("log_every_n_steps", log_every_n_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -97,6 +108,7 @@ class Trainer:
         if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
                                       or not grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number, or None; got {grad_clip!r}.")
+        trackers = make_trackers(default_trackers() if trackers is None else trackers)  # a missing package fails here
         set_seed(seed)
         self.accelerator = Accelerator(
             mixed_precision=None if precision == "auto" else precision, gradient_accumulation_steps=accumulate,
@@ -109,12 +121,18 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.progress = TrainerProgress()
         self.metrics: dict[str, float] = {}
+        self._logged = LogRecord()
         self.should_stop = False
-        self.callbacks = CallbackBus(self._default_callbacks(list(callbacks or []), progress_bar, checkpoint))
+        self.project, self.run_name, self.hparams = project, run_name, dict(hparams or {})
+        self._settings = {"batch_size": batch_size, "max_epochs": max_epochs, "max_steps": max_steps,
+                          "accumulate": self.accelerator.gradient_accumulation_steps, "grad_clip": grad_clip,
+                          "precision": self.accelerator.mixed_precision, "seed": seed,
+                          "num_processes": self.accelerator.num_processes}
+        self.callbacks = CallbackBus(self._default_callbacks(list(callbacks or []) + trackers, progress_bar, checkpoint))
 
         self.model = self.accelerator.prepare(model)
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
-        build = {"collate_fn": collate_fn, "num_workers": num_workers}
+        build = {"collate_fn": collate_fn, "num_workers": num_workers, "pad_token_id": _pad_token_id(model, tokenizer)}
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
         self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
@@ -140,12 +158,25 @@ class Trainer:
         return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
 
     def forward(self, batch: Any) -> Any:
-        """Call the model on a batch: a dict as keyword arguments, a tuple or list as positional ones."""
+        """Call the model on a batch: a dict as keyword arguments, a tuple or list as positional ones.
+
+        Dict keys the model's ``forward`` does not take (a ``text`` column left in a dataset) are
+        left out, as a transformers model would otherwise refuse the call.
+        """
         if isinstance(batch, Mapping):
-            return self.model(**batch)
+            accepted = self._accepted_keys()
+            return self.model(**(batch if accepted is None else {k: v for k, v in batch.items() if k in accepted}))
         if isinstance(batch, (tuple, list)):
             return self.model(*batch)
         return self.model(batch)
+
+    def _accepted_keys(self) -> frozenset[str] | None:
+        """The keyword arguments the model's forward takes (None: it takes any)."""
+        if not hasattr(self, "_forward_keys"):
+            parameters = inspect.signature(self.accelerator.unwrap_model(self.model).forward).parameters.values()
+            any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+            self._forward_keys = None if any_keyword else frozenset(p.name for p in parameters)
+        return self._forward_keys
 
     # -- public surface ------------------------------------------------------------------------------
     @property
@@ -166,11 +197,32 @@ class Trainer:
             handler(self, *args)
 
     def log(self, name: str, value: Any, sync: bool = False) -> None:
-        """Record a value in ``trainer.metrics``; ``sync=True`` averages it over processes first."""
+        """Record a value in ``trainer.metrics`` and for the trackers, at the current ``global_step``.
+
+        ``sync=True`` averages it over processes first.
+        """
         if sync:
             value = self.accelerator.reduce(torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float64),
                                             "mean")
         self.metrics[name] = float(value)
+        self._logged.add(name, self.metrics[name], self.progress.global_step)
+
+    @property
+    def log_sequence(self) -> int:
+        """How many values ``log`` has recorded so far (trackers compare it to what they sent)."""
+        return self._logged.sequence
+
+    def logged_since(self, sequence: int) -> tuple[int, dict[int, dict[str, float]]]:
+        """The values logged after ``sequence`` (their latest value per step), grouped by step."""
+        return self._logged.since(sequence)
+
+    def run_config(self) -> dict[str, Any]:
+        """What trackers store as the run's configuration: the settings, ``hparams``, the model's config."""
+        config: dict[str, Any] = {**self._settings, **self.hparams}
+        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if hasattr(model_config, "to_dict"):
+            config["model_config"] = model_config.to_dict()
+        return config
 
     def log_dict(self, values: Mapping[str, Any], sync: bool = False) -> None:
         for name, value in values.items():
@@ -268,7 +320,7 @@ class Trainer:
                 totals.update(outputs, find_batch_size(batch) or 1)
                 self.call("on_validation_batch_end", outputs, batch, batch_idx)
         metrics = totals.compute(self.accelerator.strategy)
-        self.metrics.update(metrics)
+        self.log_dict(metrics)
         if eval_data is None:  # the run's own validation happened here (other data does not count)
             self.progress.validated_at = self.progress.position
         self.call("on_validation_end", metrics)
@@ -358,7 +410,7 @@ class Trainer:
 
     def _log_training_loss(self) -> None:
         if self.progress.global_step % self.log_every_n_steps == 0 and self._group_losses:
-            self.metrics["train_loss"] = torch.stack(self._group_losses).float().mean().item()
+            self.log("train_loss", torch.stack(self._group_losses).float().mean().item())
         self._group_losses.clear()
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
@@ -390,6 +442,15 @@ class Trainer:
         if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             callbacks.append(ModelCheckpoint())
         return callbacks
+
+
+def _pad_token_id(model: nn.Module, tokenizer: Any) -> int:
+    """The pad token: the tokenizer's, else the model config's, else 0."""
+    for source in (tokenizer, getattr(model, "config", None)):
+        value = getattr(source, "pad_token_id", None)
+        if isinstance(value, int):
+            return value
+    return 0
 
 
 def _forked_rng(device: torch.device) -> Any:

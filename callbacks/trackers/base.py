@@ -1,0 +1,262 @@
+"""The Tracker interface: one experiment-tracking backend, usable from the Trainer and the Accelerator.
+
+A tracker is a Callback, so on the Trainer's bus it starts itself at ``on_fit_start`` (with the
+run configuration), sends what ``trainer.log`` recorded after each optimizer step and each
+validation, and finishes at the end of ``fit``. At the low-code level the Accelerator calls the
+same public methods directly (``start``, ``log``, ``finish``).
+
+Backends implement the underscored methods (``_start``, ``_log``, ``_finish`` and, where the
+backend has them, ``_log_images``, ``_log_table``, ``_log_artifact``). The public methods wrap
+them so that a backend that cannot be reached, or raises, costs one warning and switches that
+tracker off: training goes on (``on_error="raise"`` stops instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+ON_ERROR = ("warn", "raise")
+
+
+class TrackerPackageMissing(ImportError):
+    """A tracker's package is not installed; the message carries the ``pip install`` line."""
+
+
+def require_package(module: str, extra: str, tracker: str) -> None:
+    """Raise one clear error, with the install line, when ``module`` cannot be imported."""
+    if importlib.util.find_spec(module) is None:
+        raise TrackerPackageMissing(
+            f"The {tracker!r} tracker needs the {module!r} package, which is not installed. "
+            f"Install it with: pip install 'trainer-kit[{extra}]'"
+        )
+
+
+@contextlib.contextmanager
+def env_default(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the duration of the block, unless the user set it."""
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the default process group (or of the launcher's environment before it exists)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def plain_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors and numpy scalars as Python numbers; other values (strings, images) as they are."""
+    plain = {}
+    for name, value in values.items():
+        if torch.is_tensor(value) and value.numel() == 1 or hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+            value = value.item()
+        plain[name] = value
+    return plain
+
+
+def scalars(values: Mapping[str, Any]) -> dict[str, float | int]:
+    """Only the numeric values (bools excluded), for backends that take nothing else."""
+    return {k: v for k, v in plain_values(values).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class Tracker(Callback):
+    """One experiment-tracking backend.
+
+    Args:
+        logging_dir: where local files go (default: the Trainer's ``output_dir``, or the
+            Accelerator's ``project_dir``, or the working directory).
+        run_name: the run's display name, where the backend has one.
+        main_process_only: log from process 0 only (the default); False logs from every process.
+        on_error: ``"warn"`` (one warning, the tracker switches off, training goes on) or ``"raise"``.
+    """
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[str | None] = None  # the module the backend imports
+    extra: ClassVar[str] = ""  # the pip extra that installs it
+
+    def __init__(self, *, logging_dir: str | os.PathLike | None = None, run_name: str | None = None,
+                 main_process_only: bool = True, on_error: str = "warn") -> None:
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
+        if self.requires is not None:
+            require_package(self.requires, self.extra, self.name)
+        self.logging_dir = Path(logging_dir) if logging_dir is not None else None
+        self.run_name = run_name
+        self.main_process_only = main_process_only
+        self.on_error = on_error
+        self.run: Any = None  # the backend's own run object, once started
+        self.run_id: str | None = None  # kept in checkpoints so a resumed fit continues the same run
+        self.failed = False
+        self.started = False
+        self._sent = 0  # the Trainer's log sequence number last sent
+
+    # -- what a backend implements -------------------------------------------------------------
+    def _start(self, project_name: str, config: dict[str, Any], logging_dir: Path, **init_kwargs: Any) -> Any:
+        """Open the run; return the backend's run object."""
+        raise NotImplementedError
+
+    def _log(self, values: dict[str, Any], step: int | None, **kwargs: Any) -> None:
+        raise NotImplementedError
+
+    def _store_config(self, config: dict[str, Any]) -> None:
+        """Record (more) run configuration after the start; backends without it ignore the call."""
+
+    def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
+        raise NotImplementedError(f"The {self.name!r} tracker does not record images.")
+
+    def _log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int | None, **kwargs: Any) -> None:
+        raise NotImplementedError(f"The {self.name!r} tracker does not record tables.")
+
+    def _log_artifact(self, path: Path, name: str | None, **kwargs: Any) -> None:
+        raise NotImplementedError(f"The {self.name!r} tracker does not record artifacts.")
+
+    def _flush(self) -> None:
+        """Send what the backend buffered (backends that batch their writes implement it)."""
+
+    def _finish(self, status: str) -> None:
+        """Close the run (sending anything buffered); ``status`` is ``"success"`` or ``"failed"``."""
+
+    # -- the public, guarded surface -------------------------------------------------------------------
+    @property
+    def tracker(self) -> Any:
+        """The backend's native run object (``None`` before the start or off the main process)."""
+        return self.run
+
+    @property
+    def active(self) -> bool:
+        """Whether calls reach the backend: not switched off, and on a process that logs."""
+        return not self.failed and (not self.main_process_only or is_main_process())
+
+    def start(self, project_name: str = "trainer", config: Mapping[str, Any] | None = None,
+              logging_dir: str | os.PathLike | None = None, **init_kwargs: Any) -> None:
+        """Open the run (once; later calls only add configuration)."""
+        if self.started:
+            if config:
+                self._guard("store the configuration", self._store_config, dict(config))
+            return
+        self.started = True
+        directory = Path(self.logging_dir or logging_dir or Path.cwd())
+        self.run = self._guard("start", self._start, project_name, dict(config or {}), directory, **init_kwargs)
+
+    def store_init_configuration(self, config: Mapping[str, Any]) -> None:
+        self._guard("store the configuration", self._store_config, dict(config))
+
+    def log(self, values: Mapping[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        self._guard("log", self._log, plain_values(values), step, **kwargs)
+
+    def log_images(self, images: Mapping[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        """Images as ``{name: HxWxC or CxHxW array/tensor}``."""
+        self._guard("log images", self._log_images, dict(images), step, **kwargs)
+
+    def log_table(self, name: str, columns: list[str] | None = None, data: list[list[Any]] | None = None,
+                  dataframe: Any = None, step: int | None = None, **kwargs: Any) -> None:
+        """A table as ``columns`` and rows of ``data``, or a pandas ``dataframe``."""
+        if dataframe is not None:
+            columns, data = [str(c) for c in dataframe.columns], dataframe.values.tolist()
+        if columns is None or data is None:
+            raise ValueError("log_table needs columns= and data= (a list of rows), or dataframe=.")
+        self._guard("log a table", self._log_table, name, list(columns), [list(row) for row in data], step, **kwargs)
+
+    def log_artifact(self, path: str | os.PathLike, name: str | None = None, **kwargs: Any) -> None:
+        """A file or folder stored with the run."""
+        self._guard("log an artifact", self._log_artifact, Path(path), name, **kwargs)
+
+    def flush(self) -> None:
+        """Send what the backend holds back for batching (done at every validation and epoch end)."""
+        self._guard("flush", self._flush)
+
+    def finish(self, status: str = "success") -> None:
+        if self.started and self.run is not None:
+            self._guard("finish", self._finish, status)
+        self.started = False
+        self.run = None
+
+    def _guard(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.active or (what != "start" and not self.started):
+            return None
+        try:
+            return call(*args, **kwargs)
+        except NotImplementedError:
+            raise
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            self.failed = True
+            warnings.warn(
+                f"The {self.name!r} tracker could not {what} ({type(error).__name__}: {error}). It is switched off "
+                "for the rest of this run and training goes on; pass on_error='raise' to stop instead.",
+                RuntimeWarning, stacklevel=3,
+            )
+            return None
+
+    # -- on the Trainer's bus ------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return f"tracker:{self.name or type(self).__qualname__}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id} if self.run_id is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_id = state.get("run_id", self.run_id)
+
+    def handles(self, event: str) -> bool:
+        return not self.main_process_only or is_main_process()
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.run_name = self.run_name or trainer.run_name
+        self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
+
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.log_sequence != self._sent:
+            self._send(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        self._send(trainer)
+        self.flush()
+
+    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if not self.started:  # validate() called on its own, outside fit
+            self.run_name = self.run_name or trainer.run_name
+            self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
+        self._send(trainer)
+        if trainer.fitting:
+            self.flush()
+        else:
+            self.finish()
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self._send(trainer)
+        self.finish("success")
+
+    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+        self._send(trainer)
+        self.finish("failed")
+
+    def _init_kwargs(self, trainer: Trainer) -> dict[str, Any]:
+        return {}
+
+    def _send(self, trainer: Trainer) -> None:
+        self._sent, by_step = trainer.logged_since(self._sent)
+        for step, values in by_step.items():
+            self.log(values, step=step)
