@@ -32,6 +32,7 @@ lint: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-base
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/big_model.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

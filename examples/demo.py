@@ -5,7 +5,10 @@ progress bar, gradient accumulation, checkpoints, early stopping and LR logging,
 CSV file and an MLflow sqlite store (no server); stops part-way as an interrupted job would;
 starts a new Trainer that resumes from the latest checkpoint (and the same MLflow run); and
 reports the accuracy on held-out digits, checks the weights against an uninterrupted run, reads
-the run back from the MLflow store, and says where everything was written.
+the run back from the MLflow store, and says where everything was written. Last, large-model
+inference with offload: the trained classifier predicts with half its layers on disk
+(``trainer.predict(device_map=...)``), and a GPT-2 saved as a sharded checkpoint is loaded into
+an empty model under a 16 MB CPU budget, most of it left on disk, and generates text.
 
     python examples/demo.py --output-dir outputs/demo
 """
@@ -18,8 +21,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import big_model_inference  # noqa: E402
 import torch  # noqa: E402
-from trainer_digits import TARGET_ACCURACY, accuracy, train  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+from trainer_digits import TARGET_ACCURACY, accuracy, digits, train  # noqa: E402
 
 from callbacks import MLflowTracker  # noqa: E402
 from trainer import PartialState  # noqa: E402
@@ -55,6 +60,17 @@ def main() -> None:
     trainer.accelerator.print(f"  metrics (CSV): {out / 'csv' / 'metrics.csv'}")
     for tracker in trainer.callbacks.find(MLflowTracker):
         report_mlflow(tracker, out)
+
+    # Large-model inference with offload.
+    _, test_set = digits()
+    inputs = TensorDataset(test_set.tensors[0])
+    offloaded = torch.cat(trainer.predict(inputs, device_map={"0": "disk", "1": "cpu", "2": "cpu", "3": "disk"},
+                                          offload_folder=out / "offload"))
+    in_memory = torch.cat(trainer.predict(inputs))
+    print(f"offloaded prediction (layers 0 and 3 on disk): held-out accuracy "
+          f"{(offloaded == test_set.tensors[1]).float().mean().item():.4f}, equal to in memory: "
+          f"{torch.equal(offloaded, in_memory)}")
+    print(big_model_inference.report(big_model_inference.run(out / "big_model")))
 
 
 def report_mlflow(tracker: MLflowTracker, out: Path) -> None:

@@ -70,6 +70,10 @@ def test_demo_trains_stops_resumes_and_matches_an_uninterrupted_run(tmp_path, mo
         # one run across the interruption: 6 epochs of validation, FINISHED
         assert f"MLflow: sqlite:///{tmp_path / 'mlflow.db'} (run " in out
         assert "FINISHED): 6 validations" in out
+    assert "offloaded prediction (layers 0 and 3 on disk): held-out accuracy" in out
+    assert "equal to in memory: True" in out
+    assert "large-model inference: " in out and "equal to the model fully in memory: True" in out
+    assert "on disk)" in out
 
 
 def test_trainer_example_reaches_its_stated_accuracy(tmp_path):

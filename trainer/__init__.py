@@ -8,6 +8,17 @@
 from trainer.accelerator import Accelerator
 from trainer.accumulation import GradientAccumulation
 from trainer.data_loader import PreparedDataLoader, SeededRandomSampler
+from trainer.inference import (
+    Inferencer,
+    cpu_offload,
+    disk_offload,
+    dispatch_model,
+    infer_auto_device_map,
+    init_empty_weights,
+    init_on_device,
+    load_checkpoint_and_dispatch,
+)
+from trainer.inference.pipeline import prepare_pippy
 from trainer.notebook import notebook_launcher
 from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
 from trainer.random_state import set_seed
@@ -23,13 +34,22 @@ __all__ = [
     "Accelerator",
     "Float16Precision",
     "GradientAccumulation",
+    "Inferencer",
     "MixedPrecision",
     "PartialState",
     "Precision",
     "PreparedDataLoader",
     "SeededRandomSampler",
     "Trainer",
+    "cpu_offload",
+    "disk_offload",
+    "dispatch_model",
+    "infer_auto_device_map",
+    "init_empty_weights",
+    "init_on_device",
+    "load_checkpoint_and_dispatch",
     "notebook_launcher",
+    "prepare_pippy",
     "resolve_precision",
     "set_seed",
 ]

@@ -22,6 +22,8 @@ from callbacks.bus import CallbackBus
 from callbacks.trackers import default_trackers, make_trackers
 from strategies import Strategy
 from trainer.accelerator import Accelerator
+from trainer.inference.inferencer import Inferencer
+from trainer.inference.outputs import save_outputs
 from trainer.metrics import LogRecord, MetricAccumulator
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
@@ -327,17 +329,35 @@ class Trainer:
         self.model.train(was_training)
         return metrics
 
-    def predict(self, data: Any, stream: bool = False) -> list[Any] | Iterator[Any]:
+    def predict(self, data: Any, stream: bool = False, *, device_map: Any = None,
+                max_memory: Mapping[Any, int | str] | None = None, offload_folder: str | os.PathLike | None = None,
+                no_split_module_classes: list[str] | None = None, prefetch: int = 1,
+                output_dir: str | os.PathLike | None = None) -> list[Any] | Iterator[Any]:
         """``predict_step`` over ``data`` in batches, without gradients.
 
         Returns the list of per-batch outputs, or with ``stream=True`` an iterator that yields them
-        as they are computed (for outputs too large to hold at once).
+        as they are computed. ``output_dir`` writes each batch's outputs to
+        ``batch_<i>.safetensors`` there and returns the file paths (for outputs too large to hold).
+
+        With ``device_map`` (``"auto"``, a dict ...) the model runs through an ``Inferencer``: its
+        weights spread over accelerators, CPU and disk within ``max_memory``, offloaded layers
+        written to ``offload_folder`` and read back ``prefetch`` layers ahead; afterwards the
+        weights are back where they were, so training can go on.
         """
         loader = self._prepare_data(data, shuffle=False, private_rng=True, register=False, **self._predict_build)
-        iterator = self._predict_batches(loader)
+        if device_map is None:
+            iterator = self._predict_batches(loader, output_dir)
+        else:
+            if self.accelerator.num_processes > 1:
+                raise ValueError("predict(device_map=...) runs one process's model over devices and disk; run it in one "
+                                 "process (each process would otherwise offload its own copy), or leave device_map out.")
+            inferencer = Inferencer(self.accelerator.unwrap_model(self.model), device_map=device_map, max_memory=max_memory,
+                                    no_split_module_classes=no_split_module_classes, offload_folder=offload_folder,
+                                    prefetch=prefetch, keep_weights=True)
+            iterator = _closing(self._predict_batches(loader, output_dir), inferencer.close)
         return iterator if stream else list(iterator)
 
-    def _predict_batches(self, loader: Any) -> Iterator[Any]:
+    def _predict_batches(self, loader: Any, output_dir: str | os.PathLike | None = None) -> Iterator[Any]:
         was_training = self.model.training
         self.model.eval()
         self.call("on_predict_start")
@@ -350,7 +370,11 @@ class Trainer:
                 if self.accelerator.use_distributed:  # every process returns all predictions, in order
                     outputs = self.accelerator.gather_for_metrics(outputs)
                 self.call("on_predict_batch_end", outputs, batch, batch_idx)
-                yield outputs
+                if output_dir is not None:
+                    written = save_outputs(outputs, output_dir, batch_idx) if self.is_main_process else None
+                    yield written
+                else:
+                    yield outputs
             self.call("on_predict_end")
         finally:
             self.model.train(was_training)
@@ -442,6 +466,14 @@ class Trainer:
         if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             callbacks.append(ModelCheckpoint())
         return callbacks
+
+
+def _closing(iterator: Iterator[Any], close: Callable[[], None]) -> Iterator[Any]:
+    """Yield from ``iterator``, then call ``close`` (also when the caller stops early)."""
+    try:
+        yield from iterator
+    finally:
+        close()
 
 
 def _pad_token_id(model: nn.Module, tokenizer: Any) -> int:

@@ -1,0 +1,131 @@
+"""Big-model loading and offloaded inference against the same model fully in memory, in one run.
+
+Writes a sharded safetensors checkpoint (16 square layers of 64 MiB: 1.07 GB in 8 shards), then:
+
+1. loads it in a fresh process, fully in memory and with ``max_memory={"cpu": "300MB"}`` plus disk
+   offload, and reports load time and peak resident memory of each;
+2. times forward passes of the model fully in memory, and with every layer on disk read back
+   without prefetch and with prefetch, and prints the ratios.
+
+Offloaded layers are read with ``pread`` from the checkpoint's own files; right after writing,
+those pages are in the OS page cache, so this measures the case where the disk keeps up. One
+compute thread (``--threads``) leaves a core for the prefetch thread, as on a machine whose
+other cores feed the accelerator. By default the batch is chosen so that computing a layer takes
+about as long as reading it (the time to read every layer once is measured, as is the compute
+time per row): that is where prefetching has the most to hide; ``--batch`` fixes it instead.
+
+    python benchmarks/big_model.py [--batch N] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+from big_model_setup import Stack, write_sharded_stack  # noqa: E402
+
+from trainer import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
+from trainer.inference import remove_dispatch  # noqa: E402
+
+WIDTH, DEPTH, PER_SHARD = 4096, 16, 2
+MEMORY_WORKER = ROOT / "tests" / "workers" / "big_model_memory.py"
+
+
+def load_in_subprocess(folder: Path, max_cpu: str, scratch: Path) -> dict:
+    result = subprocess.run([sys.executable, str(MEMORY_WORKER), str(folder), "--width", str(WIDTH), "--depth", str(DEPTH),
+                             "--max-cpu", max_cpu, "--offload-folder", str(scratch / "offload"),
+                             "--output", str(scratch / f"out-{max_cpu}.safetensors")],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def forward_times(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
+    times = []
+    with torch.no_grad():
+        model(x)  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def dispatched(folder: Path, device_map: object, prefetch: int) -> torch.nn.Module:
+    with init_empty_weights():
+        model = Stack(WIDTH, DEPTH)
+    return load_checkpoint_and_dispatch(model, folder, device_map=device_map, prefetch=prefetch)
+
+
+def balanced_batch(folder: Path, repeats: int) -> int:
+    """The batch whose compute time equals the time to read every layer from the checkpoint once."""
+    model = dispatched(folder, {"": "disk"}, prefetch=0)
+    weights = model._offload_weights
+    reads = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for name in weights.names():
+            weights.recycle(name, weights.load(name))
+        reads.append(time.perf_counter() - started)
+    remove_dispatch(model)
+    model = dispatched(folder, {"": "cpu"}, prefetch=0)
+    rows = 64
+    per_row = statistics.median(forward_times(model, torch.randn(rows, WIDTH), repeats)) / rows
+    remove_dispatch(model)
+    return max(1, round(min(reads) / per_row))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=0, help="rows per forward; 0: compute time equal to read time")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prefetch", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="big-model-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        started = time.perf_counter()
+        folder = write_sharded_stack(scratch / "checkpoint", WIDTH, DEPTH, PER_SHARD)
+        size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        print(f"checkpoint: {size / 1e9:.2f} GB in {len(list(folder.glob('*.safetensors')))} shards "
+              f"(written in {time.perf_counter() - started:.1f} s); torch {torch.__version__}, {args.threads} thread(s)")
+
+        full = load_in_subprocess(folder, "64GB", scratch)
+        budget = load_in_subprocess(folder, "300MB", scratch)
+        print(f"{'load':<36}{'seconds':>10}{'peak RSS increase':>20}")
+        print(f"{'fully in memory':<36}{full['load_seconds']:>10.2f}{full['peak_increase'] / 1e6:>17.0f} MB")
+        print(f"{'max_memory cpu 300MB + disk':<36}{budget['load_seconds']:>10.2f}{budget['peak_increase'] / 1e6:>17.0f} MB"
+              f"   ({budget['on_disk']} of {DEPTH} layers on disk)")
+
+        batch = args.batch or balanced_batch(folder, args.repeats)
+        x = torch.randn(batch, WIDTH, generator=torch.Generator().manual_seed(0))
+        results = {}
+        for label, device_map, prefetch in (("in memory", {"": "cpu"}, 0), ("disk, no prefetch", {"": "disk"}, 0),
+                                            (f"disk, prefetch {args.prefetch}", {"": "disk"}, args.prefetch)):
+            model = dispatched(folder, device_map, prefetch)
+            results[label] = statistics.median(forward_times(model, x, args.repeats))
+            remove_dispatch(model)
+            del model
+        memory = results["in memory"]
+        no_prefetch = results["disk, no prefetch"]
+        with_prefetch = results[f"disk, prefetch {args.prefetch}"]
+        print(f"\n{'forward, batch ' + str(batch):<36}{'median':>10}{'vs in memory':>16}")
+        for label, seconds in results.items():
+            print(f"{label:<36}{seconds * 1e3:>8.1f}ms{seconds / memory:>16.2f}")
+        print(f"\nprefetch / no prefetch: {with_prefetch / no_prefetch:.2f} (target <= 0.6); "
+              f"prefetch / in memory: {with_prefetch / memory:.2f} (target <= 1.3)")
+
+
+if __name__ == "__main__":
+    main()

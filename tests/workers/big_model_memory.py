@@ -1,0 +1,75 @@
+"""Loads a sharded checkpoint under a CPU budget with disk offload, runs it, and reports its peak memory.
+
+Run in its own process so that the peak belongs to this load alone; prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from big_model_setup import Stack  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from trainer import init_empty_weights, load_checkpoint_and_dispatch  # noqa: E402
+
+
+class PeakSampler:
+    """Samples this process's resident memory every millisecond (ru_maxrss also counts the imports)."""
+
+    def __init__(self) -> None:
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        self.running = False
+        self.thread.join()
+        return max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--width", type=int, required=True)
+    parser.add_argument("--depth", type=int, required=True)
+    parser.add_argument("--max-cpu", required=True)
+    parser.add_argument("--offload-folder", type=Path, required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with init_empty_weights():
+        model = Stack(args.width, args.depth)
+    x = torch.randn(4, args.width, generator=torch.Generator().manual_seed(0))
+    baseline = psutil.Process().memory_info().rss
+    sampler = PeakSampler()
+    started = time.perf_counter()
+    model = load_checkpoint_and_dispatch(model, args.checkpoint, device_map="auto", max_memory={"cpu": args.max_cpu},
+                                         offload_folder=args.offload_folder)
+    loaded = time.perf_counter() - started
+    with torch.no_grad():
+        output = model(x)
+    peak = sampler.stop()
+    save_file({"output": output}, str(args.output))
+    devices = sorted(set(map(str, model.hf_device_map.values())))
+    print(json.dumps({"baseline": baseline, "peak_increase": peak - baseline, "load_seconds": loaded, "devices": devices,
+                      "on_disk": sum(1 for d in model.hf_device_map.values() if d == "disk")}))
+
+
+if __name__ == "__main__":
+    main()

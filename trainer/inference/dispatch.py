@@ -1,0 +1,308 @@
+"""Put a model's weights where a device map says, and hook the offloaded parts so the model runs as usual.
+
+``load_checkpoint_and_dispatch`` fills a model built with ``init_empty_weights`` from a
+checkpoint, one shard at a time: weights for an accelerator or the CPU are read and placed,
+weights for the disk stay in the checkpoint's own safetensors files (or are written once to the
+offload folder when they must be converted), so peak memory stays near what the map keeps in
+memory plus one shard. ``dispatch_model`` does the same for a model whose weights are already
+in memory, and ``cpu_offload`` / ``disk_offload`` offload every layer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from trainer.inference.device_map import (
+    Device,
+    check_device_map,
+    device_for,
+    find_tied_parameters,
+    no_split_classes,
+    resolve_device_map,
+    torch_device,
+)
+from trainer.inference.hooks import OffloadedModule, OffloadHooks, _get, _set
+from trainer.inference.offload import OffloadedWeights
+from trainer.inference.tensor_reader import TensorReader, safetensors_locations
+
+if TYPE_CHECKING:
+    from trainer.inference.checkpoint_files import CheckpointFiles
+
+
+def main_device(device_map: Mapping[str, Device]) -> torch.device:
+    """Where offloaded layers run: the first accelerator the map uses, else the CPU."""
+    accelerators = [d for d in device_map.values() if d not in ("cpu", "disk")]
+    return torch_device(accelerators[0]) if accelerators else torch.device("cpu")
+
+
+def offloaded(device: Device, main: torch.device) -> bool:
+    """Weights kept away from where they run: on disk, or on the CPU when layers run on an accelerator."""
+    return device == "disk" or (device == "cpu" and main.type != "cpu")
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Each tied parameter's name -> the group's first name (the one weights are stored under)."""
+    return {name: group[0] for group in find_tied_parameters(model) for name in group}
+
+
+def _place(model: nn.Module, name: str, tensor: torch.Tensor, aliases: Mapping[str, str]) -> None:
+    """Put ``tensor`` in the model under ``name`` and every name tied to it (one Parameter object for all)."""
+    current = _get(model, name)
+    value = nn.Parameter(tensor, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else tensor
+    canonical = aliases.get(name)
+    names = [n for n, c in aliases.items() if c == canonical] if canonical else [name]
+    for target in names:
+        _set(model, target, value)
+
+
+def _convert(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: OffloadedWeights | None = None,
+                   offload_folder: str | os.PathLike | None = None, prefetch: int = 1) -> nn.Module:
+    """Hook ``model`` so it runs with its weights spread as ``device_map`` says.
+
+    Resident weights that are real are moved to their device; offloaded weights that are real
+    are moved into CPU memory or written once to ``offload_folder``, and replaced by meta
+    placeholders; weights still on the meta device must be in ``weights``. ``prefetch`` is the
+    number of offloaded layers read ahead of the one running (0 turns prefetching off).
+    """
+    device_map = check_device_map(model, device_map)
+    main = main_device(device_map)
+    weights = weights if weights is not None else OffloadedWeights(offload_folder, pin=main.type == "cuda")
+    aliases = _aliases(model)
+    groups: dict[str, dict[str, str]] = defaultdict(dict)  # offloaded owner module -> {local tensor: stored name}
+    to_write: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    for name, tensor in tensors:
+        device = device_for(name, device_map)
+        stored = aliases.get(name, name)
+        is_buffer = name not in dict(model.named_parameters(remove_duplicate=False))
+        if offloaded(device, main) and not is_buffer:
+            owner = _offload_owner(model, name, device_map)
+            groups[owner][name[len(owner) + 1:] if owner else name] = stored
+            if tensor.device.type != "meta" and stored not in weights and stored not in to_write[owner]:
+                if device == "disk":
+                    to_write[owner][stored] = tensor.detach()
+                else:
+                    weights.keep_in_memory(stored, tensor)
+            if tensor.device.type != "meta":
+                _set(model, name, _meta_like(tensor))
+            continue
+        target = main if offloaded(device, main) else torch_device(device)
+        if tensor.device.type == "meta":
+            if stored not in weights:
+                raise ValueError(f"{name} is on the meta device and no weights were given for it: load a checkpoint "
+                                 "(load_checkpoint_and_dispatch) or build the model with real weights.")
+            _place(model, name, weights.load(stored).to(target), aliases)
+        elif tensor.device != target:
+            _place(model, name, tensor.detach().to(target), aliases)
+    for written in to_write.values():
+        weights.write(written)
+    hooks = OffloadHooks()
+    layers = [OffloadedModule(model.get_submodule(owner), locals_, weights, main) for owner, locals_ in groups.items()]
+    hooks.offload(layers, prefetch)
+    for name, device in device_map.items():
+        if not offloaded(device, main) and torch_device(device) != main and name in dict(model.named_modules()):
+            hooks.move_inputs(model.get_submodule(name), torch_device(device))
+    if len({str(torch_device(d)) for d in device_map.values() if d != "disk"}) > 1 or main.type != "cpu":
+        hooks.return_outputs_to_input_device(model)
+    model.hf_device_map = dict(device_map)
+    model._offload_hooks = hooks
+    model._offload_weights = weights
+    return model
+
+
+def _offload_owner(model: nn.Module, name: str, device_map: Mapping[str, Device]) -> str:
+    """The module whose forward brings ``name``: its map entry, or the owner of a tensor-level entry.
+
+    Containers that are never called (``ModuleList``, ``ModuleDict``) hand the job to their child
+    that holds the tensor.
+    """
+    probe = name
+    while probe not in device_map:
+        probe = probe.rpartition(".")[0]
+    owner = name.rpartition(".")[0] if probe == name else probe
+    rest = name[len(owner) + 1:] if owner else name
+    while not _is_called(model.get_submodule(owner)) and "." in rest:
+        child, _, rest = rest.partition(".")
+        owner = f"{owner}.{child}" if owner else child
+    return owner
+
+
+def _is_called(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward
+
+
+def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(tensor, device="meta")
+    return nn.Parameter(meta, requires_grad=False) if isinstance(tensor, nn.Parameter) else meta
+
+
+def remove_dispatch(model: nn.Module) -> None:
+    """Take the hooks off (offloaded weights go back to their placeholders)."""
+    hooks = getattr(model, "_offload_hooks", None)
+    if hooks is not None:
+        hooks.remove()
+        model._offload_weights.close()
+        del model._offload_hooks, model._offload_weights
+
+
+def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike, device_map: Any = "auto",
+                                 max_memory: Mapping[Device, int | str] | None = None,
+                                 no_split_module_classes: Iterable[str] | None = None,
+                                 offload_folder: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
+                                 strict: bool = True, prefetch: int = 1) -> nn.Module:
+    """Fill ``model`` (usually built with ``init_empty_weights``) from ``checkpoint`` and dispatch it.
+
+    ``checkpoint``: a safetensors file, a folder of shards with an index JSON, or a ``.bin``
+    state dict (loaded with ``weights_only=True``). Keys are checked against the model before
+    anything is read: missing, unexpected (with ``strict``) or differently shaped weights are
+    one error that lists them.
+    """
+    from trainer.inference.checkpoint_files import CheckpointFiles, check_against_model
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    files = CheckpointFiles(checkpoint)
+    aliases = _aliases(model)
+    expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    present = set(files.names())
+    tied_absent = [name for name, canonical in aliases.items() if name not in present
+                   and any(other in present for other, c in aliases.items() if c == canonical)]
+    # Keys the model does not load: its non-persistent buffers (position ids that older versions saved),
+    # and what a transformers model lists as ignorable.
+    unloaded = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    computed = {name for name, _ in model.named_buffers()} - set(expected)
+    ignored = [name for name in present if name not in expected
+               and (name in computed or any(p.search(name) for p in unloaded))]
+    check_against_model(files, expected, strict=strict, ignore=tied_absent + ignored)
+    device_map = resolve_device_map(model, device_map, max_memory, no_split_classes(model, no_split_module_classes), dtype)
+    main = main_device(device_map)
+    weights = OffloadedWeights(offload_folder, pin=main.type == "cuda")
+    wanted = set(expected)
+    stored_names = {name: _stored_name(name, aliases, present) for name in present if name in wanted}
+    reader = TensorReader()
+    try:
+        for shard in files.shards:
+            _load_shard(model, files, shard, device_map, main, weights, reader, dtype, stored_names, aliases)
+    finally:
+        reader.close()
+    return dispatch_model(model, device_map, weights=weights, prefetch=prefetch)
+
+
+def _stored_name(name: str, aliases: Mapping[str, str], present: set[str]) -> str:
+    """Tied weights are stored under their group's first name, whichever of them the checkpoint holds."""
+    return aliases.get(name, name)
+
+
+def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_map: Mapping[str, Device],
+                main: torch.device, weights: OffloadedWeights, reader: TensorReader, dtype: torch.dtype | None,
+                stored_names: Mapping[str, str], aliases: Mapping[str, str]) -> None:
+    """Place one shard's tensors: resident ones read and put on their device, offloaded ones located or written."""
+    names = [name for name, path in files.weight_map.items() if path == shard and name in stored_names]
+    to_write: OrderedDict[str, torch.Tensor] = OrderedDict()
+    locations = safetensors_locations(shard) if files.is_safetensors(shard) else None
+    for name in names:
+        device = device_for(name, device_map)
+        stored = stored_names[name]
+        if stored in weights:
+            continue  # a tied weight the checkpoint holds twice
+        needs_conversion = dtype is not None and files.dtype(name).is_floating_point and files.dtype(name) != dtype
+        if device == "disk" and locations is not None and not needs_conversion:
+            weights.locate(stored, locations[name])  # read from the checkpoint itself when needed: no copy
+            continue
+        tensor = _convert(reader.read(locations[name]) if locations is not None else _from_bin(files, shard, name), dtype)
+        if device == "disk":
+            to_write[stored] = tensor
+        elif offloaded(device, main):
+            weights.keep_in_memory(stored, tensor)
+        else:
+            _place(model, name, tensor.to(torch_device(device)), aliases)
+    weights.write(to_write)
+
+
+def _from_bin(files: CheckpointFiles, shard: Path, name: str) -> torch.Tensor:
+    for key, tensor in files.iter_shard(shard, [name]):
+        if key == name:
+            return tensor.clone()
+    raise KeyError(name)
+
+
+def _units(model: nn.Module, no_split: set[str]) -> OrderedDict[str, Device]:
+    """The map that offloads every layer on its own: no-split blocks whole, otherwise each leaf module."""
+    units: OrderedDict[str, Device] = OrderedDict()
+
+    def visit(name: str, module: nn.Module) -> None:
+        prefix = f"{name}." if name else ""
+        direct = [n for n, _ in module.named_parameters(recurse=False)] + [n for n, _ in module.named_buffers(recurse=False)]
+        if type(module).__name__ in no_split or not list(module.children()):
+            units[name] = "x"
+            return
+        for tensor_name in direct:
+            units[prefix + tensor_name] = "x"
+        for child_name, child in module.named_children():
+            visit(prefix + child_name, child)
+
+    visit("", model)
+    return units
+
+
+def cpu_offload(model: nn.Module, execution_device: torch.device | str | None = None, prefetch: int = 1,
+                no_split_module_classes: Iterable[str] | None = None) -> nn.Module:
+    """Keep every layer's weights in CPU memory and bring each to ``execution_device`` only while it runs."""
+    device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
+    units = _units(model, no_split_classes(model, no_split_module_classes))
+    device_map = OrderedDict((name, "cpu") for name in units)
+    if device.type != "cpu":
+        device_map = OrderedDict([("", _device_key(device))] + [(name, "cpu") for name in units if name])
+    weights = OffloadedWeights(pin=device.type == "cuda")
+    if device.type == "cpu":  # everything already lives where it runs: hook the layers through the CPU store anyway
+        return _offload_all(model, units, weights, device, prefetch)
+    return dispatch_model(model, device_map, weights=weights, prefetch=prefetch)
+
+
+def disk_offload(model: nn.Module, offload_dir: str | os.PathLike, execution_device: torch.device | str | None = None,
+                 prefetch: int = 1, no_split_module_classes: Iterable[str] | None = None) -> nn.Module:
+    """Write every layer's weights to ``offload_dir`` once and read each back only while it runs."""
+    device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
+    units = _units(model, no_split_classes(model, no_split_module_classes))
+    device_map = OrderedDict((name, "disk") for name in units)
+    if device.type != "cpu":
+        device_map = OrderedDict([("", _device_key(device)), *device_map.items()])
+    return dispatch_model(model, device_map, offload_folder=offload_dir, prefetch=prefetch)
+
+
+def _offload_all(model: nn.Module, units: Mapping[str, Device], weights: OffloadedWeights, device: torch.device,
+                 prefetch: int) -> nn.Module:
+    """CPU offload with the CPU as the execution device: every layer's weights held by the store."""
+    aliases = _aliases(model)
+    groups: dict[str, dict[str, str]] = defaultdict(dict)
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)):
+        owner = _offload_owner(model, name, units)
+        stored = aliases.get(name, name)
+        if stored not in weights:
+            weights.keep_in_memory(stored, tensor)
+        groups[owner][name[len(owner) + 1:] if owner else name] = stored
+        _set(model, name, _meta_like(tensor))
+    hooks = OffloadHooks()
+    hooks.offload([OffloadedModule(model.get_submodule(o), t, weights, device) for o, t in groups.items()], prefetch)
+    model._offload_hooks, model._offload_weights = hooks, weights
+    return model
+
+
+def _device_key(device: torch.device) -> Device:
+    return device.index or 0 if device.type == "cuda" else device.type
+
+
+def _default_execution_device() -> torch.device:
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
