@@ -11,8 +11,8 @@ Offloaded layers are read with ``pread`` from the checkpoint's own files; right 
 those pages are in the OS page cache, so this measures the case where the disk keeps up. One
 compute thread (``--threads``) leaves a core for the prefetch thread, as on a machine whose
 other cores feed the accelerator. By default the batch is chosen so that computing a layer takes
-about as long as reading it (the time to read every layer once is measured, as is the compute
-time per row): that is where prefetching has the most to hide; ``--batch`` fixes it instead.
+about as long as reading it (both are measured first): that is where prefetching has the most
+to hide, and where it can at best halve the time; ``--batch`` fixes it instead.
 
     python benchmarks/big_model.py [--batch N] [--repeats 7]
 """
@@ -68,21 +68,20 @@ def dispatched(folder: Path, device_map: object, prefetch: int) -> torch.nn.Modu
 
 
 def balanced_batch(folder: Path, repeats: int) -> int:
-    """The batch whose compute time equals the time to read every layer from the checkpoint once."""
-    model = dispatched(folder, {"": "disk"}, prefetch=0)
-    weights = model._offload_weights
-    reads = []
-    for _ in range(3):
-        started = time.perf_counter()
-        for name in weights.names():
-            weights.recycle(name, weights.load(name))
-        reads.append(time.perf_counter() - started)
-    remove_dispatch(model)
-    model = dispatched(folder, {"": "cpu"}, prefetch=0)
-    rows = 64
-    per_row = statistics.median(forward_times(model, torch.randn(rows, WIDTH), repeats)) / rows
-    remove_dispatch(model)
-    return max(1, round(min(reads) / per_row))
+    """The batch whose compute time equals the time reading the weights adds to a forward pass.
+
+    Both are measured: the forward time per row fully in memory, and what a forward with every
+    layer on disk and no prefetch takes on top of the in-memory one.
+    """
+    rows = 32
+    x = torch.randn(rows, WIDTH)
+    times = {}
+    for label, device_map in (("memory", {"": "cpu"}), ("disk", {"": "disk"})):
+        model = dispatched(folder, device_map, prefetch=0)
+        times[label] = statistics.median(forward_times(model, x, repeats))
+        remove_dispatch(model)
+    reading = max(times["disk"] - times["memory"], 0.0)
+    return max(1, round(reading / (times["memory"] / rows)))
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.cli import config_cmd, env, launch
+from trainer.cli import config_cmd, env, estimate_memory, launch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="<command>")
     config_cmd.register(commands)
     env.register(commands)
+    estimate_memory.register(commands)
     launch.register(commands)
     launch.register_test(commands)
     return parser

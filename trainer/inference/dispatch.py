@@ -68,15 +68,19 @@ def _convert(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
 
 
 def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: OffloadedWeights | None = None,
-                   offload_folder: str | os.PathLike | None = None, prefetch: int = 1) -> nn.Module:
+                   offload_folder: str | os.PathLike | None = None, prefetch: int = 1,
+                   no_split_module_classes: Iterable[str] | None = None) -> nn.Module:
     """Hook ``model`` so it runs with its weights spread as ``device_map`` says.
 
     Resident weights that are real are moved to their device; offloaded weights that are real
     are moved into CPU memory or written once to ``offload_folder``, and replaced by meta
     placeholders; weights still on the meta device must be in ``weights``. ``prefetch`` is the
-    number of offloaded layers read ahead of the one running (0 turns prefetching off).
+    number of offloaded layers read ahead of the one running (0 turns prefetching off). Offloaded
+    weights are brought in per no-split block (default: a transformers model's ``_no_split_modules``)
+    or per module holding them.
     """
     device_map = check_device_map(model, device_map)
+    no_split = no_split_classes(model, no_split_module_classes)
     main = main_device(device_map)
     weights = weights if weights is not None else OffloadedWeights(offload_folder, pin=main.type == "cuda")
     aliases = _aliases(model)
@@ -88,7 +92,7 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
         stored = aliases.get(name, name)
         is_buffer = name not in dict(model.named_parameters(remove_duplicate=False))
         if offloaded(device, main) and not is_buffer:
-            owner = _offload_owner(model, name, device_map)
+            owner = _offload_owner(model, name, device_map, no_split)
             groups[owner][name[len(owner) + 1:] if owner else name] = stored
             if tensor.device.type != "meta" and stored not in weights and stored not in to_write[owner]:
                 if device == "disk":
@@ -122,25 +126,22 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
     return model
 
 
-def _offload_owner(model: nn.Module, name: str, device_map: Mapping[str, Device]) -> str:
-    """The module whose forward brings ``name``: its map entry, or the owner of a tensor-level entry.
+def _offload_owner(model: nn.Module, name: str, device_map: Mapping[str, Device], no_split: set[str]) -> str:
+    """The module whose forward brings ``name``: the smallest unit inside its map entry that holds it.
 
-    Containers that are never called (``ModuleList``, ``ModuleDict``) hand the job to their child
-    that holds the tensor.
+    Offloading a whole entry at once would bring all of it into memory together (a map of
+    ``{"": "disk"}`` would load the whole model), so the hooks sit on the units inside: a
+    no-split block whole, otherwise the module that holds the tensor directly.
     """
     probe = name
     while probe not in device_map:
         probe = probe.rpartition(".")[0]
     owner = name.rpartition(".")[0] if probe == name else probe
     rest = name[len(owner) + 1:] if owner else name
-    while not _is_called(model.get_submodule(owner)) and "." in rest:
+    while "." in rest and type(model.get_submodule(owner)).__name__ not in no_split:
         child, _, rest = rest.partition(".")
         owner = f"{owner}.{child}" if owner else child
     return owner
-
-
-def _is_called(module: nn.Module) -> bool:
-    return type(module).forward is not nn.Module.forward
 
 
 def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
             _load_shard(model, files, shard, device_map, main, weights, reader, dtype, stored_names, aliases)
     finally:
         reader.close()
-    return dispatch_model(model, device_map, weights=weights, prefetch=prefetch)
+    return dispatch_model(model, device_map, weights=weights, prefetch=prefetch, no_split_module_classes=no_split_module_classes)
 
 
 def _stored_name(name: str, aliases: Mapping[str, str], present: set[str]) -> str:
@@ -288,7 +289,7 @@ def _offload_all(model: nn.Module, units: Mapping[str, Device], weights: Offload
     aliases = _aliases(model)
     groups: dict[str, dict[str, str]] = defaultdict(dict)
     for name, tensor in list(model.named_parameters(remove_duplicate=False)):
-        owner = _offload_owner(model, name, units)
+        owner = _offload_owner(model, name, units, no_split_classes(model, None))
         stored = aliases.get(name, name)
         if stored not in weights:
             weights.keep_in_memory(stored, tensor)
