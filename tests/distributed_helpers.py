@@ -85,3 +85,28 @@ def run_distributed(script_path: str | os.PathLike, nproc: int = 2, args: Sequen
             _kill_group(proc)
     assert proc.returncode == 0, _report("distributed run failed", cmd, proc.returncode, stdout, stderr)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def run_cli(*args: str, timeout: float = 240, stdin: str | None = None, home: Path | None = None) -> tuple[int, str, str]:
+    """Run ``trainer <args>`` in its own session with the workers' environment; (exit code, stdout, stderr).
+
+    ``home`` is where the default launch configuration is looked for (none by default). On a
+    timeout the whole session is stopped and the test fails with what it printed.
+    """
+    env = _worker_env()
+    env["TRAINER_CONFIG_FILE"] = str((home or Path("/nonexistent")) / "default_config.yaml")
+    process = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", *args], cwd=REPO_ROOT, env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: torchrun passes it on to its workers, which run in sessions of their own.
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            out, err = process.communicate()
+        raise AssertionError(f"timed out:\n{out}\n{err}") from None
+    return process.returncode, out, err

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from distributed_helpers import WORKERS_DIR, _worker_env
+from distributed_helpers import WORKERS_DIR, run_cli
 from safetensors.torch import load_file
 from tracker_helpers import csv_history
 
 from trainer import config as launch_config
 
-REPO = Path(__file__).resolve().parent.parent
 PROBE = WORKERS_DIR / "launch_probe.py"
-TRAINER = [sys.executable, "-m", "trainer.cli.main"]
 
 TALK_DDP = """\
 compute_environment: LOCAL_MACHINE
@@ -51,25 +44,6 @@ num_processes: 8
 """
 
 
-def launch(*args: str, timeout: float = 240, stdin: str | None = None, home: Path | None = None):
-    env = _worker_env()
-    env["TRAINER_CONFIG_FILE"] = str((home or Path("/nonexistent")) / "default_config.yaml")
-    process = subprocess.Popen([*TRAINER, *args], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(stdin, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: torchrun passes it on to its workers, which run in sessions of their own.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            out, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
-        raise AssertionError(f"timed out:\n{out}\n{err}") from None
-    return process.returncode, out, err
-
-
 def probes(out: str) -> list[str]:
     return sorted(line for line in out.splitlines() if line.startswith("PROBE"))
 
@@ -81,14 +55,14 @@ def test_the_talks_yaml_files_load_unchanged():
 
 
 def test_launch_two_cpu_processes_hands_settings_to_the_script():
-    code, out, err = launch("launch", "--num_processes", "2", "--cpu", "--mixed_precision", "bf16",
+    code, out, err = run_cli("launch", "--num_processes", "2", "--cpu", "--mixed_precision", "bf16",
                             "--gradient_accumulation_steps", "3", str(PROBE))
     assert code == 0, err
     assert probes(out) == [f"PROBE rank={r} world=2 strategy=ddp precision=bf16 device=cpu accumulate=3" for r in (0, 1)]
 
 
 def test_one_process_runs_without_torchrun():
-    code, out, err = launch("launch", "--cpu", str(PROBE))
+    code, out, err = run_cli("launch", "--cpu", str(PROBE))
     assert code == 0, err
     assert probes(out) == ["PROBE rank=0 world=1 strategy=single_device precision=no device=cpu accumulate=1"]
 
@@ -97,7 +71,7 @@ def test_launch_with_the_talks_ddp_config_adjusted_to_cpu(tmp_path):
     config = yaml.safe_load(TALK_DDP) | {"num_processes": 2, "use_cpu": True}
     path = tmp_path / "ddp_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, out, err = launch("launch", "--config_file", str(path), str(PROBE))
+    code, out, err = run_cli("launch", "--config_file", str(path), str(PROBE))
     assert code == 0, err
     assert probes(out) == [f"PROBE rank={r} world=2 strategy=ddp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
 
@@ -106,10 +80,10 @@ def test_launch_with_the_talks_fsdp_config_adjusted_to_cpu(tmp_path):
     config = yaml.safe_load(TALK_FSDP) | {"num_processes": 2, "use_cpu": True}
     path = tmp_path / "fsdp_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, out, err = launch("launch", "--config_file", str(path), str(PROBE))
+    code, out, err = run_cli("launch", "--config_file", str(path), str(PROBE))
     assert code == 0, err
     assert probes(out) == [f"PROBE rank={r} world=2 strategy=fsdp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
-    code, out, err = launch("launch", "--config_file", str(path), "examples/low_code_loop.py", "--epochs", "3")
+    code, out, err = run_cli("launch", "--config_file", str(path), "examples/low_code_loop.py", "--epochs", "3")
     assert code == 0, err
     first, last = (float(out.split(f"{which}-epoch loss=")[1].split()[0]) for which in ("first", "last"))
     assert last < first
@@ -118,7 +92,7 @@ def test_launch_with_the_talks_fsdp_config_adjusted_to_cpu(tmp_path):
 def test_a_misspelt_nested_key_is_refused_with_a_suggestion(tmp_path):
     path = tmp_path / "fsdp_config.yaml"
     path.write_text(TALK_FSDP.replace("fsdp_sharding_strategy", "fsdp_sharding_stratgy"))
-    code, out, err = launch("launch", "--config_file", str(path), str(PROBE))
+    code, out, err = run_cli("launch", "--config_file", str(path), str(PROBE))
     assert code == 2
     assert "Unknown key 'fsdp_config.fsdp_sharding_stratgy'. Did you mean 'fsdp_sharding_strategy'?" in err
     assert "PROBE" not in out
@@ -127,16 +101,16 @@ def test_a_misspelt_nested_key_is_refused_with_a_suggestion(tmp_path):
 def test_a_bad_value_names_the_key_and_the_allowed_values(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(TALK_DDP.replace("mixed_precision: bf16", "mixed_precision: bf61"))
-    code, _, err = launch("config", "validate", str(path))
+    code, _, err = run_cli("config", "validate", str(path))
     assert code == 2
     assert "mixed_precision: 'bf61' is not allowed. Did you mean 'bf16'? Allowed: no, fp16, bf16, fp8." in err
 
 
 def test_the_talks_loop_and_the_trainer_example_under_launch(tmp_path):
-    code, out, err = launch("launch", "--num_processes", "2", "--cpu", "examples/low_code_loop.py", "--epochs", "2")
+    code, out, err = run_cli("launch", "--num_processes", "2", "--cpu", "examples/low_code_loop.py", "--epochs", "2")
     assert code == 0, err
     assert out.count("first-epoch loss=") == 1  # printed by the main process only
-    code, out, err = launch("launch", "--num_processes", "2", "--cpu", "examples/trainer_digits.py",
+    code, out, err = run_cli("launch", "--num_processes", "2", "--cpu", "examples/trainer_digits.py",
                             "--output-dir", str(tmp_path / "digits"), "--epochs", "4")
     assert code == 0, err
     accuracy = float(out.split("test accuracy ")[1].split()[0])
@@ -149,7 +123,7 @@ def test_the_talks_loop_and_the_trainer_example_under_launch(tmp_path):
 
 def test_a_failing_rank_ends_the_job_quickly_with_its_traceback():
     started = time.monotonic()
-    code, _, err = launch("launch", "--num_processes", "2", "--cpu", str(PROBE), "--fail-rank", "1", timeout=120)
+    code, _, err = run_cli("launch", "--num_processes", "2", "--cpu", str(PROBE), "--fail-rank", "1", timeout=120)
     assert code != 0
     assert time.monotonic() - started < 60
     assert "RuntimeError: rank 1 fails on purpose" in err
@@ -157,9 +131,9 @@ def test_a_failing_rank_ends_the_job_quickly_with_its_traceback():
 
 
 def test_a_killed_rank_is_restarted_and_training_resumes_exactly(tmp_path):
-    code, _, err = launch("launch", "--num_processes", "2", "--cpu", str(PROBE), "--trainer", str(tmp_path / "straight"))
+    code, _, err = run_cli("launch", "--num_processes", "2", "--cpu", str(PROBE), "--trainer", str(tmp_path / "straight"))
     assert code == 0, err
-    code, _, err = launch("launch", "--num_processes", "2", "--cpu", "--max_restarts", "1", str(PROBE),
+    code, _, err = run_cli("launch", "--num_processes", "2", "--cpu", "--max_restarts", "1", str(PROBE),
                           "--trainer", str(tmp_path / "killed"), "--kill-rank", "1", "--kill-at", "4")
     assert code == 0, err
     a = load_file(str(tmp_path / "straight" / "result.safetensors"))
@@ -169,45 +143,45 @@ def test_a_killed_rank_is_restarted_and_training_resumes_exactly(tmp_path):
 
 def test_config_questions_answered_on_stdin_write_a_file_launch_accepts(tmp_path):
     answers = "MULTI_CPU\n1\nthree\n2\nyes\nbf16\n"  # "three" is not a number: asked again
-    code, out, err = launch("config", "--config_file", str(tmp_path / "mine.yaml"), stdin=answers)
+    code, out, err = run_cli("config", "--config_file", str(tmp_path / "mine.yaml"), stdin=answers)
     assert code == 0, err
     assert "Please answer with a whole number >= 1." in out
     assert yaml.safe_load((tmp_path / "mine.yaml").read_text()) == {
         "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_CPU", "main_training_function": "main",
         "mixed_precision": "bf16", "num_machines": 1, "num_processes": 2, "use_cpu": True}
-    code, out, err = launch("launch", "--config_file", str(tmp_path / "mine.yaml"), str(PROBE))
+    code, out, err = run_cli("launch", "--config_file", str(tmp_path / "mine.yaml"), str(PROBE))
     assert code == 0, err
     assert len(probes(out)) == 2 and "strategy=ddp precision=bf16" in out
 
 
 def test_config_default_and_the_saved_default_is_used(tmp_path):
-    code, out, _ = launch("config", "default", "--cpu", home=tmp_path)
+    code, out, _ = run_cli("config", "default", "--cpu", home=tmp_path)
     assert code == 0 and f"saved at {tmp_path / 'default_config.yaml'}" in out
-    code, out, err = launch("launch", str(PROBE), home=tmp_path)
+    code, out, err = run_cli("launch", str(PROBE), home=tmp_path)
     assert code == 0, err
     assert probes(out) == ["PROBE rank=0 world=1 strategy=single_device precision=no device=cpu accumulate=1"]
 
 
 def test_config_questions_cut_short_write_nothing(tmp_path):
-    code, _, err = launch("config", "--config_file", str(tmp_path / "x.yaml"), stdin="MULTI_CPU\n")
+    code, _, err = run_cli("config", "--config_file", str(tmp_path / "x.yaml"), stdin="MULTI_CPU\n")
     assert code == 2 and "nothing was written" in err
     assert not (tmp_path / "x.yaml").exists()
 
 
 @pytest.mark.parametrize("flags", [["--multi_gpu", "--use_fsdp"]])
 def test_conflicting_launch_flags(flags):
-    code, _, err = launch("launch", *flags, str(PROBE))
+    code, _, err = run_cli("launch", *flags, str(PROBE))
     assert code == 2 and "Choose one of --multi_gpu, --use_fsdp, --use_deepspeed" in err
 
 
 def test_trainer_test_runs_the_self_check_on_the_configured_processes(tmp_path):
     path = tmp_path / "two.yaml"
     path.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nuse_cpu: true\n")
-    code, out, err = launch("test", "--config_file", str(path))
+    code, out, err = run_cli("test", "--config_file", str(path))
     assert code == 0, err
     assert "self-check passed on 2 process(es): device cpu, strategy ddp, precision no" in out
 
 
 def test_several_machines_without_an_address_is_one_clear_error():
-    code, out, err = launch("launch", "--num_machines", "2", "--num_processes", "4", "--cpu", str(PROBE))
+    code, out, err = run_cli("launch", "--num_machines", "2", "--num_processes", "4", "--cpu", str(PROBE))
     assert code == 2 and "Several machines need --main_process_ip" in err and "Traceback" not in err

@@ -9,16 +9,11 @@ group, the automatic choice of split points) runs here, and the example runs und
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from distributed_helpers import REPO_ROOT, WORKERS_DIR, _worker_env, run_distributed
+from distributed_helpers import REPO_ROOT, WORKERS_DIR, run_cli, run_distributed
 from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -85,30 +80,11 @@ def test_auto_split_points_without_no_split_modules_use_the_largest_module_list(
         auto_split_points(nn.Linear(2, 2), 2)
 
 
-def _launch(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    env = _worker_env()
-    env["TRAINER_CONFIG_FILE"] = str(Path("/nonexistent") / "default_config.yaml")
-    process = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", *args], cwd=REPO_ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # SIGTERM first: the launcher passes it on to its workers, which run in sessions of their own.
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            out, err = process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            out, err = process.communicate()
-        raise AssertionError(f"timed out:\n{out}\n{err}") from None
-    return process.returncode, out, err
-
-
 def test_the_example_under_trainer_launch():
     source = (REPO_ROOT / "examples" / "pipeline_inference.py").read_text()
     assert "from trainer import PartialState, prepare_pippy" in source
     assert 'model = prepare_pippy(model, split_points="auto", example_args=(input,))' in source
-    code, out, err = _launch("launch", "--num_processes", "2", "--cpu", "examples/pipeline_inference.py")
+    code, out, err = run_cli("launch", "--num_processes", "2", "--cpu", "examples/pipeline_inference.py")
     assert code == 0, err
     # Printed by the last process only: the sequence-classification logits, batch 2 by 2 labels.
     assert re.findall(r"^output shape: .*$", out, flags=re.MULTILINE) == ["output shape: (2, 2)"], out
