@@ -160,6 +160,21 @@ class Strategy:
                 "pass strict=False to load what matches."
             )
 
+    def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                            directory: Path) -> bool:
+        """Write the models' and optimizers' state in this strategy's own (e.g. sharded) format.
+
+        Called on every process with the checkpoint's scratch directory. Return True when done,
+        so the generic per-model safetensors and per-optimizer files are not written; the
+        default writes nothing and returns False.
+        """
+        return False
+
+    def load_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                            directory: Path) -> bool:
+        """Read what ``save_training_state`` wrote; return False when ``directory`` holds none of it."""
+        return False
+
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return optimizer.state_dict()
 

@@ -80,8 +80,11 @@ def save_accelerator_state(accelerator: Accelerator, target: Path,
     scratch = strategy.broadcast_object(str(new_scratch_directory(target)) if main else None)
     scratch_path = Path(scratch)
     try:
+        optimizers = [opt.optimizer for opt in accelerator._optimizers]
+        own_format = strategy.save_training_state(accelerator._models, optimizers, scratch_path)
         for index, model in enumerate(accelerator._models):
-            strategy.save_module(model, scratch_path / f"{_name('model', index)}.safetensors")
+            if not own_format:
+                strategy.save_module(model, scratch_path / f"{_name('model', index)}.safetensors")
             if accelerator.accumulation.micro_step:
                 # Inside an accumulation group the gradients are part of the state: without them
                 # the resumed group would miss the micro-batches already done. Each process has its
@@ -93,7 +96,7 @@ def save_accelerator_state(accelerator: Accelerator, target: Path,
         meta, tensors = capture_rng_state()
         save_state_files({"meta": meta, "tensors": tensors}, scratch_path, f"random_states_{accelerator.process_index}")
         # Optimizer state may be sharded, so every process asks the strategy for it.
-        optimizer_states = [strategy.optimizer_state_dict(opt.optimizer) for opt in accelerator._optimizers]
+        optimizer_states = [] if own_format else [strategy.optimizer_state_dict(opt) for opt in optimizers]
         if main:
             for index, state in enumerate(optimizer_states):
                 save_state_files(state, scratch_path, _name("optimizer", index))
@@ -141,13 +144,16 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
             "Prepare (and register) the same objects in the same order before load_state(), or pass strict=False."
         )
     device = accelerator.device
-    for index, model in enumerate(accelerator._models[: saved["models"]]):
-        accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
+    models, optimizers = accelerator._models[: saved["models"]], accelerator._optimizers[: saved["optimizers"]]
+    own_format = accelerator.strategy.load_training_state(models, [opt.optimizer for opt in optimizers], source)
+    for index, model in enumerate(models):
+        if not own_format:
+            accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
         grads_path = source / _gradients_file(index, accelerator.process_index)
         grads = load_file(str(grads_path), device=str(device)) if grads_path.is_file() else {}
         for name, p in accelerator.unwrap_model(model).named_parameters():
             p.grad = _like_parameter(grads[name], p) if name in grads else None
-    for index, optimizer in enumerate(accelerator._optimizers[: saved["optimizers"]]):
+    for index, optimizer in enumerate([] if own_format else optimizers):
         optimizer.load_state_dict(load_state_files(source, _name("optimizer", index), device))
     for index, scheduler in enumerate(accelerator._schedulers[: saved["schedulers"]]):
         scheduler.load_state_dict(load_state_files(source, _name("scheduler", index)))
