@@ -191,7 +191,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     main = main_device(device_map)
     weights = OffloadedWeights(offload_folder, pin=main.type == "cuda")
     wanted = set(expected)
-    stored_names = {name: _stored_name(name, aliases, present) for name in present if name in wanted}
+    stored_names = {name: aliases.get(name, name) for name in present if name in wanted}  # tied: the group's first name
     reader = TensorReader()
     try:
         for shard in files.shards:
@@ -199,11 +199,6 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     finally:
         reader.close()
     return dispatch_model(model, device_map, weights=weights, prefetch=prefetch, no_split_module_classes=no_split_module_classes)
-
-
-def _stored_name(name: str, aliases: Mapping[str, str], present: set[str]) -> str:
-    """Tied weights are stored under their group's first name, whichever of them the checkpoint holds."""
-    return aliases.get(name, name)
 
 
 def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_map: Mapping[str, Device],
