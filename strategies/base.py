@@ -60,6 +60,22 @@ class Strategy:
             return None
         return {"num_replicas": self.num_processes, "rank": self.process_index}
 
+    def setup_policies(self, precision: Any, accumulation: Any) -> Any:
+        """Meet the run's precision and accumulation policies; return the precision policy to train with.
+
+        Called once by the Accelerator, after ``setup_environment``. A strategy that builds its own
+        engine reads what its configuration leaves open (accumulation steps, fp16/bf16) from them,
+        and one whose engine scales fp16 losses itself returns a policy that leaves that to it.
+        The default returns ``precision`` unchanged.
+        """
+        return precision
+
+    def observe_batch_size(self, batch_size: int | None) -> None:
+        """The per-process batch size of a data loader the Accelerator prepared (default: not needed)."""
+
+    def teardown(self) -> None:
+        """Release what the strategy built (an engine, its hooks, a group it opened) before the process group closes."""
+
     # -- model and optimizer -------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Move the module to the device and wrap it; return what the training loop calls."""

@@ -1,111 +1,288 @@
-"""FSDP: parameters, gradients and optimizer state sharded across processes with ``fully_shard``."""
+"""FSDP: parameters, gradients and optimizer state sharded across processes with ``fully_shard``.
+
+Everything here is torch's own machinery, configured: ``fully_shard`` (FSDP2) shards each wrap
+unit and the model, a ``DeviceMesh`` says which processes shard and which replicate, a
+``MixedPrecisionPolicy`` follows the Accelerator's precision, ``torch.utils.checkpoint`` recomputes
+the units' activations, the ``torch.distributed.checkpoint.state_dict`` helpers move state between
+the sharded model and whole tensors, and ``torch.distributed.checkpoint`` writes sharded checkpoints
+(see ``strategies.fsdp_checkpoint``).
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator
+import functools
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from strategies import fsdp_checkpoint
 from strategies.base import Strategy
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
-SHARDING = {"FULL_SHARD": True, "SHARD_GRAD_OP": False, 1: True, 2: False}
+# Sharding strategy (FSDP1's names and numbers) -> (mesh layout, reshard parameters after forward).
+SHARDING_STRATEGIES = {"FULL_SHARD": ("shard", True), "SHARD_GRAD_OP": ("shard", False), "NO_SHARD": ("replicate", False),
+                       "HYBRID_SHARD": ("hybrid", True), "HYBRID_SHARD_ZERO2": ("hybrid", False)}
+_SHARDING_NUMBERS = {1: "FULL_SHARD", 2: "SHARD_GRAD_OP", 3: "NO_SHARD", 4: "HYBRID_SHARD", 5: "HYBRID_SHARD_ZERO2"}
+STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
+BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
+PRECISIONS = {"auto": None, "no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Keys of an Accelerate-style ``fsdp_config`` and the argument each one sets here.
 CONFIG_KEYS = {
     "fsdp_auto_wrap_policy": "auto_wrap_policy", "fsdp_transformer_layer_cls_to_wrap": "transformer_layer_cls_to_wrap",
     "fsdp_min_num_params": "min_num_params", "fsdp_sharding_strategy": "sharding_strategy",
     "fsdp_reshard_after_forward": "reshard_after_forward", "fsdp_offload_params": "offload_params",
     "fsdp_state_dict_type": "state_dict_type", "fsdp_activation_checkpointing": "activation_checkpointing",
+    "fsdp_backward_prefetch": "backward_prefetch", "fsdp_backward_prefetch_policy": "backward_prefetch",
+    "fsdp_forward_prefetch": "forward_prefetch", "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading",
+    "fsdp_sync_module_states": "sync_module_states",
 }
-# Keys that matter to FSDP1's wrapper only; fully_shard does what they ask by design.
-FSDP1_ONLY = ("fsdp_backward_prefetch", "fsdp_backward_prefetch_policy", "fsdp_forward_prefetch",
-              "fsdp_cpu_ram_efficient_loading", "fsdp_sync_module_states", "fsdp_use_orig_params", "fsdp_version")
+# Keys that choose between FSDP1's wrapper and FSDP2, or FSDP1's flat parameters: fully_shard is
+# FSDP2 and always keeps the original parameters, so these change nothing.
+BY_DESIGN = ("fsdp_version", "fsdp_use_orig_params")
 
 
 class FSDP(Strategy):
     """Fully sharded data parallel training (``torch.distributed.fsdp.fully_shard``).
 
     Args:
-        auto_wrap_policy: which submodules become their own shard unit: ``"TRANSFORMER_BASED_WRAP"``
+        auto_wrap_policy: which submodules become shard units of their own: ``"TRANSFORMER_BASED_WRAP"``
             (the classes named in ``transformer_layer_cls_to_wrap``, or the model's ``_no_split_modules``),
-            ``"SIZE_BASED_WRAP"`` (submodules of at least ``min_num_params`` parameters) or ``"NO_WRAP"``.
-        sharding_strategy: ``"FULL_SHARD"`` (parameters re-sharded after forward) or ``"SHARD_GRAD_OP"``.
-        offload_params: keep sharded parameters and gradients on the CPU.
-        state_dict_type: how checkpoints are written; this strategy writes one full safetensors file.
+            ``"SIZE_BASED_WRAP"`` (submodules of at least ``min_num_params`` parameters), ``"NO_WRAP"``, or a
+            callable ``policy(submodule) -> bool``.
+        sharding_strategy: ``"FULL_SHARD"`` (1), ``"SHARD_GRAD_OP"`` (2), ``"NO_SHARD"`` (3),
+            ``"HYBRID_SHARD"`` (4) or ``"HYBRID_SHARD_ZERO2"`` (5).
+        reshard_after_forward: overrides what ``sharding_strategy`` implies.
+        hybrid_shard_size: processes per shard group for the hybrid strategies (default: the processes
+            of one machine, ``LOCAL_WORLD_SIZE``).
+        offload_params: keep sharded parameters, gradients and the optimizer step on the CPU.
+        state_dict_type: ``"SHARDED_STATE_DICT"`` (each process writes its shards, DCP) or
+            ``"FULL_STATE_DICT"`` (one safetensors file of whole tensors).
+        activation_checkpointing: recompute each wrap unit's activations in backward.
+        mixed_precision: the unit parameters' dtype during forward/backward: ``"auto"`` follows the
+            Accelerator's precision policy; ``"no"``, ``"bf16"`` or ``"fp16"`` set it.
+        backward_prefetch, forward_prefetch: when the next unit's parameters are gathered.
+        cpu_ram_efficient_loading: process 0 holds the real weights, the others build the model on the
+            meta device (``module_sharded_context``) and receive their shards.
+        sync_module_states: start every process from process 0's weights and buffers.
     """
 
     name = "fsdp"
 
-    def __init__(self, auto_wrap_policy: str = "TRANSFORMER_BASED_WRAP",
-                 transformer_layer_cls_to_wrap: str | list[str] | None = None, min_num_params: int = 100_000_000,
-                 sharding_strategy: str | int = "FULL_SHARD", reshard_after_forward: bool | None = None,
+    def __init__(self, auto_wrap_policy: str | Callable[[nn.Module], bool] = "TRANSFORMER_BASED_WRAP",
+                 transformer_layer_cls_to_wrap: str | Iterable[str | type] | None = None,
+                 min_num_params: int = 100_000_000, sharding_strategy: str | int = "FULL_SHARD",
+                 reshard_after_forward: bool | str | None = None, hybrid_shard_size: int | None = None,
                  offload_params: bool = False, state_dict_type: str = "FULL_STATE_DICT",
-                 activation_checkpointing: bool = False) -> None:
+                 activation_checkpointing: bool = False, mixed_precision: str = "auto",
+                 backward_prefetch: str = "BACKWARD_PRE", forward_prefetch: bool = False,
+                 cpu_ram_efficient_loading: bool = False, sync_module_states: bool = True) -> None:
         super().__init__()
-        if auto_wrap_policy not in WRAP_POLICIES:
-            raise ValueError(f"FSDP(auto_wrap_policy={auto_wrap_policy!r}): use one of {list(WRAP_POLICIES)}.")
-        if sharding_strategy not in SHARDING:
-            raise ValueError(f"FSDP(sharding_strategy={sharding_strategy!r}): this strategy supports FULL_SHARD and "
-                             "SHARD_GRAD_OP (use strategy='ddp' for no sharding).")
-        if activation_checkpointing:
-            raise ValueError("FSDP(activation_checkpointing=True) is not available in this release.")
+        if not callable(auto_wrap_policy) and auto_wrap_policy not in WRAP_POLICIES:
+            raise ValueError(f"FSDP(auto_wrap_policy={auto_wrap_policy!r}): use one of {list(WRAP_POLICIES)} or a "
+                             "callable that says, for a submodule, whether it is a shard unit.")
+        sharding = _SHARDING_NUMBERS.get(sharding_strategy, sharding_strategy)  # type: ignore[call-overload]
+        if sharding not in SHARDING_STRATEGIES:
+            raise ValueError(f"FSDP(sharding_strategy={sharding_strategy!r}): use one of {list(SHARDING_STRATEGIES)} "
+                             "(or their numbers 1-5).")
+        if state_dict_type not in STATE_DICT_TYPES:
+            raise ValueError(f"FSDP(state_dict_type={state_dict_type!r}): use one of {list(STATE_DICT_TYPES)}.")
+        if backward_prefetch not in BACKWARD_PREFETCH:
+            raise ValueError(f"FSDP(backward_prefetch={backward_prefetch!r}): use one of {list(BACKWARD_PREFETCH)}.")
+        if backward_prefetch != "BACKWARD_PRE":
+            warnings.warn(f"FSDP(backward_prefetch={backward_prefetch!r}) has no effect: fully_shard always gathers the "
+                          "next unit's parameters before the current unit's gradients are computed (BACKWARD_PRE).",
+                          stacklevel=2)
+        if str(mixed_precision).lower() not in PRECISIONS:
+            raise ValueError(f"FSDP(mixed_precision={mixed_precision!r}): use one of {list(PRECISIONS)}.")
+        if hybrid_shard_size is not None and hybrid_shard_size < 1:
+            raise ValueError(f"FSDP(hybrid_shard_size={hybrid_shard_size}): a shard group has at least one process.")
         if isinstance(transformer_layer_cls_to_wrap, str):
-            transformer_layer_cls_to_wrap = [name.strip() for name in transformer_layer_cls_to_wrap.split(",")]
-        self.auto_wrap_policy, self.layer_classes = auto_wrap_policy, transformer_layer_cls_to_wrap
+            transformer_layer_cls_to_wrap = [name.strip() for name in transformer_layer_cls_to_wrap.split(",") if name.strip()]
+        if isinstance(reshard_after_forward, str):
+            reshard_after_forward = reshard_after_forward.strip().lower() == "true"
+        self.auto_wrap_policy = auto_wrap_policy
+        self.layer_classes = None if transformer_layer_cls_to_wrap is None else list(transformer_layer_cls_to_wrap)
         self.min_num_params = min_num_params
-        self.reshard_after_forward = SHARDING[sharding_strategy] if reshard_after_forward is None else reshard_after_forward
-        self.offload_params, self.state_dict_type = offload_params, state_dict_type
+        self.sharding_strategy = sharding
+        self.mesh_layout, implied_reshard = SHARDING_STRATEGIES[sharding]
+        self.reshard_after_forward = implied_reshard if reshard_after_forward is None else bool(reshard_after_forward)
+        self.hybrid_shard_size = hybrid_shard_size
+        self.offload_params = offload_params
+        # LOCAL_STATE_DICT meant FSDP1's flat local shards; fully_shard's local shards are what SHARDED writes.
+        self.state_dict_type = "SHARDED_STATE_DICT" if state_dict_type == "LOCAL_STATE_DICT" else state_dict_type
+        self.activation_checkpointing = activation_checkpointing
+        self.mixed_precision = str(mixed_precision).lower()
+        self.backward_prefetch, self.forward_prefetch = backward_prefetch, forward_prefetch
+        self.cpu_ram_efficient_loading, self.sync_module_states = cpu_ram_efficient_loading, sync_module_states
         self._module: nn.Module | None = None
-
-    def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
-        if num_processes < 2:
-            raise ValueError("FSDP shards a model across processes, and this job has one: launch it with "
-                             "`trainer launch --num_processes N`, or use strategy='auto' for one process.")
-        super().setup_environment(device, process_index, num_processes)
+        self._replaced: dict[int, nn.Parameter] = {}
+        self._mesh: Any = None
+        self._precision_seen, self._precision_dtype = False, None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FSDP:
         """Build from an ``fsdp_config`` section of a launch configuration (already validated)."""
         kwargs = {}
         for key, value in config.items():
-            if key in FSDP1_ONLY:
+            if key in BY_DESIGN:
                 continue
             if key not in CONFIG_KEYS:
-                close = difflib.get_close_matches(key, list(CONFIG_KEYS), n=1)
+                close = difflib.get_close_matches(key, [*CONFIG_KEYS, *BY_DESIGN], n=1)
                 raise ValueError(f"Unknown fsdp_config key {key!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
             kwargs[CONFIG_KEYS[key]] = value
-        if kwargs.get("reshard_after_forward") in ("true", "false"):
-            kwargs["reshard_after_forward"] = kwargs["reshard_after_forward"] == "true"
         return cls(**kwargs)
+
+    def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
+        super().setup_environment(device, process_index, num_processes)
+        if self.is_distributed:
+            self._mesh = None  # built when the first model is prepared (every process takes part)
+            self._shard_layout()  # an impossible hybrid layout fails here, before any work
+
+    def setup_policies(self, precision: Any, accumulation: Any) -> Any:
+        """Remember the precision policy's compute dtype: with ``mixed_precision="auto"`` the units follow it."""
+        dtype = getattr(precision, "dtype", None)
+        mixed = getattr(precision, "is_mixed", False) and isinstance(dtype, torch.dtype)
+        self._precision_seen, self._precision_dtype = True, dtype if mixed else None
+        return precision
+
+    # -- the process layout ----------------------------------------------------------------------------
+    def _shard_layout(self) -> tuple[int, int] | None:
+        """(replicas, processes per shard group) for a 2-D mesh, or None for a 1-D (fully sharded) one."""
+        n = self.num_processes
+        if self.mesh_layout == "shard":
+            return None
+        if self.mesh_layout == "replicate":
+            return n, 1
+        size = self.hybrid_shard_size
+        if size is None:
+            local = os.environ.get("LOCAL_WORLD_SIZE")
+            if local is None:
+                raise ValueError(f"FSDP(sharding_strategy={self.sharding_strategy!r}) shards within a machine and "
+                                 "replicates across machines, but the number of processes per machine is unknown "
+                                 "(no LOCAL_WORLD_SIZE): pass FSDP(hybrid_shard_size=...).")
+            size = int(local)
+        if size > n or n % size:
+            raise ValueError(f"FSDP(sharding_strategy={self.sharding_strategy!r}): {n} processes cannot form a "
+                             f"(replicate x shard) mesh with shard groups of {size} processes; the process count must be "
+                             "a multiple of the shard group size (hybrid_shard_size, by default the processes per "
+                             "machine).")
+        return n // size, size
+
+    def _device_mesh(self) -> Any:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self._mesh is None:
+            layout = self._shard_layout()
+            if layout is None:
+                self._mesh = init_device_mesh(self.root_device.type, (self.num_processes,), mesh_dim_names=("shard",))
+            else:
+                self._mesh = init_device_mesh(self.root_device.type, layout, mesh_dim_names=("replicate", "shard"))
+        return self._mesh
 
     # -- placing the model ---------------------------------------------------------------------------
     def _units(self, module: nn.Module) -> list[nn.Module]:
         """The submodules that become shard units of their own, innermost first."""
-        if self.auto_wrap_policy == "NO_WRAP":
+        # Containers without a forward of their own (ModuleList, ModuleDict) are never called: not units.
+        candidates = [m for m in list(module.modules())[1:][::-1]
+                      if not (isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is nn.Module.forward)]
+        policy = self.auto_wrap_policy
+        if callable(policy):
+            return [m for m in candidates if policy(m)]
+        if policy == "NO_WRAP":
             return []
-        if self.auto_wrap_policy == "SIZE_BASED_WRAP":
-            return [m for m in list(module.modules())[1:][::-1]
-                    if sum(p.numel() for p in m.parameters()) >= self.min_num_params]
-        names = set(self.layer_classes or getattr(module, "_no_split_modules", None) or [])
-        return [m for m in list(module.modules())[1:][::-1] if type(m).__name__ in names]
+        if policy == "SIZE_BASED_WRAP":
+            return [m for m in candidates if sum(p.numel() for p in m.parameters()) >= self.min_num_params]
+        wanted = self.layer_classes or list(getattr(module, "_no_split_modules", None) or [])
+        names = {c if isinstance(c, str) else c.__name__ for c in wanted}
+        present = {type(m).__name__ for m in candidates}
+        if self.layer_classes and not names & present:
+            close = difflib.get_close_matches(sorted(names)[0], sorted(present), n=1)
+            raise ValueError(f"FSDP: no submodule of {type(module).__name__} is a {sorted(names)} (the "
+                             "transformer_layer_cls_to_wrap)." + (f" Did you mean {close[0]!r}?" if close else "")
+                             + f" Its classes: {sorted(present)[:20]}.")
+        return [m for m in candidates if type(m).__name__ in names]
+
+    def _precision_policy(self, module: nn.Module) -> Any:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.mixed_precision != "auto":
+            dtype = PRECISIONS[self.mixed_precision]
+        elif self._precision_seen:
+            dtype = self._precision_dtype
+        else:  # an Accelerator that does not call setup_policies: read the policy off the prepared forward
+            dtype = _autocast_dtype(module)
+        if dtype is None:
+            return MixedPrecisionPolicy()
+        # Units compute in the low dtype (gathered in it: half the traffic); gradients are reduced in fp32.
+        return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
+        """Checkpoint and shard the wrap units, then the model; start every process from process 0's weights.
+
+        Every process must call it with the same model structure: the steps below are collective.
+        """
+        units = self._units(module)
+        if self.activation_checkpointing:
+            leaves = [u for u in units if not any(other is not u and _contains(u, other) for other in units)]
+            if not leaves:
+                raise ValueError(f"FSDP(activation_checkpointing=True) recomputes each wrap unit, and "
+                                 f"auto_wrap_policy={self.auto_wrap_policy!r} makes none in {type(module).__name__}: "
+                                 "name its layer classes (transformer_layer_cls_to_wrap) or use SIZE_BASED_WRAP.")
+            for unit in leaves:
+                _checkpoint_activations(unit)
+        if not self.is_distributed:  # one process: nothing to shard across; the model stays whole
+            self._module = module.to(self.root_device)
+            return self._module
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-        module = module.to(self.root_device)
         before = dict(module.named_parameters())
-        options: dict[str, Any] = {"reshard_after_forward": self.reshard_after_forward}
+        on_meta = any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+        flags = torch.tensor([float(on_meta), float(on_meta and self.process_index == 0)], device=self.root_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every process must take the same path below
+        if flags[1]:
+            raise ValueError("FSDP: process 0 built the model on the meta device, but it must hold the real weights "
+                             "that the other processes receive (build on meta only where process_index != 0, e.g. "
+                             "inside strategy.module_sharded_context()).")
+        from_rank0 = bool(flags[0]) or self.cpu_ram_efficient_loading
+        broadcast = from_rank0 or self.sync_module_states
+        full = module.state_dict() if broadcast and self.process_index == 0 else {}
+        buffers = dict(module.named_buffers()) if broadcast and self.process_index == 0 else {}
+        # With cpu_ram_efficient_loading no process materialises the whole model on the device: all
+        # shard on meta, allocate their own shards, then take process 0's values.
+        module = module.to("meta") if from_rank0 else module.to(self.root_device)
+        options: dict[str, Any] = {"mesh": self._device_mesh(), "mp_policy": self._precision_policy(module)}
         if self.offload_params:
-            options["offload_policy"] = CPUOffloadPolicy()
-        for unit in self._units(module):
-            fully_shard(unit, **options)
-        fully_shard(module, **options)
+            # Pinned memory needs an accelerator; on a CPU-only machine the shards are on the CPU anyway.
+            options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu")
+        for unit in units:
+            fully_shard(unit, reshard_after_forward=self.reshard_after_forward, **options)
+        # The root's parameters are used first in backward: by default (None) it keeps them after forward.
+        fully_shard(module, reshard_after_forward=None if self.reshard_after_forward else False, **options)
+        if self.forward_prefetch:
+            ordered = [u for u in module.modules() if any(u is unit for unit in units)]
+            for unit, following in zip(ordered, ordered[1:], strict=False):
+                unit.set_modules_to_forward_prefetch([following])
+        if from_rank0:
+            module.to_empty(device="cpu" if self.offload_params else self.root_device)
+            _buffers_to(module, self.root_device)
+        if broadcast:
+            set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            for name, buffer in module.named_buffers():  # non-persistent buffers are in no state dict
+                if name in buffers:
+                    buffer.copy_(buffers[name])
+                dist.broadcast(buffer, src=0)
+        del full, buffers
         # fully_shard puts new (sharded) parameters in place of the old ones; an optimizer built
         # before preparation still holds the old ones, so setup_optimizer swaps them.
         after = dict(module.named_parameters())
@@ -114,16 +291,26 @@ class FSDP(Strategy):
         return module
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        replaced = getattr(self, "_replaced", {})
-        if optimizer.state:
+        """Point an optimizer built before ``prepare`` at the sharded parameters that replaced the originals."""
+        if optimizer.state and self._replaced:
             raise ValueError("Prepare the optimizer before it has stepped: FSDP replaces the model's parameters, "
                              "and existing optimizer state could not follow them.")
         for group in optimizer.param_groups:
-            group["params"] = [replaced.get(id(p), p) for p in group["params"]]
+            group["params"] = [self._replaced.get(id(p), p) for p in group["params"]]
         return optimizer
 
     @contextmanager
+    def module_sharded_context(self) -> Iterator[None]:
+        """Build the model here: with ``cpu_ram_efficient_loading``, processes other than 0 build it on meta."""
+        if self.cpu_ram_efficient_loading and self.is_distributed and self.process_index != 0:
+            with torch.device("meta"):
+                yield
+        else:
+            yield
+
+    @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
+        """Micro-steps keep unsharded, unreduced gradients; the boundary's backward reduce-scatters them once."""
         if not enabled or not hasattr(module, "set_requires_gradient_sync"):
             yield
             return
@@ -134,16 +321,35 @@ class FSDP(Strategy):
             module.set_requires_gradient_sync(True)
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip by the norm of the whole gradient: the sharded norm is reduced over every process by DTensor."""
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    # -- checkpoints: one full file, written by rank 0, read by all ---------------------------------------
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                            directory: Path) -> bool:
+        """With SHARDED_STATE_DICT, every process writes its own shards (DCP, safetensors)."""
+        if self.state_dict_type != "SHARDED_STATE_DICT":
+            return False
+        fsdp_checkpoint.save_sharded_state(modules, optimizers, Path(directory), self.process_index, self.num_processes)
+        return True
+
+    def load_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                            directory: Path) -> bool:
+        """Read a sharded checkpoint whatever ``state_dict_type`` is, and whatever number of processes wrote it."""
+        folder = Path(directory) / fsdp_checkpoint.DIRECTORY
+        if not (folder / fsdp_checkpoint.INFO_FILE).is_file():
+            return False
+        fsdp_checkpoint.load_sharded_state(modules, optimizers, folder)
+        return True
+
     def _options(self, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
 
     def save_module(self, module: nn.Module, path: Path) -> None:
+        """One safetensors file of whole tensors, gathered onto process 0's CPU and written there."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(module, options=self._options())
@@ -166,9 +372,15 @@ class FSDP(Strategy):
         return list(module.state_dict().keys())
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The whole optimizer state, keyed by parameter name (an optimizer that has not stepped stays fresh)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(self._require_module(), optimizer, options=self._options())
+        fresh = not optimizer.state
+        state = get_optimizer_state_dict(self._require_module(), optimizer, options=self._options())
+        if fresh:  # the helper initialised it with a step at learning rate 0; that step was never taken
+            optimizer.state.clear()
+            state = {**state, "state": {}}
+        return state
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -184,3 +396,44 @@ class FSDP(Strategy):
         if self._module is None:
             raise RuntimeError("FSDP needs the model prepared before its optimizer state can be saved or loaded.")
         return self._module
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _checkpoint_activations(unit: nn.Module) -> None:
+    """Recompute ``unit``'s activations in backward instead of keeping them (names and state dict unchanged).
+
+    The unit's ``forward`` runs under ``torch.utils.checkpoint``; its FSDP hooks stay outside, so the
+    recomputation in backward uses the parameters that backward has gathered anyway.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(unit.forward, "func", None) is checkpoint:
+        return
+    unit.forward = functools.partial(checkpoint, unit.forward, use_reentrant=False)
+
+
+def _autocast_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype the Accelerator's precision policy autocasts ``module``'s forward to (None: full precision).
+
+    ``prepare`` wraps a mixed-precision model's forward (keeping the original as ``_original_forward``)
+    in a closure over the policy, which knows its dtype.
+    """
+    forward = module.__dict__.get("forward")
+    if forward is None or "_original_forward" not in module.__dict__:
+        return None
+    try:
+        policy = inspect.getclosurevars(forward).nonlocals.get("self")
+    except TypeError:  # not a plain function: not the precision policy's wrapper
+        return None
+    dtype = getattr(policy, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def _buffers_to(module: nn.Module, device: torch.device) -> None:
+    for submodule in module.modules():
+        for name, buffer in submodule.named_buffers(recurse=False):
+            if buffer.device != device:
+                submodule._buffers[name] = buffer.to(device)

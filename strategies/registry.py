@@ -6,19 +6,36 @@ import difflib
 
 from strategies.base import Strategy
 from strategies.ddp import DDP
+from strategies.deepspeed import DeepSpeed, require_deepspeed
 from strategies.fsdp import FSDP
 from strategies.single_device import SingleDevice
 
-_BUILDERS = {"single_device": SingleDevice, "ddp": DDP, "fsdp": FSDP}
+_BUILDERS = {"single_device": SingleDevice, "ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed}
 # Names users know from other frameworks that mean the same strategy.
 _ALIASES = {"single": "single_device", "no": "single_device", "cpu": "single_device", "multi_cpu": "ddp",
             "multi_gpu": "ddp", "multi_xpu": "ddp", "multi_npu": "ddp", "multi_mlu": "ddp", "multi_hpu": "ddp"}
 # Strategies that this release does not ship yet.
-_PLANNED = ("deepspeed", "megatron", "xla")
+_PLANNED = ("megatron", "xla")
+# Strategies whose backend is an optional package: checked before any work starts.
+_NEEDS_PACKAGE = {"deepspeed": require_deepspeed}
 
 
 def available_strategies() -> list[str]:
     return ["auto", *_BUILDERS]
+
+
+def _canonical(strategy: str | None) -> str:
+    name = (strategy or "auto").strip().lower()
+    return _ALIASES.get(name, name)
+
+
+def check_strategy_requirements(strategy: str | Strategy | None) -> None:
+    """Raise the missing-package error of a named strategy now, before a process group or a device is touched."""
+    if isinstance(strategy, Strategy):
+        return
+    check = _NEEDS_PACKAGE.get(_canonical(strategy))
+    if check is not None:
+        check(f"strategy={_canonical(strategy)!r}")
 
 
 def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
@@ -30,8 +47,7 @@ def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
     """
     if isinstance(strategy, Strategy):
         return strategy
-    name = (strategy or "auto").strip().lower()
-    name = _ALIASES.get(name, name)
+    name = _canonical(strategy)
     if name == "auto":
         name = "single_device" if num_processes == 1 else "ddp"
     if name in _BUILDERS:

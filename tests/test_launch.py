@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from tracker_helpers import csv_history
 from trainer import config as launch_config
 
 PROBE = WORKERS_DIR / "launch_probe.py"
+REPO = Path(__file__).resolve().parent.parent
 
 TALK_DDP = """\
 compute_environment: LOCAL_MACHINE
@@ -87,6 +90,27 @@ def test_launch_with_the_talks_fsdp_config_adjusted_to_cpu(tmp_path):
     assert code == 0, err
     first, last = (float(out.split(f"{which}-epoch loss=")[1].split()[0]) for which in ("first", "last"))
     assert last < first
+    # The Trainer example under the same file: sharded checkpoints (SHARDED_STATE_DICT), resumed by a second run,
+    # then merged into one safetensors file that the plain model loads.
+    digits = tmp_path / "digits"
+    for epochs in ("2", "3"):
+        code, out, err = run_cli("launch", "--config_file", str(path), "examples/trainer_digits.py",
+                                 "--output-dir", str(digits), "--epochs", epochs)
+        assert code == 0, err
+    assert "epoch 2:" in out and "epoch 0:" not in out  # the second run resumed after epoch 1
+    assert float(out.split("test accuracy ")[1].split()[0]) > 0.85
+    latest = digits / "checkpoints" / (digits / "checkpoints" / "latest").read_text().strip()
+    assert len(list((latest / "sharded_state").glob("shard-*.safetensors"))) == 2
+    code, _, err = run_cli("merge-weights", str(latest), str(tmp_path / "merged"))
+    assert code == 0, err
+    spec = importlib.util.spec_from_file_location("trainer_digits", REPO / "examples" / "trainer_digits.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = example.make_model().eval()
+    model.load_state_dict(load_file(str(tmp_path / "merged" / "model.safetensors")))
+    x, y = example.digits()[1].tensors
+    with torch.no_grad():
+        assert (model(x).argmax(-1) == y).float().mean().item() > 0.85
 
 
 def test_a_misspelt_nested_key_is_refused_with_a_suggestion(tmp_path):

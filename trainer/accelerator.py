@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from callbacks.trackers import Tracker, make_trackers
 from strategies import Strategy, resolve_strategy
+from strategies.registry import check_strategy_requirements
 from trainer import checkpointing, operations
 from trainer.accumulation import GradientAccumulation
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
@@ -98,11 +99,13 @@ class Accelerator:
             if steps is None:
                 steps = int(os.environ.get(ACCUMULATION_ENV, "1"))
             self.accumulation = GradientAccumulation(steps, normalize=accumulation_normalize)
+        strategy = strategy or os.environ.get(STRATEGY_ENV)
+        check_strategy_requirements(strategy)  # a missing backend package fails here, before any work
         self.state = PartialState(cpu=cpu)
-        self.strategy = resolve_strategy(strategy or os.environ.get(STRATEGY_ENV), self.state.num_processes,
-                                         _launch_settings())
+        self.strategy = resolve_strategy(strategy, self.state.num_processes, _launch_settings())
         self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
-        self.precision = resolve_precision(mixed_precision, self.strategy.root_device)
+        self.precision = self.strategy.setup_policies(resolve_precision(mixed_precision, self.strategy.root_device),
+                                                      self.accumulation)
         self.project_dir = Path(project_dir) if project_dir is not None else None
         self.device_placement = device_placement
         self.even_batches, self.split_batches = even_batches, split_batches
@@ -274,6 +277,9 @@ class Accelerator:
                                       sharding=sharding, agree=self.strategy.broadcast_object)
         if register:
             self._dataloaders.append(prepared)
+            batch = data_loader.batch_size
+            split = batch is not None and sharding is not None and self.split_batches
+            self.strategy.observe_batch_size(batch // self.num_processes if split else batch)
         return prepared
 
     def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
@@ -485,6 +491,7 @@ class Accelerator:
         for tracker in self.trackers:
             tracker.finish()
         self.wait_for_everyone()
+        self.strategy.teardown()  # engines and their hooks go while the group they use still exists
         self.state.destroy_process_group()
 
     # -- memory ----------------------------------------------------------------------------------------------------
@@ -530,8 +537,8 @@ class _MicroStep:
 
 def _launch_settings() -> dict[str, dict]:
     """Strategy options that ``trainer launch`` passed from the config file (TRAINER_FSDP_CONFIG...)."""
-    raw = os.environ.get("TRAINER_FSDP_CONFIG")
-    return {"fsdp": json.loads(raw)} if raw else {}
+    sections = {"fsdp": "TRAINER_FSDP_CONFIG", "deepspeed": "TRAINER_DEEPSPEED_CONFIG"}
+    return {name: json.loads(os.environ[variable]) for name, variable in sections.items() if os.environ.get(variable)}
 
 
 def _only_tensors(data: Any) -> bool:

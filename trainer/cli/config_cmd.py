@@ -110,7 +110,8 @@ def questionnaire(ask: Callable[[str], str]) -> dict[str, Any]:
     config["mixed_precision"] = _choice(ask, "Mixed precision?", ["no", "fp16", "bf16", "fp8"], "no")
     if kind == "FSDP":
         config["fsdp_config"] = {
-            "fsdp_sharding_strategy": _choice(ask, "FSDP sharding strategy?", ["FULL_SHARD", "SHARD_GRAD_OP"],
+            "fsdp_sharding_strategy": _choice(ask, "FSDP sharding strategy?",
+                                              ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"],
                                               "FULL_SHARD"),
             "fsdp_auto_wrap_policy": _choice(ask, "FSDP auto wrap policy?",
                                              ["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"],

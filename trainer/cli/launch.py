@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from strategies.registry import check_strategy_requirements
 from trainer import config as launch_config
 from trainer.cluster import _inside_srun
 
@@ -139,6 +140,11 @@ def run(args: argparse.Namespace) -> int:
     command = _command(args)
     if not args.module and not Path(args.script).is_file():
         print(f"trainer launch: no script at {args.script}.", file=sys.stderr)
+        return 2
+    try:  # a strategy whose package is missing fails once, here, before any process starts
+        check_strategy_requirements(launch_config.STRATEGY_OF[config["distributed_type"]])
+    except ImportError as error:
+        print(f"trainer launch: {error}", file=sys.stderr)
         return 2
     os.environ.update(launch_config.process_environment(config))
     total = config["num_processes"] * config["num_machines"]

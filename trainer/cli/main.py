@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.cli import config_cmd, env, estimate_memory, launch
+from trainer.cli import config_cmd, env, estimate_memory, launch, merge_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     estimate_memory.register(commands)
     launch.register(commands)
     launch.register_test(commands)
+    merge_weights.register(commands)
     return parser
 
 

@@ -1,0 +1,331 @@
+"""Sharded checkpoints: each process writes and reads only its own shards, in safetensors.
+
+Layout, inside the checkpoint directory that ``save_state`` writes::
+
+    sharded_state/
+        sharded_state.json                          structure: which tensor is whose, optimizer hyperparameters
+        shard-00001-model-00001-of-00001.safetensors  process 0's shards of every model and optimizer tensor
+        shard-00002-model-00001-of-00001.safetensors  process 1's ...
+
+The tensors go through ``torch.distributed.checkpoint`` (DCP) with its Hugging Face storage
+(``HuggingFaceStorageWriter``/``Reader``): each safetensors file records where its pieces sit in the
+full tensors, so a checkpoint written by N processes loads on M processes (the reader cuts and
+joins the pieces), on one process without a process group, and into ``trainer merge-weights``.
+That storage holds tensors only and writes no ``.metadata`` pickle, which is why everything that is
+not a tensor (learning rates, betas, the parameter names of each group) goes to the JSON file
+here: a checkpoint stays "safetensors + JSON", and nothing in it is unpickled.
+
+Tensors are stored under flat keys: ``model.<fqn>`` for the first model (``model_1.<fqn>`` for
+the second...), ``optimizer.state.<fqn>.<name>`` for optimizer state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DIRECTORY = "sharded_state"
+INFO_FILE = "sharded_state.json"
+FORMAT = "dcp-safetensors"
+FORMAT_VERSION = 1
+_TENSOR, _TUPLE, _FLOAT = "__tensor__", "__tuple__", "__float__"
+SAFE_SUFFIXES = (".json", ".safetensors")
+
+
+class ShardedCheckpointError(ValueError):
+    """A sharded checkpoint that cannot be read as it is; the message names the folder and the fix."""
+
+
+def _name(kind: str, index: int) -> str:
+    return kind if index == 0 else f"{kind}_{index}"
+
+
+# -- tensors apart from the structure ------------------------------------------------------------
+def split_tensors(state: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-ready skeleton, flat ``{key: tensor}``) for a nested state dict with string keys.
+
+    Tensors keep their type (a sharded DTensor stays one), so DCP writes each process's shard.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, path: str) -> Any:
+        if torch.is_tensor(obj):
+            tensors[path] = obj
+            return {_TENSOR: path}
+        if isinstance(obj, dict):
+            bad = [k for k in obj if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"Cannot write a sharded checkpoint: {path} has a non-string key {bad[0]!r}.")
+            return {k: walk(v, f"{path}.{k}") for k, v in obj.items()}
+        if isinstance(obj, tuple):
+            return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {_FLOAT: repr(obj)}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"Cannot store a {type(obj).__name__} at {path} in a checkpoint: only tensors, numbers, "
+                        "strings, None, lists, tuples and dicts are saved (nothing is pickled).")
+
+    return walk(state, prefix), tensors
+
+
+def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``split_tensors``."""
+    if isinstance(skeleton, list):
+        return [join_tensors(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if _TENSOR in skeleton:
+            return tensors[skeleton[_TENSOR]]
+        if _TUPLE in skeleton:
+            return tuple(join_tensors(v, tensors) for v in skeleton[_TUPLE])
+        if _FLOAT in skeleton:
+            return float(skeleton[_FLOAT])
+        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
+    return skeleton
+
+
+def _tensor_keys(skeleton: Any) -> list[str]:
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, dict):
+            if _TENSOR in node:
+                found.append(node[_TENSOR])
+            else:
+                for v in node.values():
+                    walk(v)
+
+    walk(skeleton)
+    return found
+
+
+def tied_names(module: nn.Module) -> dict[str, str]:
+    """Each name of a parameter or buffer registered under several names -> its first name (tied weights)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
+def _split_model_state(module: nn.Module, state: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``split_tensors`` for a model state dict, tied weights stored once (safetensors refuses shared memory).
+
+    The skeleton still names every key, the tied ones pointing at their first name's tensor.
+    """
+    shared = {alias: first for alias, first in tied_names(module).items() if alias in state and first in state}
+    skeleton, tensors = split_tensors({k: v for k, v in state.items() if k not in shared}, prefix)
+    refs = {alias: {_TENSOR: f"{prefix}.{first}"} for alias, first in shared.items()}
+    return {k: refs[k] if k in refs else skeleton[k] for k in state}, tensors
+
+
+# -- which module an optimizer belongs to ----------------------------------------------------------
+def owner_of(optimizer: torch.optim.Optimizer, modules: list[nn.Module]) -> nn.Module:
+    """The prepared model whose parameters the optimizer steps (the state dict helpers need it)."""
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for module in modules:
+        if params <= {id(p) for p in module.parameters()}:
+            return module
+    raise ValueError("An optimizer steps parameters of several prepared models (or of none); a sharded checkpoint "
+                     "needs one optimizer per model. Use one optimizer per model, or state_dict_type='FULL_STATE_DICT'.")
+
+
+@contextmanager
+def _quiet_without_process_group() -> Iterator[None]:
+    """DCP warns that it assumes one process when no process group exists: here that is the intent."""
+    with warnings.catch_warnings():
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process.*")
+        yield
+
+
+# -- save and load ----------------------------------------------------------------------------------
+def save_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer], directory: Path,
+                       process_index: int, num_processes: int) -> Path:
+    """Write every model's and optimizer's state (each process its own shards) under ``directory/sharded_state``.
+
+    Called on every process; the JSON is written by process 0 only.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    folder = Path(directory) / DIRECTORY
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_processes": num_processes,
+                            "models": [], "optimizers": []}
+    for index, module in enumerate(modules):
+        skeleton, part = _split_model_state(module, get_model_state_dict(module), _name("model", index))
+        tensors.update(part)
+        info["models"].append({"prefix": _name("model", index), "state": skeleton})
+    for index, optimizer in enumerate(optimizers):
+        state = _optimizer_state_dict(owner_of(optimizer, modules), optimizer)
+        skeleton, part = split_tensors(state, _name("optimizer", index))
+        tensors.update(part)
+        info["optimizers"].append({"prefix": _name("optimizer", index), "state": skeleton})
+    with _quiet_without_process_group():
+        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    if process_index == 0:
+        (folder / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
+    return folder
+
+
+def _optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``get_optimizer_state_dict``, without leaving state in an optimizer that has not stepped yet.
+
+    The helper initialises a fresh optimizer's state with one step at learning rate 0 (so that it
+    has tensors to describe); kept, that would count a step the run never took.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    fresh = not optimizer.state
+    state = get_optimizer_state_dict(module, optimizer)
+    if fresh:
+        optimizer.state.clear()
+        state = {**state, "state": {}}
+    return state
+
+
+def find_sharded_state(path: Path) -> Path | None:
+    """The ``sharded_state`` folder of a checkpoint directory (or the folder itself); None if there is none."""
+    path = Path(path)
+    for folder in (path / DIRECTORY, path):
+        if (folder / INFO_FILE).is_file():
+            return folder
+    return None
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    """The JSON half of a sharded checkpoint, after checking the folder holds nothing that could run code."""
+    foreign = sorted(p.name for p in folder.iterdir() if p.suffix not in SAFE_SUFFIXES)
+    if foreign:
+        raise ShardedCheckpointError(
+            f"Refusing to read {folder}: it contains {foreign}, which are neither JSON nor safetensors (a pickle such "
+            "as DCP's .metadata can run code when read). Sharded checkpoints written by this project hold only those "
+            "two formats; remove the file(s) if the checkpoint is otherwise yours.")
+    info = json.loads((folder / INFO_FILE).read_text())
+    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
+        raise ShardedCheckpointError(f"{folder / INFO_FILE} describes a {info.get('format')!r} checkpoint, version "
+                                     f"{info.get('format_version')}; this release reads {FORMAT!r} up to version "
+                                     f"{FORMAT_VERSION}.")
+    if not any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        raise ShardedCheckpointError(f"{folder} has no safetensors shards: the checkpoint is incomplete.")
+    return info
+
+
+def load_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer], folder: Path,
+                       strict: bool = True) -> None:
+    """Read what ``save_sharded_state`` wrote into the prepared models and optimizers.
+
+    Works on any number of processes, including one without a process group: DCP cuts each
+    process's part out of the shards, whatever number of processes wrote them.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    info = read_info(folder)
+    saved_models, saved_optimizers = info["models"], info["optimizers"]
+    if strict and (len(saved_models), len(saved_optimizers)) != (len(modules), len(optimizers)):
+        raise ShardedCheckpointError(
+            f"{folder} holds {len(saved_models)} model(s) and {len(saved_optimizers)} optimizer(s), but "
+            f"{len(modules)} and {len(optimizers)} were prepared.")
+    # The live state dicts (sharded like the prepared model, or whole on one process) are the targets
+    # DCP reads into; what the checkpoint says is not a tensor comes from its JSON.
+    targets: dict[str, torch.Tensor] = {}
+    for module, saved in zip(modules, saved_models, strict=False):
+        _, part = _split_model_state(module, get_model_state_dict(module), saved["prefix"])
+        wanted = set(_tensor_keys(saved["state"]))
+        _check_keys(folder, saved["prefix"], set(part), wanted, strict)
+        targets.update({k: v for k, v in part.items() if k in wanted})
+    for optimizer, saved in zip(optimizers, saved_optimizers, strict=False):
+        live = get_optimizer_state_dict(owner_of(optimizer, modules), optimizer)  # a fresh one is initialised
+        _, part = split_tensors(live, saved["prefix"])
+        wanted = set(_tensor_keys(saved["state"]))
+        missing = sorted(wanted - set(part))
+        if missing:
+            raise ShardedCheckpointError(f"{folder}: the optimizer state holds {missing[:5]} that the prepared "
+                                         "optimizer has no place for; prepare the same model and optimizer.")
+        targets.update({k: part[k] for k in wanted})
+    with _quiet_without_process_group():
+        dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), planner=DefaultLoadPlanner())
+    for module, saved in zip(modules, saved_models, strict=False):
+        # A model state dict is flat: keep the entries whose tensor was read (all of them, when strict).
+        state = {name: join_tensors(value, targets) for name, value in saved["state"].items()
+                 if not (isinstance(value, dict) and _TENSOR in value and value[_TENSOR] not in targets)}
+        set_model_state_dict(module, state, options=StateDictOptions(strict=strict))
+    for optimizer, saved in zip(optimizers, saved_optimizers, strict=False):
+        state = join_tensors(saved["state"], targets)
+        set_optimizer_state_dict(owner_of(optimizer, modules), optimizer, state)
+        if not state["state"]:  # saved before its first step: it must stay without state (no step counted)
+            optimizer.state.clear()
+
+
+def _check_keys(folder: Path, prefix: str, live: set[str], saved: set[str], strict: bool) -> None:
+    if not strict or live == saved:
+        return
+    cut = len(prefix) + 1
+    missing, unexpected = sorted(k[cut:] for k in live - saved), sorted(k[cut:] for k in saved - live)
+    raise ShardedCheckpointError(f"The checkpoint {folder} does not match the model: missing keys {missing[:10]}, "
+                                 f"unexpected keys {unexpected[:10]}. Load it into the model it was saved from, or "
+                                 "pass strict=False to load what matches.")
+
+
+# -- whole tensors, for merge-weights -------------------------------------------------------------------
+def model_tensor_specs(folder: Path, model_index: int = 0) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name -> (full shape, dtype) of every weight of one saved model; tied weights once, by their first name."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    info = read_info(folder)
+    if model_index >= len(info["models"]):
+        raise ShardedCheckpointError(f"{folder} holds {len(info['models'])} model(s); there is no model {model_index}.")
+    prefix = info["models"][model_index]["prefix"] + "."
+    metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
+    specs = {}
+    for key in dict.fromkeys(_tensor_keys(info["models"][model_index]["state"])):  # tied weights: once
+        entry = metadata.state_dict_metadata.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ShardedCheckpointError(f"{folder}: the shards hold no tensor {key!r}; the checkpoint is incomplete.")
+        specs[key[len(prefix):]] = (entry.size, entry.properties.dtype)
+    return specs
+
+
+def load_full_tensors(folder: Path, names: list[str], model_index: int = 0) -> dict[str, torch.Tensor]:
+    """Whole tensors of one saved model (joined from every process's shards), on the CPU, one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    prefix = read_info(folder)["models"][model_index]["prefix"] + "."
+    specs = model_tensor_specs(folder, model_index)
+    targets = {prefix + name: torch.empty(specs[name][0], dtype=specs[name][1]) for name in names}
+    with _quiet_without_process_group():
+        dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    return {name: targets[prefix + name] for name in names}

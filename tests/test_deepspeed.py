@@ -1,0 +1,256 @@
+"""DeepSpeed ZeRO 1-3 on two CPU processes (gloo) equals one process on the same global batch.
+
+The two-process runs (tests/workers/deepspeed_worker.py) start once for the module; each test
+reads what they wrote. The first run on a machine builds DeepSpeed's small CPU communication op
+(about a minute and a half on two cores, cached afterwards under ~/.cache/torch_extensions).
+Only the missing-package test runs without deepspeed installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from ddp_setup import dataset, make_model, train_steps
+from distributed_helpers import REPO_ROOT, WORKERS_DIR, run_cli, run_distributed
+from safetensors.torch import load_file, load_model
+from torch.utils.data import DataLoader
+
+from strategies import DeepSpeed, resolve_strategy
+from strategies.deepspeed import deepspeed_available
+from trainer import Accelerator, PartialState, set_seed
+from trainer.accumulation import GradientAccumulation
+from trainer.precision import resolve_precision
+
+needs_deepspeed = pytest.mark.skipif(
+    not deepspeed_available(), reason="deepspeed is not installed (pip install 'trainer-kit[deepspeed]')")
+LR = 1e-2  # as in the worker
+ABORT_SIGNS = ("terminate called", "Aborted", "core dumped", "Segmentation fault", "Fatal Python error")
+INSTALL = "pip install 'trainer-kit[deepspeed]'"
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+
+
+def assert_clean(result: subprocess.CompletedProcess | tuple, marker: str) -> None:
+    """Exit code 0, no abort at interpreter exit, and no process of the run left behind."""
+    stderr = result.stderr if isinstance(result, subprocess.CompletedProcess) else result[2]
+    assert not any(sign in stderr for sign in ABORT_SIGNS), stderr[-3000:]
+    deadline = time.monotonic() + 10
+    while True:
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every two-process run, once: ZeRO 1-3 x accumulation 1/2, memory, export, save/load/continue."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DS_ACCELERATOR", "cpu")
+        result = run_distributed(WORKERS_DIR / "deepspeed_worker.py", nproc=2, args=[str(out)], timeout=400)
+    (out / "wall.json").write_text(json.dumps({"seconds": time.monotonic() - started}))
+    assert "OK rank 0" in result.stdout and "OK rank 1" in result.stdout
+    assert_clean(result, str(out))
+    return out
+
+
+_reference: dict[int, dict[str, torch.Tensor]] = {}
+
+
+def one_process(accumulation: int) -> dict[str, torch.Tensor]:
+    """The same 20 AdamW steps on one process with the global batch (2 x 8)."""
+    if accumulation not in _reference:
+        PartialState._reset_state()
+        set_seed(0)
+        accelerator = Accelerator(gradient_accumulation_steps=accumulation, cpu=True)
+        model = make_model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(dataset(), batch_size=16, shuffle=True))
+        train_steps(accelerator, model, optimizer, loader)
+        _reference[accumulation] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return _reference[accumulation]
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_zero_stages_on_two_processes_equal_one_process(runs, stage, accumulation):
+    weights = load_file(str(runs / f"z{stage}_k{accumulation}" / "model.safetensors"))
+    single = one_process(accumulation)
+    diff = max_diff(weights, single)
+    print(f"ZeRO-{stage} accumulation {accumulation}: max abs diff {diff:.3g}")
+    assert diff <= 1e-5, diff
+    initial = make_model().state_dict()
+    assert max_diff(single, initial) > 1e-2  # the runs did train
+
+
+@needs_deepspeed
+def test_zero3_shards_parameters_and_optimizer_state(runs):
+    for rank in (0, 1):
+        sizes = json.loads((runs / f"memory_rank{rank}.json").read_text())
+        local = sizes["local_params"] + sizes["local_optimizer"]
+        ratio = local / (sizes["full_params"] + sizes["full_optimizer"])
+        print(f"rank {rank}: {local} of {sizes['full_params'] + sizes['full_optimizer']} bytes ({ratio:.3f}); "
+              f"vs plain AdamW's {sizes['plain_adamw']}: {local / sizes['plain_adamw']:.3f}")
+        assert ratio <= 0.55, sizes
+        assert sizes["local_params"] <= 0.55 * sizes["full_params"], sizes
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_save_with_two_load_with_two_and_continue_equals_an_uninterrupted_run(runs, stage):
+    resumed = load_file(str(runs / f"resumed_z{stage}_safetensors" / "model.safetensors"))
+    straight = load_file(str(runs / f"z{stage}_k1" / "model.safetensors"))
+    diff = max_diff(resumed, straight)
+    print(f"ZeRO-{stage} resumed vs uninterrupted: max abs diff {diff:.3g}")
+    assert diff <= 1e-6, diff
+    checkpoint = runs / f"checkpoint_z{stage}_safetensors"
+    files = [p for p in checkpoint.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} == {".json", ".safetensors"}, files
+    assert (checkpoint / "zero" / "rank_0.safetensors").is_file() and (checkpoint / "zero" / "rank_1.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_deepspeed_own_checkpoint_files_need_an_explicit_opt_in(runs):
+    error = (runs / "untrusted_error.txt").read_text()
+    assert "DeepSpeed(trust_deepspeed_checkpoints=True)" in error and "pickles" in error
+    resumed = load_file(str(runs / "resumed_z2_deepspeed" / "model.safetensors"))
+    straight = load_file(str(runs / "z2_k1" / "model.safetensors"))
+    assert max_diff(resumed, straight) <= 1e-6
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("export", ["z3_k1", "z3_k1_16bit"])
+def test_the_consolidated_export_loads_into_the_plain_model(runs, export):
+    model = make_model()
+    missing, unexpected = load_model(model, str(runs / export / "model.safetensors"))
+    assert not missing and not unexpected
+    expected = load_file(str(runs / "z3_k1_outputs.safetensors"))["outputs"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers ran (OMP_NUM_THREADS=1): the same summation order
+    try:
+        with torch.no_grad():
+            outputs = model(torch.linspace(-2, 2, 5 * 6).view(5, 6))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outputs, expected), (outputs - expected).abs().max()
+
+
+SHIM = "import sys\nsys.modules['deepspeed'] = None  # as if deepspeed were not installed\n"
+ATTEMPTS = """
+import torch.distributed as dist
+for code in ("from trainer import Accelerator; Accelerator(strategy='deepspeed')",
+             "from strategies import DeepSpeed; DeepSpeed(zero_stage=2)",
+             "from trainer import Trainer; import torch; Trainer(torch.nn.Linear(2, 2), strategy='deepspeed')"):
+    try:
+        exec(code)
+    except ImportError as error:
+        print("ERROR", type(error).__name__, error, "| process group:", dist.is_initialized())
+"""
+
+
+def test_a_missing_deepspeed_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
+    (tmp_path / "sitecustomize.py").write_text(SHIM)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), "TRAINER_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-c", ATTEMPTS], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    errors = result.stdout.strip().splitlines()
+    assert len(errors) == 3, result.stdout
+    for line in errors:
+        assert line.startswith("ERROR ImportError ") and INSTALL in line and line.endswith("process group: False"), line
+    # trainer launch: refused before any process starts.
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    code, out, err = run_cli("launch", "--use_deepspeed", "--num_processes", "2", "--cpu",
+                             str(WORKERS_DIR / "launch_probe.py"), timeout=120)
+    assert code == 2 and INSTALL in err and "Traceback" not in err, err
+    assert "PROBE" not in out
+
+
+@needs_deepspeed
+def test_auto_values_come_from_the_run(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+              "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}
+    strategy = DeepSpeed(config=config)
+    strategy.setup_environment(torch.device("cpu"), 0, 2)
+    strategy.setup_policies(resolve_precision("bf16", torch.device("cpu")), GradientAccumulation(2))
+    strategy.observe_batch_size(8)
+    strategy.clip_grad_norm_([], 0.5)
+    resolved = strategy.resolved_config()
+    assert (resolved["train_micro_batch_size_per_gpu"], resolved["gradient_accumulation_steps"],
+            resolved["train_batch_size"]) == (8, 2, 32)
+    assert resolved["bf16"] == {"enabled": True} and resolved["fp16"] == {"enabled": False}
+    assert resolved["gradient_clipping"] == 0.5 and resolved["managed_gradient_accumulation"] is False
+    assert resolved["zero_optimization"] == {"stage": 3}  # DeepSpeed's own default bucket size
+    with pytest.raises(ValueError, match=r"says train_micro_batch_size_per_gpu=4, but the prepared data loader gives "
+                                         r"each process batches of 8"):
+        clash = DeepSpeed(config={"train_micro_batch_size_per_gpu": 4})
+        clash.setup_environment(torch.device("cpu"), 0, 2)
+        clash.setup_policies(resolve_precision("no", torch.device("cpu")), GradientAccumulation(1))
+        clash.observe_batch_size(8)
+        clash.resolved_config()
+
+
+@needs_deepspeed
+def test_a_real_mismatch_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    with pytest.raises(ValueError, match=r"The DeepSpeed config says gradient_accumulation_steps=4, but the Accelerator "
+                                         r"accumulates 2 micro-batches per step"):
+        Accelerator(strategy=DeepSpeed(config={"gradient_accumulation_steps": 4}), gradient_accumulation_steps=2, cpu=True)
+    with pytest.raises(ValueError, match=r"DeepSpeed\(zero_stage=2\) disagrees with the DeepSpeed config's "
+                                         r"zero_optimization.stage=3"):
+        DeepSpeed(config={"zero_optimization": {"stage": 3}}, zero_stage=2)
+    strategy = DeepSpeed(config={"gradient_clipping": 1.0})
+    with pytest.raises(ValueError, match=r"The DeepSpeed config clips gradients to 1.0, and clip_grad_norm_ asks for 0.5"):
+        strategy.clip_grad_norm_([], 0.5)
+
+
+@needs_deepspeed
+def test_launch_config_section_keys(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": "auto"}, "gradient_clipping": "auto"}))
+    strategy = DeepSpeed.from_config({"zero_stage": 3, "gradient_clipping": 1.0, "deepspeed_config_file": str(path),
+                                      "zero3_save_16bit_model": True, "deepspeed_multinode_launcher": "standard"})
+    assert strategy.zero_stage == 3 and strategy.zero3_save_16bit_model and strategy.config["gradient_clipping"] == 1.0
+    with pytest.raises(ValueError, match=r"Unknown deepspeed_config key 'zero_stag'. Did you mean 'zero_stage'\?"):
+        DeepSpeed.from_config({"zero_stag": 2})
+    assert isinstance(resolve_strategy("deepspeed", 2, {"deepspeed": {"zero_stage": 1}}), DeepSpeed)
+    assert resolve_strategy("DEEPSPEED", 2, {"deepspeed": {"zero_stage": 1}}).zero_stage == 1
+
+
+@needs_deepspeed
+def test_a_deepspeed_launch_config_runs_the_trainer_example(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    config = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "mixed_precision": "no",
+              "num_machines": 1, "num_processes": 2, "use_cpu": True,
+              "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "none", "zero3_init_flag": False}}
+    path = tmp_path / "deepspeed_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    started = time.monotonic()
+    result = run_cli("launch", "--config_file", str(path), "examples/trainer_digits.py",
+                     "--output-dir", str(tmp_path / "digits"), "--epochs", "4", timeout=300)
+    code, out, err = result
+    print(f"trainer_digits under DeepSpeed ZeRO-2: {time.monotonic() - started:.1f} s")
+    assert code == 0, err[-5000:]
+    assert_clean(result, str(tmp_path))
+    accuracy = float(out.split("test accuracy ")[1].split()[0])
+    assert accuracy > 0.85, out
+    latest = tmp_path / "digits" / "checkpoints" / "latest"
+    assert latest.is_file()
+    assert any((tmp_path / "digits" / "checkpoints").rglob("zero/rank_1.safetensors"))
