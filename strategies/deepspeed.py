@@ -617,7 +617,7 @@ class DeepSpeed(Strategy):
             engine.save_checkpoint(str(directory / _NATIVE_DIR), tag="state", save_latest=False)
             self._save_extra_modules(modules, directory)
             return True
-        from trainer.checkpoint_io import save_state_files, write_json
+        from strategies.state_format import save_state_files, write_json
 
         folder = directory / _PARTITIONS_DIR
         folder.mkdir(parents=True, exist_ok=True)
@@ -688,7 +688,7 @@ class DeepSpeed(Strategy):
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}.")
 
     def _load_partitions(self, folder: Path) -> None:
-        from trainer.checkpoint_io import load_state_files, read_json
+        from strategies.state_format import load_state_files, read_json
 
         meta = read_json(folder / "meta.json")
         if meta["num_processes"] != self.num_processes or meta["zero_stage"] != self.zero_stage:

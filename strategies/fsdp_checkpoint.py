@@ -22,7 +22,6 @@ the second...), ``optimizer.state.<fqn>.<name>`` for optimizer state.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,11 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from strategies.state_format import is_tensor_ref, join_state, split_state, tensor_keys, tensor_ref
+
 DIRECTORY = "sharded_state"
 INFO_FILE = "sharded_state.json"
 FORMAT = "dcp-safetensors"
 FORMAT_VERSION = 1
-_TENSOR, _TUPLE, _FLOAT = "__tensor__", "__tuple__", "__float__"
 SAFE_SUFFIXES = (".json", ".safetensors")
 
 
@@ -46,70 +46,6 @@ class ShardedCheckpointError(ValueError):
 
 def _name(kind: str, index: int) -> str:
     return kind if index == 0 else f"{kind}_{index}"
-
-
-# -- tensors apart from the structure ------------------------------------------------------------
-def split_tensors(state: Any, prefix: str) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(JSON-ready skeleton, flat ``{key: tensor}``) for a nested state dict with string keys.
-
-    Tensors keep their type (a sharded DTensor stays one), so DCP writes each process's shard.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(obj: Any, path: str) -> Any:
-        if torch.is_tensor(obj):
-            tensors[path] = obj
-            return {_TENSOR: path}
-        if isinstance(obj, dict):
-            bad = [k for k in obj if not isinstance(k, str)]
-            if bad:
-                raise TypeError(f"Cannot write a sharded checkpoint: {path} has a non-string key {bad[0]!r}.")
-            return {k: walk(v, f"{path}.{k}") for k, v in obj.items()}
-        if isinstance(obj, tuple):
-            return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
-        if isinstance(obj, float) and not math.isfinite(obj):
-            return {_FLOAT: repr(obj)}
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            return obj
-        raise TypeError(f"Cannot store a {type(obj).__name__} at {path} in a checkpoint: only tensors, numbers, "
-                        "strings, None, lists, tuples and dicts are saved (nothing is pickled).")
-
-    return walk(state, prefix), tensors
-
-
-def join_tensors(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of ``split_tensors``."""
-    if isinstance(skeleton, list):
-        return [join_tensors(v, tensors) for v in skeleton]
-    if isinstance(skeleton, dict):
-        if _TENSOR in skeleton:
-            return tensors[skeleton[_TENSOR]]
-        if _TUPLE in skeleton:
-            return tuple(join_tensors(v, tensors) for v in skeleton[_TUPLE])
-        if _FLOAT in skeleton:
-            return float(skeleton[_FLOAT])
-        return {k: join_tensors(v, tensors) for k, v in skeleton.items()}
-    return skeleton
-
-
-def _tensor_keys(skeleton: Any) -> list[str]:
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, list):
-            for v in node:
-                walk(v)
-        elif isinstance(node, dict):
-            if _TENSOR in node:
-                found.append(node[_TENSOR])
-            else:
-                for v in node.values():
-                    walk(v)
-
-    walk(skeleton)
-    return found
 
 
 def tied_names(module: nn.Module) -> dict[str, str]:
@@ -131,8 +67,8 @@ def _split_model_state(module: nn.Module, state: dict[str, Any], prefix: str) ->
     The skeleton still names every key, the tied ones pointing at their first name's tensor.
     """
     shared = {alias: first for alias, first in tied_names(module).items() if alias in state and first in state}
-    skeleton, tensors = split_tensors({k: v for k, v in state.items() if k not in shared}, prefix)
-    refs = {alias: {_TENSOR: f"{prefix}.{first}"} for alias, first in shared.items()}
+    skeleton, tensors = split_state({k: v for k, v in state.items() if k not in shared}, prefix, materialize=False)
+    refs = {alias: tensor_ref(f"{prefix}.{first}") for alias, first in shared.items()}
     return {k: refs[k] if k in refs else skeleton[k] for k in state}, tensors
 
 
@@ -178,7 +114,7 @@ def save_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
         info["models"].append({"prefix": _name("model", index), "state": skeleton})
     for index, optimizer in enumerate(optimizers):
         state = _optimizer_state_dict(owner_of(optimizer, modules), optimizer)
-        skeleton, part = split_tensors(state, _name("optimizer", index))
+        skeleton, part = split_state(state, _name("optimizer", index), materialize=False)
         tensors.update(part)
         info["optimizers"].append({"prefix": _name("optimizer", index), "state": skeleton})
     with _quiet_without_process_group():
@@ -260,13 +196,13 @@ def load_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
     targets: dict[str, torch.Tensor] = {}
     for module, saved in zip(modules, saved_models, strict=False):
         _, part = _split_model_state(module, get_model_state_dict(module), saved["prefix"])
-        wanted = set(_tensor_keys(saved["state"]))
+        wanted = set(tensor_keys(saved["state"]))
         _check_keys(folder, saved["prefix"], set(part), wanted, strict)
         targets.update({k: v for k, v in part.items() if k in wanted})
     for optimizer, saved in zip(optimizers, saved_optimizers, strict=False):
         live = get_optimizer_state_dict(owner_of(optimizer, modules), optimizer)  # a fresh one is initialised
-        _, part = split_tensors(live, saved["prefix"])
-        wanted = set(_tensor_keys(saved["state"]))
+        _, part = split_state(live, saved["prefix"], materialize=False)
+        wanted = set(tensor_keys(saved["state"]))
         missing = sorted(wanted - set(part))
         if missing:
             raise ShardedCheckpointError(f"{folder}: the optimizer state holds {missing[:5]} that the prepared "
@@ -276,11 +212,11 @@ def load_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
         dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(folder)), planner=DefaultLoadPlanner())
     for module, saved in zip(modules, saved_models, strict=False):
         # A model state dict is flat: keep the entries whose tensor was read (all of them, when strict).
-        state = {name: join_tensors(value, targets) for name, value in saved["state"].items()
-                 if not (isinstance(value, dict) and _TENSOR in value and value[_TENSOR] not in targets)}
+        state = {name: join_state(value, targets) for name, value in saved["state"].items()
+                 if not (is_tensor_ref(value) and tensor_keys(value)[0] not in targets)}
         set_model_state_dict(module, state, options=StateDictOptions(strict=strict))
     for optimizer, saved in zip(optimizers, saved_optimizers, strict=False):
-        state = join_tensors(saved["state"], targets)
+        state = join_state(saved["state"], targets)
         set_optimizer_state_dict(owner_of(optimizer, modules), optimizer, state)
         if not state["state"]:  # saved before its first step: it must stay without state (no step counted)
             optimizer.state.clear()
@@ -308,7 +244,7 @@ def model_tensor_specs(folder: Path, model_index: int = 0) -> dict[str, tuple[to
     prefix = info["models"][model_index]["prefix"] + "."
     metadata = HuggingFaceStorageReader(str(folder)).read_metadata()
     specs = {}
-    for key in dict.fromkeys(_tensor_keys(info["models"][model_index]["state"])):  # tied weights: once
+    for key in dict.fromkeys(tensor_keys(info["models"][model_index]["state"])):  # tied weights: once
         entry = metadata.state_dict_metadata.get(key)
         if not isinstance(entry, TensorStorageMetadata):
             raise ShardedCheckpointError(f"{folder}: the shards hold no tensor {key!r}; the checkpoint is incomplete.")

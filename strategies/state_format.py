@@ -1,0 +1,128 @@
+"""The checkpoint state format: tensors in safetensors, everything else in JSON, nothing pickled.
+
+A state dict is split into its tensors (stored by a flat key in a ``.safetensors`` file) and a
+JSON skeleton that records where each tensor goes, so that a checkpoint from an untrusted source
+cannot run code when it is loaded. It lives here, below both ``trainer`` and the strategies,
+because strategies that write their own (sharded) checkpoints use the same format.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_TENSOR, _TUPLE, _ITEMS, _FLOAT = "__tensor__", "__tuple__", "__items__", "__float__"
+
+
+def split_state(state: Any, prefix: str = "", materialize: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-ready skeleton, flat dict of tensors) for a nested state dict.
+
+    Tensors are stored under their dotted path (after ``prefix``). ``materialize`` gives plain,
+    contiguous CPU copies; without it tensors keep their type, so a sharded ``DTensor`` stays one
+    and a distributed writer stores each process's shard.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(obj: Any, path: str) -> Any:
+        if torch.is_tensor(obj):
+            key = path or "tensor"
+            tensors[key] = obj.detach().contiguous().cpu() if materialize else obj
+            return {_TENSOR: key}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj):
+                return {k: walk(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+            # Optimizer states are keyed by int; JSON would turn those keys into strings.
+            return {_ITEMS: [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+        if isinstance(obj, tuple):
+            return {_TUPLE: [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(obj)]
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return {_FLOAT: repr(obj)}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(
+            f"Cannot store a {type(obj).__name__} at {path or 'the top level'} in a checkpoint: only "
+            "tensors, numbers, strings, None, lists, tuples and dicts are saved (nothing is pickled)."
+        )
+
+    return walk(state, prefix), tensors
+
+
+def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of ``split_state``."""
+    if isinstance(skeleton, list):
+        return [join_state(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if _TENSOR in skeleton:
+            return tensors[skeleton[_TENSOR]]
+        if _TUPLE in skeleton:
+            return tuple(join_state(v, tensors) for v in skeleton[_TUPLE])
+        if _ITEMS in skeleton:
+            return {join_state(k, tensors): join_state(v, tensors) for k, v in skeleton[_ITEMS]}
+        if _FLOAT in skeleton:
+            return float(skeleton[_FLOAT])
+        return {k: join_state(v, tensors) for k, v in skeleton.items()}
+    return skeleton
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def save_state_files(state: Any, directory: Path, name: str) -> None:
+    """Write ``name.json`` (and ``name.safetensors`` when there are tensors) into ``directory``."""
+    skeleton, tensors = split_state(state)
+    if tensors:
+        save_file(tensors, str(directory / f"{name}.safetensors"))
+    write_json(directory / f"{name}.json", skeleton)
+
+
+def load_state_files(directory: Path, name: str, device: torch.device | str = "cpu") -> Any:
+    json_path = directory / f"{name}.json"
+    if not json_path.is_file():
+        raise FileNotFoundError(
+            f"The checkpoint {directory} has no {json_path.name}: it is incomplete or was written by a "
+            "different setup (another number of models, optimizers or processes)."
+        )
+    tensor_path = directory / f"{name}.safetensors"
+    tensors = load_file(str(tensor_path), device=str(device)) if tensor_path.is_file() else {}
+    return join_state(read_json(json_path), tensors)
+
+
+def tensor_keys(skeleton: Any) -> list[str]:
+    """The tensor keys a skeleton refers to, in order."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for value in node:
+                walk(value)
+        elif isinstance(node, dict):
+            if _TENSOR in node:
+                found.append(node[_TENSOR])
+            else:
+                for value in node.values():
+                    walk(value)
+
+    walk(skeleton)
+    return found
+
+
+def tensor_ref(key: str) -> dict[str, str]:
+    """The skeleton entry that stands for the tensor stored under ``key``."""
+    return {_TENSOR: key}
+
+
+def is_tensor_ref(node: Any) -> bool:
+    return isinstance(node, dict) and _TENSOR in node
