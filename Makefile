@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; pip takes a local wheel where one is provided (PIP_FIND_LINKS).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-xla lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,21 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# XLA on the CPU (PJRT_DEVICE=CPU), in its own environment: torch_xla 2.9 needs torch 2.9, not the
+# torch of .venv. About 7 GB (PyPI's torch 2.9 brings its CUDA libraries); kept out of `make test`.
+XLA_VENV := .venv-xla
+XLA_SPEC ?= torch==2.9.0 torch_xla==2.9.0
+
+$(XLA_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_VENV)/bin/pip install --quiet --upgrade pip
+	$(XLA_VENV)/bin/pip install --quiet $(XLA_SPEC)
+	$(XLA_VENV)/bin/pip install --quiet -e . "pytest>=8" "pytest-timeout>=2.2" $(XLA_SPEC)
+	touch $@
+
+test-xla: $(XLA_VENV)/.installed
+	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q tests/test_xla.py
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks
 
@@ -35,4 +50,4 @@ bench: $(VENV)/.installed-base
 	$(BIN)/python benchmarks/big_model.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(XLA_VENV) outputs .pytest_cache

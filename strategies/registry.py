@@ -8,16 +8,18 @@ from strategies.base import Strategy
 from strategies.ddp import DDP
 from strategies.deepspeed import DeepSpeed, require_deepspeed
 from strategies.fsdp import FSDP
+from strategies.megatron import Megatron, require_megatron
 from strategies.single_device import SingleDevice
+from strategies.xla import XLA, require_xla
 
-_BUILDERS = {"single_device": SingleDevice, "ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed}
+_BUILDERS = {"single_device": SingleDevice, "ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed, "megatron": Megatron, "xla": XLA}
 # Names users know from other frameworks that mean the same strategy.
 _ALIASES = {"single": "single_device", "no": "single_device", "cpu": "single_device", "multi_cpu": "ddp",
             "multi_gpu": "ddp", "multi_xpu": "ddp", "multi_npu": "ddp", "multi_mlu": "ddp", "multi_hpu": "ddp"}
 # Strategies that this release does not ship yet.
-_PLANNED = ("megatron", "xla")
+_PLANNED: tuple[str, ...] = ()
 # Strategies whose backend is an optional package: checked before any work starts.
-_NEEDS_PACKAGE = {"deepspeed": require_deepspeed}
+_NEEDS_PACKAGE = {"deepspeed": require_deepspeed, "megatron": require_megatron, "xla": require_xla}
 
 
 def available_strategies() -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
 import subprocess
 import sys
@@ -71,8 +72,9 @@ def test_strategy_names():
     assert isinstance(Accelerator(strategy="single_device").strategy, SingleDevice)
     with pytest.raises(ValueError, match=r"Unknown strategy 'singel_device'.*Did you mean 'single_device'\?"):
         Accelerator(strategy="singel_device")
-    with pytest.raises(ValueError, match="strategy='megatron' is not available in this release"):
-        Accelerator(strategy="megatron")
+    if importlib.util.find_spec("torch_xla") is None:
+        with pytest.raises(ImportError, match=r"pip install 'trainer-kit\[xla\]'|torch_xla"):
+            Accelerator(strategy="xla")
 
 
 def test_forcing_cpu():

@@ -23,11 +23,11 @@ def test_misspelt_precision_names_the_valid_values():
     with pytest.raises(ValueError) as error:
         Accelerator(mixed_precision="bf61")
     message = str(error.value)
-    assert message == ("Unknown precision 'bf61'; valid values: ['no', 'fp32', 'fp16', 'bf16']. "
+    assert message == ("Unknown precision 'bf61'; valid values: ['no', 'fp32', 'fp16', 'bf16', 'fp8']. "
                        "Did you mean 'bf16'?")
 
 
-def test_fp8_is_refused_with_a_reason():
+def test_fp8_without_fp8_hardware_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="fp8 training needs torchao"):
         Accelerator(mixed_precision="fp8")
 

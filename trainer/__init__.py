@@ -18,7 +18,6 @@ from trainer.inference import (
     init_on_device,
     load_checkpoint_and_dispatch,
 )
-from trainer.inference.pipeline import prepare_pippy
 from trainer.notebook import notebook_launcher
 from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
 from trainer.random_state import set_seed
@@ -53,3 +52,12 @@ __all__ = [
     "resolve_precision",
     "set_seed",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``prepare_pippy`` is imported on first use: torch's pipelining module takes a second to import."""
+    if name == "prepare_pippy":
+        from trainer.inference.pipeline import prepare_pippy
+
+        return prepare_pippy
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")

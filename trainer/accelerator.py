@@ -537,7 +537,7 @@ class _MicroStep:
 
 def _launch_settings() -> dict[str, dict]:
     """Strategy options that ``trainer launch`` passed from the config file (TRAINER_FSDP_CONFIG...)."""
-    sections = {"fsdp": "TRAINER_FSDP_CONFIG", "deepspeed": "TRAINER_DEEPSPEED_CONFIG"}
+    sections = {"fsdp": "TRAINER_FSDP_CONFIG", "deepspeed": "TRAINER_DEEPSPEED_CONFIG", "megatron": "TRAINER_MEGATRON_LM_CONFIG"}
     return {name: json.loads(os.environ[variable]) for name, variable in sections.items() if os.environ.get(variable)}
 
 

@@ -125,18 +125,20 @@ _ALIASES = {
     "no": "no", "fp32": "no", "32": "no", "32-true": "no", "float32": "no",
     "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "float16": "fp16",
     "bf16": "bf16", "bf16-mixed": "bf16", "bfloat16": "bf16",
+    "fp8": "fp8", "float8": "fp8",
 }
-VALID_PRECISIONS = ("no", "fp32", "fp16", "bf16")
-_LATER = {"fp8": "fp8 training needs torchao and a GPU with fp8 support; it is not available in this release."}
+VALID_PRECISIONS = ("no", "fp32", "fp16", "bf16", "fp8")
 
 
 def canonical_precision(precision: str | None) -> str:
-    """The canonical name (``"no"``, ``"fp16"``, ``"bf16"``) of a precision string, or one clear error."""
+    """The canonical name (``"no"``, ``"fp16"``, ``"bf16"``, ``"fp8"``) of a precision string, or one clear error."""
     key = "no" if precision is None else str(precision).strip().lower()
     if key in _ALIASES:
+        if _ALIASES[key] == "fp8":  # refused here, before any process group or device, where it cannot run at all
+            from trainer.precision_fp8 import check_fp8_available
+
+            check_fp8_available(label=repr(precision))
         return _ALIASES[key]
-    if key in _LATER:
-        raise ValueError(f"mixed_precision={precision!r}: {_LATER[key]} Valid values: {list(VALID_PRECISIONS)}.")
     close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(f"Unknown precision {precision!r}; valid values: {list(VALID_PRECISIONS)}.{hint}")
@@ -152,4 +154,8 @@ def resolve_precision(precision: str | Precision | None, device: torch.device,
         return Float16Precision(device, **(scaler_kwargs or {}))
     if name == "bf16":
         return MixedPrecision(device, torch.bfloat16, "bf16")
+    if name == "fp8":
+        from trainer.precision_fp8 import Float8Precision
+
+        return Float8Precision(device)
     return Precision(device)

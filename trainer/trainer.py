@@ -486,8 +486,11 @@ def _pad_token_id(model: nn.Module, tokenizer: Any) -> int:
 
 
 def _forked_rng(device: torch.device) -> Any:
-    """A context that restores the CPU (and this device's) RNG state when it exits."""
-    if device.type == "cpu":
+    """A context that restores the CPU (and this device's) RNG state when it exits.
+
+    Devices without a ``torch.<type>`` module (XLA keeps its generator elsewhere) fork the CPU's only.
+    """
+    if device.type == "cpu" or getattr(torch, device.type, None) is None:
         return torch.random.fork_rng(devices=[])
     return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
 

@@ -4,10 +4,12 @@ from trainer.inference.device_map import DeviceMapError, find_tied_parameters, g
 from trainer.inference.dispatch import cpu_offload, disk_offload, dispatch_model, load_checkpoint_and_dispatch, remove_dispatch
 from trainer.inference.inferencer import Inferencer
 from trainer.inference.meta import init_empty_weights, init_on_device
+from trainer.inference.quantization import QuantizationConfig, quantize_model
 from trainer.inference.sizes import module_sizes, parse_size
 
 __all__ = [
-    "DeviceMapError", "Inferencer", "cpu_offload", "disk_offload", "dispatch_model", "find_tied_parameters",
+    "DeviceMapError", "Inferencer", "QuantizationConfig", "quantize_model",
+    "cpu_offload", "disk_offload", "dispatch_model", "find_tied_parameters",
     "get_max_memory", "infer_auto_device_map", "init_empty_weights", "init_on_device", "load_checkpoint_and_dispatch",
     "module_sizes", "parse_size", "remove_dispatch",
 ]

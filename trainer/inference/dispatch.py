@@ -162,18 +162,23 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                                  max_memory: Mapping[Device, int | str] | None = None,
                                  no_split_module_classes: Iterable[str] | None = None,
                                  offload_folder: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-                                 strict: bool = True, prefetch: int = 1) -> nn.Module:
+                                 strict: bool = True, prefetch: int = 1, quantization: Any = None) -> nn.Module:
     """Fill ``model`` (usually built with ``init_empty_weights``) from ``checkpoint`` and dispatch it.
 
     ``checkpoint``: a safetensors file, a folder of shards with an index JSON, or a ``.bin``
     state dict (loaded with ``weights_only=True``). Keys are checked against the model before
     anything is read: missing, unexpected (with ``strict``) or differently shaped weights are
-    one error that lists them.
+    one error that lists them. ``quantization`` (a ``QuantizationConfig``, its keyword arguments as a dict, or a
+    ``BitsAndBytesConfig``) swaps linear layers for bitsandbytes ones, quantized as each weight is read.
     """
     from trainer.inference.checkpoint_files import CheckpointFiles, check_against_model
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if quantization is not None:
+        from trainer.inference.quantization import quantize_model
+
+        model = quantize_model(model, quantization)
     files = CheckpointFiles(checkpoint)
     aliases = _aliases(model)
     expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
@@ -189,6 +194,10 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     check_against_model(files, expected, strict=strict, ignore=tied_absent + ignored)
     device_map = resolve_device_map(model, device_map, max_memory, no_split_classes(model, no_split_module_classes), dtype)
     main = main_device(device_map)
+    if quantization is not None:
+        from trainer.inference.quantization import check_quantized_placement
+
+        check_quantized_placement(model, device_map, main)
     weights = OffloadedWeights(offload_folder, pin=main.type == "cuda")
     wanted = set(expected)
     stored_names = {name: aliases.get(name, name) for name in present if name in wanted}  # tied: the group's first name
@@ -222,9 +231,18 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
             to_write[stored] = tensor
         elif offloaded(device, main):
             weights.keep_in_memory(stored, tensor)
-        else:
+        elif not _load_quantized(model, name, tensor, torch_device(device)):
             _place(model, name, tensor.to(torch_device(device)), aliases)
     weights.write(to_write)
+
+
+def _load_quantized(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device) -> bool:
+    """Quantize a weight of a bitsandbytes layer as it is read (False for any other weight)."""
+    if not getattr(model, "is_quantized", False):
+        return False
+    from trainer.inference.quantization import load_quantized_weight
+
+    return load_quantized_weight(model, name, tensor, device)
 
 
 def _from_bin(files: CheckpointFiles, shard: Path, name: str) -> torch.Tensor:

@@ -47,16 +47,19 @@ class Inferencer:
         keep_weights: for a model that came with real weights, keep its own parameter objects so
             ``close()`` puts them back exactly as they were (an optimizer holding them goes on
             working); they stay in memory meanwhile.
+        quantization: a ``QuantizationConfig`` (or its keyword arguments as a dict, or a transformers
+            ``BitsAndBytesConfig``): linear layers become bitsandbytes 8-bit or 4-bit layers, quantized as
+            the checkpoint is read (see ``trainer.inference.quantization``).
     """
 
     def __init__(self, model: nn.Module, checkpoint: str | os.PathLike | None = None, *, device_map: Any = "auto",
                  max_memory: Mapping[Device, int | str] | None = None, no_split_module_classes: Iterable[str] | None = None,
                  offload_folder: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None, prefetch: int = 1,
-                 strict: bool = True, keep_weights: bool = False) -> None:
+                 strict: bool = True, keep_weights: bool = False, quantization: Any = None) -> None:
         self._kept: dict[str, torch.Tensor] | None = None
         if checkpoint is not None:
             self.model = load_checkpoint_and_dispatch(model, checkpoint, device_map, max_memory, no_split_module_classes,
-                                                      offload_folder, dtype, strict, prefetch)
+                                                      offload_folder, dtype, strict, prefetch, quantization)
         else:
             if isinstance(dtype, str):
                 dtype = getattr(torch, dtype)
@@ -65,6 +68,11 @@ class Inferencer:
             if keep_weights:
                 self._kept = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
             resolved = resolve_device_map(model, device_map, max_memory, no_split_classes(model, no_split_module_classes))
+            if quantization is not None:
+                from trainer.inference.quantization import check_quantized_placement, quantize_model
+
+                model = quantize_model(model, quantization, device_map=resolved)
+                check_quantized_placement(model, resolved, main_device(resolved))
             self.model = dispatch_model(model, resolved, offload_folder=offload_folder, prefetch=prefetch)
         self.device_map = self.model.hf_device_map
         self.device = main_device(self.device_map)
