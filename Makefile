@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; pip takes a local wheel where one is provided (PIP_FIND_LINKS).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-xla lint bench clean
+.PHONY: demo test docs test-xla lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,17 @@ demo: $(VENV)/.installed-base
 	$(BIN)/python examples/demo.py --output-dir outputs/demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks
+	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks tools
 	$(BIN)/python -m pytest -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not -q: it hides the warnings that --strict counts
+
+# The documentation site (MkDocs, Material) into site/; --strict: a broken link, anchor or API reference fails it.
+$(VENV)/.installed-docs: pyproject.toml $(VENV)/.installed-base
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $@
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # XLA on the CPU (PJRT_DEVICE=CPU), in its own environment: torch_xla 2.9 needs torch 2.9, not the
 # torch of .venv. About 7 GB (PyPI's torch 2.9 brings its CUDA libraries); kept out of `make test`.
@@ -43,11 +52,11 @@ test-xla: $(XLA_VENV)/.installed
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q tests/test_xla.py
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks
+	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks tools
 
 bench: $(VENV)/.installed-base
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/big_model.py
 
 clean:
-	rm -rf $(VENV) $(XLA_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(XLA_VENV) outputs .pytest_cache site
