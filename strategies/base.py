@@ -169,12 +169,7 @@ class Strategy:
     def load_module(self, module: nn.Module, path: Path, strict: bool = True) -> None:
         missing, unexpected = load_model(self.unwrap_module(module), str(path), strict=False,
                                          device=str(self.root_device))
-        if strict and (missing or unexpected):
-            raise RuntimeError(
-                f"The checkpoint {path} does not match the model: missing keys {sorted(missing)}, "
-                f"unexpected keys {sorted(unexpected)}. Load it into the model it was saved from, or "
-                "pass strict=False to load what matches."
-            )
+        check_loaded_keys(path, missing, unexpected, strict)
 
     def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:
@@ -201,3 +196,14 @@ class Strategy:
     def module_sharded_context(self) -> Iterator[None]:
         """Context for building a model that this strategy shards at creation (none by default)."""
         yield
+
+
+def check_loaded_keys(path: Path, missing: Iterable[str], unexpected: Iterable[str], strict: bool) -> None:
+    """With ``strict``, one error naming the keys a loaded checkpoint lacked or had in excess."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if strict and (missing or unexpected):
+        raise RuntimeError(
+            f"The checkpoint {path} does not match the model: missing keys {missing}, "
+            f"unexpected keys {unexpected}. Load it into the model it was saved from, or "
+            "pass strict=False to load what matches."
+        )

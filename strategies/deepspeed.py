@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import importlib.util
 import json
 import os
 import socket
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -37,7 +35,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from strategies.base import Strategy
+from strategies.base import Strategy, check_loaded_keys
+from strategies.packages import missing_package_message, package_available, require_package
 
 INSTALL_HINT = "pip install 'trainer-kit[deepspeed]'"
 MINIMUM_VERSION = (0, 19, 4)  # the first release whose engine lets the caller own the accumulation boundary
@@ -63,22 +62,16 @@ _LOSS_SCALER_KEY = "__loss_scaler__"
 
 def deepspeed_available() -> bool:
     """Whether ``import deepspeed`` can succeed, without importing it (a few seconds and a device probe)."""
-    if "deepspeed" in sys.modules:
-        return sys.modules["deepspeed"] is not None
-    try:
-        return importlib.util.find_spec("deepspeed") is not None
-    except (ImportError, ValueError):
-        return False
+    return package_available("deepspeed")
 
 
 def missing_deepspeed_message(what: str = "The DeepSpeed strategy") -> str:
-    return f"{what} needs the deepspeed package, which is not installed. Install it with: {INSTALL_HINT}"
+    return missing_package_message(what, "deepspeed", INSTALL_HINT)
 
 
 def require_deepspeed(what: str = "The DeepSpeed strategy") -> None:
     """One clear ImportError, before any work, when deepspeed cannot be imported."""
-    if not deepspeed_available():
-        raise ImportError(missing_deepspeed_message(what))
+    require_package("deepspeed", what, "deepspeed", INSTALL_HINT)
 
 
 def _import_deepspeed() -> Any:
@@ -592,9 +585,7 @@ class DeepSpeed(Strategy):
         entries = inner.state_dict(keep_vars=True)
         missing = sorted(set(entries) - set(loaded) - _tied_aliases(entries, loaded))
         unexpected = sorted(set(loaded) - set(entries))
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"The checkpoint {path} does not match the model: missing keys {missing}, "
-                               f"unexpected keys {unexpected}.")
+        check_loaded_keys(path, missing, unexpected, strict)
         parameters = list(inner.parameters())
         gather = deepspeed.zero.GatheredParameters(parameters, modifier_rank=0) if self.zero_stage == 3 else nullcontext()
         with gather, torch.no_grad():

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from strategies import fsdp_checkpoint
-from strategies.base import Strategy
+from strategies.base import Strategy, check_loaded_keys
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 # Sharding strategy (FSDP1's names and numbers) -> (mesh layout, reshard parameters after forward).
@@ -362,9 +362,7 @@ class FSDP(Strategy):
         state = load_file(str(path))
         expected = set(self.model_keys(module))
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"The checkpoint {path} does not match the model: missing keys {missing}, "
-                               f"unexpected keys {unexpected}.")
+        check_loaded_keys(path, missing, unexpected, strict)
         set_model_state_dict(module, state, options=self._options(strict=strict))
 
     @staticmethod

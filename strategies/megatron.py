@@ -23,10 +23,8 @@ exists: the layers read the tensor-parallel group when they are created.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import math
 import socket
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -39,7 +37,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from strategies.base import Strategy
+from strategies.base import Strategy, check_loaded_keys
+from strategies.packages import missing_package_message, package_available, require_package
 
 INSTALL_HINT = "pip install 'trainer-kit[megatron]'"
 # Keys of a launch configuration's ``megatron_lm_config`` section and the argument each one sets here.
@@ -55,22 +54,16 @@ _STATE_DIR = "megatron"
 
 def megatron_available() -> bool:
     """Whether ``import megatron.core`` can succeed, without importing it (it imports much of its stack)."""
-    if "megatron" in sys.modules and sys.modules["megatron"] is None:
-        return False
-    try:
-        return importlib.util.find_spec("megatron.core") is not None
-    except (ImportError, ValueError):
-        return False
+    return package_available("megatron.core")
 
 
 def missing_megatron_message(what: str = "The Megatron strategy") -> str:
-    return f"{what} needs the megatron-core package, which is not installed. Install it with: {INSTALL_HINT}"
+    return missing_package_message(what, "megatron-core", INSTALL_HINT)
 
 
 def require_megatron(what: str = "The Megatron strategy") -> None:
     """One clear ImportError, before any work, when megatron-core cannot be imported."""
-    if not megatron_available():
-        raise ImportError(missing_megatron_message(what))
+    require_package("megatron.core", what, "megatron-core", INSTALL_HINT)
 
 
 def _parallel_state() -> Any:
@@ -398,10 +391,7 @@ class Megatron(Strategy):
         loaded = load_file(str(path))
         entries = dict(inner.named_parameters()) | dict(inner.named_buffers())
         missing, unexpected = sorted(set(entries) - set(loaded)), sorted(set(loaded) - set(entries))
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"The checkpoint {path} does not match the model: missing keys {missing}, "
-                               f"unexpected keys {unexpected}. Load it into the model it was saved from, or pass "
-                               "strict=False to load what matches.")
+        check_loaded_keys(path, missing, unexpected, strict)
         with torch.no_grad():
             for name, tensor in entries.items():
                 if name not in loaded:

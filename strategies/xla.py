@@ -13,7 +13,6 @@ strategy does not implement.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from strategies.base import Strategy
+from strategies.base import Strategy, check_loaded_keys
+from strategies.packages import package_available
 from strategies.state_format import load_state_files, read_json, save_state_files, write_json
 
 INSTALL_HINT = "pip install 'torch_xla==<your torch version>' (e.g. pip install torch==2.9.0 torch_xla==2.9.0)"
@@ -30,7 +30,7 @@ _RNG_FILE = "xla_random_state.json"
 
 
 def xla_available() -> bool:
-    return importlib.util.find_spec("torch_xla") is not None
+    return package_available("torch_xla")
 
 
 def require_xla(what: str = "The XLA strategy") -> None:
@@ -114,12 +114,7 @@ class XLA(Strategy):
 
     def load_module(self, module: nn.Module, path: Path, strict: bool = True) -> None:
         missing, unexpected = self.unwrap_module(module).load_state_dict(load_file(str(path)), strict=False)
-        if strict and (missing or unexpected):
-            raise RuntimeError(
-                f"The checkpoint {path} does not match the model: missing keys {sorted(missing)}, "
-                f"unexpected keys {sorted(unexpected)}. Load it into the model it was saved from, or "
-                "pass strict=False to load what matches."
-            )
+        check_loaded_keys(path, missing, unexpected, strict)
 
     def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:

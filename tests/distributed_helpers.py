@@ -110,3 +110,28 @@ def run_cli(*args: str, timeout: float = 240, stdin: str | None = None, home: Pa
             out, err = process.communicate()
         raise AssertionError(f"timed out:\n{out}\n{err}") from None
     return process.returncode, out, err
+
+
+_ATTEMPTS = """
+import sys
+import torch.distributed as dist
+for code in sys.argv[1:]:
+    try:
+        exec(code)
+    except ImportError as error:
+        print("ERROR", type(error).__name__, error, "| process group:", dist.is_initialized())
+"""
+
+
+def import_errors_without(module: str, attempts: Sequence[str], scratch: Path) -> list[str]:
+    """Run each line of ``attempts`` in a fresh process where ``module`` cannot be imported.
+
+    Returns one line per ImportError raised: its type, its message and whether a process group
+    existed by then (a missing package must be reported before any work).
+    """
+    (scratch / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None  # as if not installed\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(scratch), str(REPO_ROOT)]), "TRAINER_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-c", _ATTEMPTS, *attempts], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()

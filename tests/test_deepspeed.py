@@ -9,9 +9,7 @@ Only the missing-package test runs without deepspeed installed.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import pytest
 import torch
 import yaml
 from ddp_setup import dataset, make_model, train_steps
-from distributed_helpers import REPO_ROOT, WORKERS_DIR, run_cli, run_distributed
+from distributed_helpers import WORKERS_DIR, import_errors_without, run_cli, run_distributed
 from safetensors.torch import load_file, load_model
 from torch.utils.data import DataLoader
 
@@ -151,26 +149,16 @@ def test_the_consolidated_export_loads_into_the_plain_model(runs, export):
     assert torch.equal(outputs, expected), (outputs - expected).abs().max()
 
 
-SHIM = "import sys\nsys.modules['deepspeed'] = None  # as if deepspeed were not installed\n"
-ATTEMPTS = """
-import torch.distributed as dist
-for code in ("from trainer import Accelerator; Accelerator(strategy='deepspeed')",
-             "from strategies import DeepSpeed; DeepSpeed(zero_stage=2)",
-             "from trainer import Trainer; import torch; Trainer(torch.nn.Linear(2, 2), strategy='deepspeed')"):
-    try:
-        exec(code)
-    except ImportError as error:
-        print("ERROR", type(error).__name__, error, "| process group:", dist.is_initialized())
-"""
+ATTEMPTS = (
+    "from trainer import Accelerator; Accelerator(strategy='deepspeed')",
+    "from strategies import DeepSpeed; DeepSpeed(zero_stage=2)",
+    "from trainer import Trainer; import torch; Trainer(torch.nn.Linear(2, 2), strategy='deepspeed')",
+)
 
 
 def test_a_missing_deepspeed_is_one_clear_error_before_any_work(tmp_path, monkeypatch):
-    (tmp_path / "sitecustomize.py").write_text(SHIM)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), "TRAINER_USE_CPU": "1"}
-    result = subprocess.run([sys.executable, "-c", ATTEMPTS], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    errors = result.stdout.strip().splitlines()
-    assert len(errors) == 3, result.stdout
+    errors = import_errors_without("deepspeed", ATTEMPTS, tmp_path)
+    assert len(errors) == 3, errors
     for line in errors:
         assert line.startswith("ERROR ImportError ") and INSTALL in line and line.endswith("process group: False"), line
     # trainer launch: refused before any process starts.

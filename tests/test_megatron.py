@@ -9,8 +9,6 @@ without megatron-core installed.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ import psutil
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_helpers import REPO_ROOT, WORKERS_DIR, run_distributed
+from distributed_helpers import WORKERS_DIR, import_errors_without, run_distributed
 from safetensors.torch import load_file
 
 from strategies import Megatron, resolve_strategy
@@ -131,25 +129,15 @@ def test_the_launch_section_maps_onto_the_strategy(monkeypatch):
         Megatron(tp_degree=2).setup_environment(torch.device("cpu"), 0, 3)
 
 
-SHIM = "import sys\nsys.modules['megatron'] = None  # as if megatron-core were not installed\n"
-ATTEMPTS = """
-import torch.distributed as dist
-for code in ("from trainer import Accelerator; Accelerator(strategy='megatron')",
-             "from strategies import Megatron; Megatron(tp_degree=2)",
-             "from trainer import Trainer; import torch; Trainer(torch.nn.Linear(2, 2), strategy='megatron')"):
-    try:
-        exec(code)
-    except ImportError as error:
-        print("ERROR", type(error).__name__, error, "| process group:", dist.is_initialized())
-"""
+ATTEMPTS = (
+    "from trainer import Accelerator; Accelerator(strategy='megatron')",
+    "from strategies import Megatron; Megatron(tp_degree=2)",
+    "from trainer import Trainer; import torch; Trainer(torch.nn.Linear(2, 2), strategy='megatron')",
+)
 
 
 def test_a_missing_megatron_core_is_one_clear_error_before_any_work(tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(SHIM)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)]), "TRAINER_USE_CPU": "1"}
-    result = subprocess.run([sys.executable, "-c", ATTEMPTS], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    errors = result.stdout.strip().splitlines()
-    assert len(errors) == 3, result.stdout
+    errors = import_errors_without("megatron", ATTEMPTS, tmp_path)
+    assert len(errors) == 3, errors
     for line in errors:
         assert line.startswith("ERROR ImportError ") and INSTALL in line and line.endswith("process group: False"), line
