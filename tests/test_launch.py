@@ -47,6 +47,12 @@ num_processes: 8
 """
 
 
+def on_two_cpu_processes(talk_yaml: str, path: Path) -> Path:
+    """The talk's config file with only the machine changed (2 processes on the CPU), written to ``path``."""
+    path.write_text(yaml.safe_dump(yaml.safe_load(talk_yaml) | {"num_processes": 2, "use_cpu": True}))
+    return path
+
+
 def probes(out: str) -> list[str]:
     return sorted(line for line in out.splitlines() if line.startswith("PROBE"))
 
@@ -71,18 +77,14 @@ def test_one_process_runs_without_torchrun():
 
 
 def test_launch_with_the_talks_ddp_config_adjusted_to_cpu(tmp_path):
-    config = yaml.safe_load(TALK_DDP) | {"num_processes": 2, "use_cpu": True}
-    path = tmp_path / "ddp_config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = on_two_cpu_processes(TALK_DDP, tmp_path / "ddp_config.yaml")
     code, out, err = run_cli("launch", "--config_file", str(path), str(PROBE))
     assert code == 0, err
     assert probes(out) == [f"PROBE rank={r} world=2 strategy=ddp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
 
 
 def test_launch_with_the_talks_fsdp_config_adjusted_to_cpu(tmp_path):
-    config = yaml.safe_load(TALK_FSDP) | {"num_processes": 2, "use_cpu": True}
-    path = tmp_path / "fsdp_config.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = on_two_cpu_processes(TALK_FSDP, tmp_path / "fsdp_config.yaml")
     code, out, err = run_cli("launch", "--config_file", str(path), str(PROBE))
     assert code == 0, err
     assert probes(out) == [f"PROBE rank={r} world=2 strategy=fsdp precision=bf16 device=cpu accumulate=1" for r in (0, 1)]
