@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from trainer.inference.tensor_reader import TensorLocation
+
 __all__ = ["CheckpointError", "CheckpointFiles", "check_against_model"]
 
 # Names a folder's weights go by, most preferred first (an index wins over a single file).
@@ -77,7 +79,7 @@ class _TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     nbytes: int
-    offset: int  # where the data starts in its file (safetensors) or its position in the state dict (torch)
+    offset: int  # the byte in its file where the data starts (safetensors) or its position in the state dict (torch)
 
 
 @dataclass
@@ -163,7 +165,7 @@ def _read_safetensors_header(path: Path) -> _ShardInfo:
             raise CheckpointError(f"{path} has a corrupt safetensors header: tensor {name!r} is {dtype_name} {tuple(shape)} "
                                   f"({numel * dtype.itemsize} bytes) but its data_offsets span {end - start} bytes; the "
                                   "file is damaged, so download or re-save it.")
-        tensors[name] = _TensorInfo(tuple(shape), dtype, end - start, start)
+        tensors[name] = _TensorInfo(tuple(shape), dtype, end - start, 8 + length + start)
         end_max = max(end_max, end)
 
     data = size - 8 - length
@@ -432,6 +434,13 @@ class CheckpointFiles:
             return self._info[name]
         except KeyError:
             raise KeyError(f"{name!r} is not in checkpoint {self.path}") from None
+
+    def location(self, name: str) -> TensorLocation:
+        """Where a tensor's bytes lie in its safetensors file, for reading it alone with ``pread``."""
+        info, path = self._tensor(name), self.weight_map[name]
+        if not self.is_safetensors(path):
+            raise ValueError(f"{name!r} is in {path}, a torch file: its bytes have no fixed place to read; use iter_shard.")
+        return TensorLocation(path, info.offset, info.offset + info.nbytes, info.dtype, info.shape)
 
     def _shard(self, shard: str | os.PathLike) -> Path:
         """The known shard ``shard`` names: its path as in ``shards``, or just its file name."""

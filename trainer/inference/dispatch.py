@@ -31,7 +31,7 @@ from trainer.inference.device_map import (
 )
 from trainer.inference.hooks import OffloadedModule, OffloadHooks, _get, _set
 from trainer.inference.offload import OffloadedWeights
-from trainer.inference.tensor_reader import TensorReader, safetensors_locations
+from trainer.inference.tensor_reader import TensorReader
 
 if TYPE_CHECKING:
     from trainer.inference.checkpoint_files import CheckpointFiles
@@ -216,17 +216,17 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
     """Place one shard's tensors: resident ones read and put on their device, offloaded ones located or written."""
     names = [name for name, path in files.weight_map.items() if path == shard and name in stored_names]
     to_write: OrderedDict[str, torch.Tensor] = OrderedDict()
-    locations = safetensors_locations(shard) if files.is_safetensors(shard) else None
+    in_place = files.is_safetensors(shard)  # its tensors can be read one by one where they lie
     for name in names:
         device = device_for(name, device_map)
         stored = stored_names[name]
         if stored in weights:
             continue  # a tied weight the checkpoint holds twice
         needs_conversion = dtype is not None and files.dtype(name).is_floating_point and files.dtype(name) != dtype
-        if device == "disk" and locations is not None and not needs_conversion:
-            weights.locate(stored, locations[name])  # read from the checkpoint itself when needed: no copy
+        if device == "disk" and in_place and not needs_conversion:
+            weights.locate(stored, files.location(name))  # read from the checkpoint itself when needed: no copy
             continue
-        tensor = _convert(reader.read(locations[name]) if locations is not None else _from_bin(files, shard, name), dtype)
+        tensor = _convert(reader.read(files.location(name)) if in_place else _from_bin(files, shard, name), dtype)
         if device == "disk":
             to_write[stored] = tensor
         elif offloaded(device, main):
