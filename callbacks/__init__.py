@@ -1,13 +1,13 @@
 """Callbacks: code that runs at the Trainer's events (progress, checkpoints, early stopping, metrics, trackers)."""
 
-from callbacks.base import EVENTS, Callback
-from callbacks.bus import CallbackBus
-from callbacks.early_stopping import EarlyStopping
-from callbacks.lr_monitor import LearningRateMonitor
-from callbacks.metrics import Metrics, load_metric
-from callbacks.model_checkpoint import ModelCheckpoint
-from callbacks.progress_bar import ProgressBar
-from callbacks.trackers import (
+from .base import EVENTS, Callback
+from .bus import CallbackBus
+from .early_stopping import EarlyStopping
+from .lr_monitor import LearningRateMonitor
+from .metrics import Metrics, load_metric
+from .model_checkpoint import ModelCheckpoint
+from .progress_bar import ProgressBar
+from .trackers import (
     AimTracker,
     ClearMLTracker,
     CometMLTracker,

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from callbacks.base import EVENTS, Callback
+from .base import EVENTS, Callback
 
 
 def _overrides(callback: Any, event: str) -> bool:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
-from callbacks.model_checkpoint import MODES, metric_or_error
+from .base import Callback
+from .model_checkpoint import MODES, metric_or_error
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

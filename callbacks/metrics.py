@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from callbacks.base import Callback
-from callbacks.metric_scripts import script_path
+from .base import Callback
+from .metric_scripts import script_path
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from callbacks.base import Callback
+from .base import Callback
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

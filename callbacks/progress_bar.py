@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from callbacks.base import Callback
+from .base import Callback
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

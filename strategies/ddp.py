@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from strategies.base import Strategy
+from .base import Strategy
 
 _BUILTIN_HOOKS = ("fp16", "bf16")
 

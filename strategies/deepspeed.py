@@ -35,8 +35,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from strategies.base import Strategy, check_loaded_keys
-from strategies.packages import missing_package_message, package_available, require_package
+from .base import Strategy, check_loaded_keys
+from .packages import missing_package_message, package_available, require_package
 
 INSTALL_HINT = "pip install 'trainer-kit[deepspeed]'"
 MINIMUM_VERSION = (0, 19, 4)  # the first release whose engine lets the caller own the accumulation boundary
@@ -608,7 +608,7 @@ class DeepSpeed(Strategy):
             engine.save_checkpoint(str(directory / _NATIVE_DIR), tag="state", save_latest=False)
             self._save_extra_modules(modules, directory)
             return True
-        from strategies.state_format import save_state_files, write_json
+        from .state_format import save_state_files, write_json
 
         folder = directory / _PARTITIONS_DIR
         folder.mkdir(parents=True, exist_ok=True)
@@ -679,7 +679,7 @@ class DeepSpeed(Strategy):
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}.")
 
     def _load_partitions(self, folder: Path) -> None:
-        from strategies.state_format import load_state_files, read_json
+        from .state_format import load_state_files, read_json
 
         meta = read_json(folder / "meta.json")
         if meta["num_processes"] != self.num_processes or meta["zero_stage"] != self.zero_stage:

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from strategies import fsdp_checkpoint
-from strategies.base import Strategy, check_loaded_keys
+from . import fsdp_checkpoint
+from .base import Strategy, check_loaded_keys
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 # Sharding strategy (FSDP1's names and numbers) -> (mesh layout, reshard parameters after forward).

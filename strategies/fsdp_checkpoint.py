@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from strategies.state_format import is_tensor_ref, join_state, split_state, tensor_keys, tensor_ref
+from .state_format import is_tensor_ref, join_state, split_state, tensor_keys, tensor_ref
 
 DIRECTORY = "sharded_state"
 INFO_FILE = "sharded_state.json"

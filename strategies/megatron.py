@@ -37,8 +37,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
-from strategies.base import Strategy, check_loaded_keys
-from strategies.packages import missing_package_message, package_available, require_package
+from .base import Strategy, check_loaded_keys
+from .packages import missing_package_message, package_available, require_package
 
 INSTALL_HINT = "pip install 'trainer-kit[megatron]'"
 # Keys of a launch configuration's ``megatron_lm_config`` section and the argument each one sets here.
@@ -409,7 +409,7 @@ class Megatron(Strategy):
 
         The other replicas hold the same (their gradients were averaged), so writing them would only repeat it.
         """
-        from strategies.state_format import save_state_files, write_json
+        from .state_format import save_state_files, write_json
 
         folder = directory / _STATE_DIR
         if self.dp_rank == 0:
@@ -434,7 +434,7 @@ class Megatron(Strategy):
     def load_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:
         """Restore this rank's slices and optimizer state; the number of data-parallel replicas may change."""
-        from strategies.state_format import load_state_files, read_json
+        from .state_format import load_state_files, read_json
 
         folder = directory / _STATE_DIR
         if not folder.is_dir():

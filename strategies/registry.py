@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import difflib
 
-from strategies.base import Strategy
-from strategies.ddp import DDP
-from strategies.deepspeed import DeepSpeed, require_deepspeed
-from strategies.fsdp import FSDP
-from strategies.megatron import Megatron, require_megatron
-from strategies.single_device import SingleDevice
-from strategies.xla import XLA, require_xla
+from .base import Strategy
+from .ddp import DDP
+from .deepspeed import DeepSpeed, require_deepspeed
+from .fsdp import FSDP
+from .megatron import Megatron, require_megatron
+from .single_device import SingleDevice
+from .xla import XLA, require_xla
 
 _BUILDERS = {"single_device": SingleDevice, "ddp": DDP, "fsdp": FSDP, "deepspeed": DeepSpeed, "megatron": Megatron, "xla": XLA}
 # Names users know from other frameworks that mean the same strategy.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from strategies.base import Strategy
+from .base import Strategy
 
 
 class SingleDevice(Strategy):

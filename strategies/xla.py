@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from strategies.base import Strategy, check_loaded_keys
-from strategies.packages import package_available
-from strategies.state_format import load_state_files, read_json, save_state_files, write_json
+from .base import Strategy, check_loaded_keys
+from .packages import package_available
+from .state_format import load_state_files, read_json, save_state_files, write_json
 
 INSTALL_HINT = "pip install 'torch_xla==<your torch version>' (e.g. pip install torch==2.9.0 torch_xla==2.9.0)"
 _RNG_FILE = "xla_random_state.json"

@@ -3,8 +3,14 @@
     from trainer import Accelerator
     accelerator = Accelerator()
     model, optimizer, dataloader = accelerator.prepare(model, optimizer, dataloader)
+
+The built-in callbacks and strategies are also ``trainer.callbacks`` and ``trainer.strategies``:
+the same modules under names that a ``callbacks.py`` or ``strategies.py`` of your own cannot
+shadow (see ``trainer.siblings``).
 """
 
+# First: its import installs the finder that the imports below rely on (see trainer.siblings).
+from trainer import siblings  # noqa: F401
 from trainer.accelerator import Accelerator
 from trainer.accumulation import GradientAccumulation
 from trainer.data_loader import PreparedDataLoader, SeededRandomSampler

@@ -23,15 +23,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from callbacks.trackers import Tracker, make_trackers
-from strategies import Strategy, resolve_strategy
-from strategies.registry import check_strategy_requirements
 from trainer import checkpointing, operations
 from trainer.accumulation import GradientAccumulation
+from trainer.callbacks.trackers import Tracker, make_trackers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.state import PartialState
+from trainer.strategies import Strategy, resolve_strategy
+from trainer.strategies.registry import check_strategy_requirements
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
 PRECISION_ENV = "TRAINER_MIXED_PRECISION"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from strategies.state_format import (  # noqa: F401  (the state format, re-exported for trainer's modules)
+from trainer.strategies.state_format import (  # noqa: F401  (the state format, re-exported for trainer's modules)
     join_state,
     load_state_files,
     read_json,

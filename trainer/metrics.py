@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from strategies import Strategy
+    from trainer.strategies import Strategy
 
 
 # What validation_step may return beside its scalars, for the Metrics callback (not averaged here).

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from strategies import Strategy
+    from trainer.strategies import Strategy
 
 
 def _is_namedtuple(obj: Any) -> bool:

@@ -17,17 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from callbacks import ModelCheckpoint, ProgressBar
-from callbacks.bus import CallbackBus
-from callbacks.trackers import default_trackers, make_trackers
-from strategies import Strategy
 from trainer.accelerator import Accelerator
+from trainer.callbacks import ModelCheckpoint, ProgressBar
+from trainer.callbacks.bus import CallbackBus
+from trainer.callbacks.trackers import default_trackers, make_trackers
 from trainer.inference.inferencer import Inferencer
 from trainer.inference.outputs import save_outputs
 from trainer.metrics import LogRecord, MetricAccumulator
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
 from trainer.random_state import set_seed
+from trainer.strategies import Strategy
 from trainer.trainer_checkpoint import TrainerCheckpointState, find_latest, saved_step, write_latest
 from trainer.trainer_data import build_dataloader
 

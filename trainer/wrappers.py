@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from strategies import Strategy
     from trainer.accumulation import GradientAccumulation
     from trainer.precision import Precision
+    from trainer.strategies import Strategy
 
 
 class AcceleratedOptimizer(torch.optim.Optimizer):

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, scalars
-from callbacks.trackers.images import to_hwc_uint8
+from .base import Tracker, scalars
+from .images import to_hwc_uint8
 
 
 class AimTracker(Tracker):

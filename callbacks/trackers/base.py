@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from callbacks.base import Callback
+from ..base import Callback
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, scalars
-from callbacks.trackers.images import to_hwc_uint8
+from .base import Tracker, scalars
+from .images import to_hwc_uint8
 
 CONFIG_SECTION = "config"
 _UNSET = object()

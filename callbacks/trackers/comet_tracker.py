@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, env_default, scalars
+from .base import Tracker, env_default, scalars
 
 TRUE = ("1", "true", "yes", "on")
 START_ARGUMENTS = ("api_key", "workspace", "experiment_key", "mode", "online", "source")  # comet_ml.start's own
@@ -88,7 +88,7 @@ class CometMLTracker(Tracker):
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
         from PIL import Image
 
-        from callbacks.trackers.images import to_hwc_uint8
+        from .images import to_hwc_uint8
 
         for key, image in images.items():
             array = to_hwc_uint8(image)

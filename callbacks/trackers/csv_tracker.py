@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, scalars
+from .base import Tracker, scalars
 
 
 class CSVTracker(Tracker):

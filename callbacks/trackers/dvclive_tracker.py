@@ -19,8 +19,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, scalars
-from callbacks.trackers.images import to_hwc_uint8
+from .base import Tracker, scalars
+from .images import to_hwc_uint8
 
 
 class DVCLiveTracker(Tracker):

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, scalars
+from .base import Tracker, scalars
 
 MAX_PARAM_LENGTH = 6000  # mlflow's limit on a parameter value
 BATCH = 100  # mlflow's limit on parameters per log_batch call
@@ -126,7 +126,7 @@ class MLflowTracker(Tracker):
             self.client.log_batch(self.run_id, metrics=pending[i:i + METRIC_BATCH], synchronous=self.synchronous)
 
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
-        from callbacks.trackers.images import to_hwc_uint8
+        from .images import to_hwc_uint8
 
         for key, image in images.items():
             self.client.log_image(self.run_id, to_hwc_uint8(image), key=key, step=step or 0)

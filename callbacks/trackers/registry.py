@@ -12,15 +12,15 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from callbacks.trackers.aim_tracker import AimTracker
-from callbacks.trackers.base import Tracker
-from callbacks.trackers.clearml_tracker import ClearMLTracker
-from callbacks.trackers.comet_tracker import CometMLTracker
-from callbacks.trackers.csv_tracker import CSVTracker
-from callbacks.trackers.dvclive_tracker import DVCLiveTracker
-from callbacks.trackers.mlflow_tracker import MLflowTracker
-from callbacks.trackers.tensorboard_tracker import TensorBoardTracker
-from callbacks.trackers.wandb_tracker import WandbTracker
+from .aim_tracker import AimTracker
+from .base import Tracker
+from .clearml_tracker import ClearMLTracker
+from .comet_tracker import CometMLTracker
+from .csv_tracker import CSVTracker
+from .dvclive_tracker import DVCLiveTracker
+from .mlflow_tracker import MLflowTracker
+from .tensorboard_tracker import TensorBoardTracker
+from .wandb_tracker import WandbTracker
 
 TRACKERS: dict[str, type[Tracker]] = {
     cls.name: cls for cls in (AimTracker, ClearMLTracker, CometMLTracker, CSVTracker, DVCLiveTracker,

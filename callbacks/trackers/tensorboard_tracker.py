@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, scalars
+from .base import Tracker, scalars
 
 
 class TensorBoardTracker(Tracker):
@@ -46,7 +46,7 @@ class TensorBoardTracker(Tracker):
         self.run.flush()
 
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
-        from callbacks.trackers.images import to_hwc_uint8
+        from .images import to_hwc_uint8
 
         for key, image in images.items():
             self.run.add_image(key, to_hwc_uint8(image), global_step=step, dataformats="HWC")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from callbacks.trackers.base import Tracker, env_default
+from .base import Tracker, env_default
 
 MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
@@ -85,7 +85,7 @@ class WandbTracker(Tracker):
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
         import wandb
 
-        from callbacks.trackers.images import to_hwc_uint8
+        from .images import to_hwc_uint8
 
         self.run.log({key: wandb.Image(to_hwc_uint8(image), **kwargs) for key, image in images.items()}, step=step)
 

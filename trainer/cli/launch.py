@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from strategies.registry import check_strategy_requirements
 from trainer import config as launch_config
 from trainer.cluster import _inside_srun
+from trainer.strategies.registry import check_strategy_requirements
 
 RESTART_ENV = "TRAINER_RESTART_COUNT"  # 0 on the first attempt, 1 after the first restart...
 

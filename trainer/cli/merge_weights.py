@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from strategies.fsdp_checkpoint import ShardedCheckpointError, find_sharded_state, load_full_tensors, model_tensor_specs
+from trainer.strategies.fsdp_checkpoint import ShardedCheckpointError, find_sharded_state, load_full_tensors, model_tensor_specs
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
