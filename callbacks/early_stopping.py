@@ -9,7 +9,7 @@ from .base import Callback
 from .model_checkpoint import MODES, metric_or_error
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from .protocols import TrainerView
 
 
 class EarlyStopping(Callback):
@@ -49,7 +49,7 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if not trainer.fitting:
             return
         value = metric_or_error(metrics, self.monitor, "EarlyStopping")
@@ -63,7 +63,7 @@ class EarlyStopping(Callback):
         if self.wait >= self.patience:
             self._stop(trainer)
 
-    def _stop(self, trainer: Trainer) -> None:
+    def _stop(self, trainer: TrainerView) -> None:
         trainer.should_stop = True
         self.stopped_at_step = trainer.global_step
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from .base import Callback
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from .protocols import TrainerView
 
 
 class LearningRateMonitor(Callback):
@@ -19,7 +19,7 @@ class LearningRateMonitor(Callback):
     def __init__(self, log_every_n_steps: int = 1) -> None:
         self.log_every_n_steps = log_every_n_steps
 
-    def on_before_optimizer_step(self, trainer: Trainer, optimizer: Any) -> None:
+    def on_before_optimizer_step(self, trainer: TrainerView, optimizer: Any) -> None:
         # global_step counts finished steps, so this is step number global_step + 1.
         if (trainer.global_step + 1) % self.log_every_n_steps:
             return

@@ -19,7 +19,7 @@ from .base import Callback
 from .metric_scripts import script_path
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from .protocols import TrainerView
 
 PREDICTIONS, REFERENCES = "predictions", "references"
 
@@ -67,18 +67,18 @@ class Metrics(Callback):
         self._predictions: list[Any] = []
         self._references: list[Any] = []
 
-    def on_validation_start(self, trainer: Trainer) -> None:
+    def on_validation_start(self, trainer: TrainerView) -> None:
         self._predictions.clear()
         self._references.clear()
 
-    def on_validation_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_validation_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
         predictions, references = self.transform(outputs, batch)
         predictions, references = trainer.accelerator.gather_for_metrics((predictions, references))
         if trainer.is_main_process:
             self._predictions.append(_to_list(predictions))
             self._references.append(_to_list(references))
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         results = None
         if trainer.is_main_process:
             predictions = [p for batch in self._predictions for p in batch]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .base import Callback
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from .protocols import TrainerView
 
 MODES = ("min", "max")
 
@@ -72,7 +72,7 @@ class ModelCheckpoint(Callback):
         scored = [r for r in self.saved if r["score"] is not None]
         return min(scored, key=self._rank) if scored else None
 
-    def root(self, trainer: Trainer) -> Path:
+    def root(self, trainer: TrainerView) -> Path:
         return self.dirpath if self.dirpath is not None else trainer.checkpoint_dir
 
     # -- when to save -----------------------------------------------------------------------------
@@ -81,22 +81,22 @@ class ModelCheckpoint(Callback):
                   "on_train_epoch_end": self.every_n_epochs is not None}
         return needed.get(event, True)
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
         n = self.every_n_steps
         if n is not None and trainer.accelerator.sync_gradients and trainer.global_step % n == 0:
             self.save(trainer)
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if self.monitor is not None and trainer.fitting:
             self.save(trainer, score=metric_or_error(metrics, self.monitor, "ModelCheckpoint"))
 
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: TrainerView) -> None:
         n = self.every_n_epochs
         if n is not None and (trainer.current_epoch + 1) % n == 0:
             self.save(trainer)
 
     # -- saving and retention -------------------------------------------------------------------------
-    def save(self, trainer: Trainer, score: float | None = None) -> Path:
+    def save(self, trainer: TrainerView, score: float | None = None) -> Path:
         """Save now (replacing a checkpoint of the same step), then drop what retention excludes."""
         root = self.root(trainer)
         name = f"epoch={trainer.current_epoch}-step={trainer.global_step}"
@@ -118,7 +118,7 @@ class ModelCheckpoint(Callback):
             return math.inf
         return score if self.mode == "min" else -score
 
-    def _prune(self, trainer: Trainer, root: Path) -> None:
+    def _prune(self, trainer: TrainerView, root: Path) -> None:
         if self.save_top_k == -1:
             return
         if self.monitor is not None:

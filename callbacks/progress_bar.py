@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .base import Callback
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from .protocols import TrainerView
 
 
 class ProgressBar(Callback):
@@ -31,25 +31,25 @@ class ProgressBar(Callback):
         self._postfix: dict[str, str] = {}
         self._pending = 0  # batches done but not yet shown
 
-    def _show(self, trainer: Trainer) -> bool:
+    def _show(self, trainer: TrainerView) -> bool:
         wanted = sys.stderr.isatty() if self.enabled is None else self.enabled
         return bool(wanted and trainer.is_main_process)
 
-    def _open_train_bar(self, trainer: Trainer) -> None:
+    def _open_train_bar(self, trainer: TrainerView) -> None:
         self._pending = 0
         loader = trainer.train_loader
         total = len(loader) if hasattr(loader, "__len__") else None
         self.train_bar = tqdm(total=total, initial=trainer.progress.batch_in_epoch, desc=f"epoch {trainer.current_epoch}",
                               disable=not self._show(trainer), dynamic_ncols=True, leave=True, file=sys.stderr)
 
-    def on_train_epoch_start(self, trainer: Trainer) -> None:
+    def on_train_epoch_start(self, trainer: TrainerView) -> None:
         self._open_train_bar(trainer)
 
-    def on_train_batch_start(self, trainer: Trainer, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: TrainerView, batch: Any, batch_idx: int) -> None:
         if self.train_bar is None:  # resumed inside an epoch
             self._open_train_bar(trainer)
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The bar advances in bulk at refresh steps: tqdm's bookkeeping on every batch would cost
         # more than the rest of this callback.
         self._pending += 1
@@ -70,7 +70,7 @@ class ProgressBar(Callback):
             self.train_bar.update(self._pending)
         self._pending = 0
 
-    def on_validation_start(self, trainer: Trainer) -> None:
+    def on_validation_start(self, trainer: TrainerView) -> None:
         self._flush()
         loader = trainer.eval_loader
         total = len(loader) if loader is not None and hasattr(loader, "__len__") else None
@@ -78,11 +78,11 @@ class ProgressBar(Callback):
         self.val_bar = tqdm(total=total, desc="validating", leave=False, position=1 if nested else 0,
                             disable=not self._show(trainer), dynamic_ncols=True, file=sys.stderr)
 
-    def on_validation_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_validation_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.val_bar is not None:
             self.val_bar.update(1)
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if self.val_bar is not None:
             self.val_bar.close()  # leave=False: the nested bar leaves no line behind
             self.val_bar = None
@@ -90,13 +90,13 @@ class ProgressBar(Callback):
             self._postfix.update({name: f"{value:.4f}" for name, value in metrics.items()})
             self.train_bar.set_postfix(self._postfix)
 
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: TrainerView) -> None:
         self._close()
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerView) -> None:
         self._close()
 
-    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exception: BaseException) -> None:
         self._close()
 
     def _close(self) -> None:

@@ -13,23 +13,56 @@ Strategies never import ``trainer``: they receive the device and the rank layout
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .spec import StrategySpec
+
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
-class Strategy:
-    """Base class: one process, one device, nothing wrapped. Subclasses override what differs."""
+S = TypeVar("S", bound="Strategy")
 
-    name: ClassVar[str] = "base"
+
+class Strategy:
+    """Base class: one process, one device, nothing wrapped. Subclasses override what differs.
+
+    A subclass describes itself in ``spec`` (a ``StrategySpec``: its names, its launch-configuration
+    section and options, the package it needs) and is made known with ``register_strategy``.
+    """
+
+    spec: ClassVar[StrategySpec]
+    name: ClassVar[str] = "base"  # the spec's name, set for each subclass that has a spec
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("spec")
+        if isinstance(spec, StrategySpec):
+            cls.name = spec.name
+
+    @classmethod
+    def from_config(cls: type[S], section: Mapping[str, Any]) -> S:
+        """Build from the strategy's section of a launch configuration (``fsdp_config``...).
+
+        Each key sets the constructor argument its ``Option`` names; keys accepted without effect
+        are dropped; an unknown key is one ValueError with a did-you-mean.
+        """
+        return cls(**cls.spec.arguments(section))
+
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """What each option of the spec is when its key is absent: the constructor's default for its argument."""
+        parameters = inspect.signature(cls).parameters
+        return {option.key: parameters[option.argument].default for option in cls.spec.options
+                if option.argument in parameters and parameters[option.argument].default is not inspect.Parameter.empty}
 
     def __init__(self) -> None:
         self._device: torch.device | None = None

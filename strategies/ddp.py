@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .base import Strategy
+from .spec import StrategySpec
 
 _BUILTIN_HOOKS = ("fp16", "bf16")
 
@@ -27,7 +28,10 @@ class DDP(Strategy):
             callable ``hook(state, bucket) -> Future``; ``comm_state`` is passed to it as ``state``.
     """
 
-    name = "ddp"
+    spec = StrategySpec(name="ddp", summary="data parallel: one replica per process, gradients averaged by "
+                        "DistributedDataParallel",
+                        distributed_types=("MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU"),
+                        launch_flag="multi_gpu", picked_by_auto=True)
 
     def __init__(self, bucket_cap_mb: float = 25.0, find_unused_parameters: bool = False, static_graph: bool = False,
                  gradient_as_bucket_view: bool = True, broadcast_buffers: bool = True,

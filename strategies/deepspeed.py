@@ -10,109 +10,62 @@ DeepSpeed's unmanaged-accumulation mode, ``backward`` leaves the loss as the pol
 and the engine steps exactly when the prepared optimizer's ``step`` runs at a boundary. So N
 processes of batch b under ZeRO train like DDP, and like one process of batch N*b.
 
-Checkpoints are each process's ZeRO partitions (optimizer state, fp32 master weights and, for
-ZeRO-3, the parameter shards) in safetensors plus JSON, in a ``zero/`` folder; nothing there is
-unpickled. Only NVMe-offloaded state, which DeepSpeed alone can read back, is written with
-DeepSpeed's own (pickled) checkpoint files in a ``deepspeed/`` folder, and reading those needs
-``DeepSpeed(trust_deepspeed_checkpoints=True)``.
+The DeepSpeed config and its ``"auto"`` values are ``strategies.deepspeed_config``'s; the
+checkpoint files (each process's ZeRO partitions in safetensors plus JSON) are
+``strategies.deepspeed_checkpoint``'s.
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
-import json
 import os
 import socket
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .base import Strategy, check_loaded_keys
-from .packages import missing_package_message, package_available, require_package
+from . import deepspeed_checkpoint as checkpoint_files
+from .base import Strategy
+from .deepspeed_config import (
+    ConfigOptimizer,
+    build_config,
+    check_accumulation,
+    check_clipping,
+    resolve_config,
+    uses_nvme,
+    zero_init_config,
+)
+from .policies import AccumulationPolicy, PrecisionPolicy
+from .spec import Option, Package, StrategySpec
 
-INSTALL_HINT = "pip install 'trainer-kit[deepspeed]'"
+PACKAGE = Package("deepspeed", "deepspeed", "pip install 'trainer-kit[deepspeed]'")
 MINIMUM_VERSION = (0, 19, 4)  # the first release whose engine lets the caller own the accumulation boundary
-# Keys of a launch configuration's ``deepspeed_config`` section and the argument each one sets here.
-CONFIG_KEYS = {
-    "zero_stage": "zero_stage", "offload_optimizer_device": "offload_optimizer_device",
-    "offload_param_device": "offload_param_device", "offload_optimizer_nvme_path": "offload_optimizer_nvme_path",
-    "offload_param_nvme_path": "offload_param_nvme_path", "gradient_accumulation_steps": "gradient_accumulation_steps",
-    "gradient_clipping": "gradient_clipping", "zero3_init_flag": "zero3_init_flag",
-    "zero3_save_16bit_model": "zero3_save_16bit_model", "deepspeed_config_file": "config",
-}
-# Keys that tell a multi-machine launcher where to start processes; a running process has no use for them.
-LAUNCHER_ONLY = ("deepspeed_hostfile", "deepspeed_multinode_launcher", "deepspeed_inclusion_filter",
-                 "deepspeed_exclusion_filter")
-OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 CHECKPOINT_FORMATS = ("safetensors", "deepspeed")
-# ZeRO sizes a config may leave "auto": DeepSpeed's own defaults apply when the model does not say better.
-_AUTO_ZERO_SIZES = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
-                    "allgather_bucket_size", "sub_group_size", "stage3_max_live_parameters", "stage3_max_reuse_distance")
-_PARTITIONS_DIR, _NATIVE_DIR = "zero", "deepspeed"
-_LOSS_SCALER_KEY = "__loss_scaler__"
-
-
-def deepspeed_available() -> bool:
-    """Whether ``import deepspeed`` can succeed, without importing it (a few seconds and a device probe)."""
-    return package_available("deepspeed")
-
-
-def missing_deepspeed_message(what: str = "The DeepSpeed strategy") -> str:
-    return missing_package_message(what, "deepspeed", INSTALL_HINT)
-
-
-def require_deepspeed(what: str = "The DeepSpeed strategy") -> None:
-    """One clear ImportError, before any work, when deepspeed cannot be imported."""
-    require_package("deepspeed", what, "deepspeed", INSTALL_HINT)
+_LAUNCHER_ONLY = "Read by a multi-machine launcher; a running process has no use for it."
 
 
 def _import_deepspeed() -> Any:
     try:
         import deepspeed
     except ImportError as error:
-        raise ImportError(f"{missing_deepspeed_message()} ({error})") from error
+        raise ImportError(f"{PACKAGE.missing_message('The DeepSpeed strategy')} ({error})") from error
     from packaging.version import Version
 
     if Version(deepspeed.__version__).release < MINIMUM_VERSION:
         # Older engines ignore the unmanaged-accumulation switch and would step on their own schedule.
         raise ImportError(f"The DeepSpeed strategy needs deepspeed>={'.'.join(map(str, MINIMUM_VERSION))}, found "
-                          f"{deepspeed.__version__}. Upgrade it with: {INSTALL_HINT}")
+                          f"{deepspeed.__version__}. Upgrade it with: {PACKAGE.install}")
     # The engine calls two torch collectives under their deprecated names on every step; the
     # warnings say nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                             r"is deprecated", category=FutureWarning)
     return deepspeed
-
-
-def _is_auto(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() == "auto"
-
-
-class ConfigOptimizer(torch.optim.Optimizer):
-    """Stands for the optimizer that the DeepSpeed config's ``optimizer`` section describes.
-
-    Prepare it like any optimizer (``accelerator.prepare(model, ConfigOptimizer(model.parameters()))``)
-    so that the training loop keeps calling ``optimizer.step()``/``zero_grad()``. When the engine
-    is built, DeepSpeed creates the real optimizer from the config and this object then shows
-    that optimizer's ``param_groups`` and ``state``, so an LR scheduler made on it drives the real
-    one. ``lr``, ``weight_decay``, ``betas`` and ``eps`` given here fill the config's ``"auto"`` values.
-    """
-
-    def __init__(self, params: Iterable[Any], **defaults: Any) -> None:
-        defaults.setdefault("lr", 1e-3)
-        super().__init__(params, defaults)
-
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
-        raise RuntimeError("ConfigOptimizer only stands for the DeepSpeed config's optimizer: prepare it with the "
-                           "Accelerator, whose optimizer.step() steps the engine.")
 
 
 class DeepSpeedModule(nn.Module):
@@ -138,7 +91,7 @@ class DeepSpeedModule(nn.Module):
         return self
 
 
-class _EngineScaledPrecision:
+class EngineScaledPrecision:
     """The Accelerator's precision policy with loss scaling and the optimizer step left to the engine.
 
     Autocast and the forward's output casting stay the policy's; the engine scales fp16 losses,
@@ -149,14 +102,30 @@ class _EngineScaledPrecision:
 
     scaler = None
 
-    def __init__(self, precision: Any, strategy: DeepSpeed) -> None:
-        self._precision = precision
+    def __init__(self, precision: PrecisionPolicy, strategy: DeepSpeed) -> None:
+        self.precision = precision
         self._strategy = strategy
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "_precision":
-            raise AttributeError(name)
-        return getattr(self._precision, name)
+    @property
+    def name(self) -> str:
+        return self.precision.name
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.precision.dtype
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.precision.is_mixed
+
+    def autocast(self, **kwargs: Any) -> AbstractContextManager[Any]:
+        return self.precision.autocast(**kwargs)
+
+    def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        return self.precision.wrap_forward(forward)
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        return self.precision.convert_module(module)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss
@@ -197,7 +166,37 @@ class DeepSpeed(Strategy):
             can run code when read: only for checkpoints you wrote yourself.
     """
 
-    name = "deepspeed"
+    spec = StrategySpec(
+        name="deepspeed", summary="a DeepSpeed engine: ZeRO stage 1 (optimizer state), 2 (+ gradients) or 3 (+ parameters)",
+        distributed_types=("DEEPSPEED",), section="deepspeed_config", package=PACKAGE,
+        options=(
+            Option("zero_stage", "zero_stage", (int,), "ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, 3 + parameters.",
+                   choices=(0, 1, 2, 3), question="ZeRO stage?", ask_default=2),
+            Option("gradient_accumulation_steps", "gradient_accumulation_steps", (int,),
+                   "Micro-batches per optimizer step; must agree with the Accelerator's.", minimum=1,
+                   question="Gradient accumulation steps?", ask_default=1, flag=False),  # the launcher's own flag sets it
+            Option("gradient_clipping", "gradient_clipping", (int, float), "Maximum gradient norm."),
+            Option("offload_optimizer_device", "offload_optimizer_device", (str,), "Where the optimizer state is offloaded.",
+                   choices=("none", "cpu", "nvme"), question="Offload the optimizer to?", ask_default="none"),
+            Option("offload_param_device", "offload_param_device", (str,), "Where parameters are offloaded (ZeRO-3).",
+                   choices=("none", "cpu", "nvme")),
+            Option("offload_optimizer_nvme_path", "offload_optimizer_nvme_path", (str, type(None)),
+                   "Directory for NVMe optimizer offload."),
+            Option("offload_param_nvme_path", "offload_param_nvme_path", (str, type(None)),
+                   "Directory for NVMe parameter offload."),
+            Option("zero3_init_flag", "zero3_init_flag", (bool,), "Build the model already partitioned (ZeRO-3)."),
+            Option("zero3_save_16bit_model", "zero3_save_16bit_model", (bool,),
+                   "Gather a 16-bit copy of the weights when saving under ZeRO-3."),
+            Option("deepspeed_config_file", "config", (str, type(None)), "A DeepSpeed JSON config used with these keys."),
+            Option("deepspeed_hostfile", None, (str, type(None)), "DeepSpeed's hostfile for multi-machine launches.",
+                   unused=_LAUNCHER_ONLY),
+            Option("deepspeed_multinode_launcher", None, (str,), "The launcher DeepSpeed uses across machines.",
+                   choices=("pdsh", "standard", "openmpi", "mvapich", "mpich", "nossh"), unused=_LAUNCHER_ONLY),
+            Option("deepspeed_inclusion_filter", None, (str, type(None)), "DeepSpeed's `--include` filter of hosts/devices.",
+                   unused=_LAUNCHER_ONLY),
+            Option("deepspeed_exclusion_filter", None, (str, type(None)), "DeepSpeed's `--exclude` filter of hosts/devices.",
+                   unused=_LAUNCHER_ONLY),
+        ))
 
     def __init__(self, config: dict[str, Any] | str | os.PathLike | None = None, zero_stage: int | None = None,
                  offload_optimizer_device: str | None = None, offload_param_device: str | None = None,
@@ -206,79 +205,29 @@ class DeepSpeed(Strategy):
                  offload_optimizer_nvme_path: str | None = None, offload_param_nvme_path: str | None = None,
                  checkpoint_format: str = "safetensors", trust_deepspeed_checkpoints: bool = False) -> None:
         super().__init__()
-        require_deepspeed()
+        PACKAGE.require("The DeepSpeed strategy")
         if checkpoint_format not in CHECKPOINT_FORMATS:
             raise ValueError(f"DeepSpeed(checkpoint_format={checkpoint_format!r}): use one of {list(CHECKPOINT_FORMATS)}.")
-        self.config = _load_config(config)
-        self._given = {"zero_stage": zero_stage, "offload_optimizer_device": offload_optimizer_device,
-                       "offload_param_device": offload_param_device, "gradient_clipping": gradient_clipping,
-                       "gradient_accumulation_steps": gradient_accumulation_steps,
-                       "zero3_save_16bit_model": zero3_save_16bit_model}
-        self._merge_arguments(offload_optimizer_nvme_path, offload_param_nvme_path)
+        self.config = build_config(
+            config, zero_stage=zero_stage, offload_optimizer_device=offload_optimizer_device,
+            offload_param_device=offload_param_device, offload_optimizer_nvme_path=offload_optimizer_nvme_path,
+            offload_param_nvme_path=offload_param_nvme_path, gradient_clipping=gradient_clipping,
+            gradient_accumulation_steps=gradient_accumulation_steps, zero3_save_16bit_model=zero3_save_16bit_model)
         self.zero3_init_flag = zero3_init_flag
         self.checkpoint_format = checkpoint_format
         self.trust_deepspeed_checkpoints = trust_deepspeed_checkpoints
         self._engine: Any = None
         self._wrapper: DeepSpeedModule | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._precision: Any = None
-        self._accumulation: Any = None
+        self._precision: PrecisionPolicy | None = None
+        self._accumulation: AccumulationPolicy | None = None
         self._batch_size: int | None = None
         self._clip: float | None = None
         self._pending_backwards = 0
         self.last_step_applied = True
         self._own_process_group = False
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> DeepSpeed:
-        """Build from a ``deepspeed_config`` section of a launch configuration (already validated)."""
-        kwargs = {}
-        for key, value in config.items():
-            if key in LAUNCHER_ONLY:
-                continue
-            if key not in CONFIG_KEYS:
-                close = difflib.get_close_matches(key, list(CONFIG_KEYS), n=1)
-                raise ValueError(f"Unknown deepspeed_config key {key!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
-            kwargs[CONFIG_KEYS[key]] = value
-        return cls(**kwargs)
-
     # -- the configuration -----------------------------------------------------------------------------
-    def _merge_arguments(self, optimizer_nvme_path: str | None, param_nvme_path: str | None) -> None:
-        """Put the constructor's arguments into the config; a concrete value that disagrees is an error."""
-        given = self._given
-        zero = self.config.setdefault("zero_optimization", {})
-        if given["zero_stage"] is not None:
-            if given["zero_stage"] not in (0, 1, 2, 3):
-                raise ValueError(f"DeepSpeed(zero_stage={given['zero_stage']!r}): use 0, 1, 2 or 3.")
-            _agree(zero, "stage", given["zero_stage"], "zero_stage", "zero_optimization.stage")
-        zero.setdefault("stage", 2)
-        if _is_auto(zero["stage"]):
-            zero["stage"] = 2
-        for kind, path in (("optimizer", optimizer_nvme_path), ("param", param_nvme_path)):
-            device = given[f"offload_{kind}_device"]
-            if device is None:
-                continue
-            if device not in OFFLOAD_DEVICES:
-                raise ValueError(f"DeepSpeed(offload_{kind}_device={device!r}): use one of {list(OFFLOAD_DEVICES)}.")
-            if device == "none" and f"offload_{kind}" not in zero:
-                continue
-            section = zero.setdefault(f"offload_{kind}", {})
-            _agree(section, "device", device, f"offload_{kind}_device", f"zero_optimization.offload_{kind}.device")
-            if path is not None:
-                _agree(section, "nvme_path", path, f"offload_{kind}_nvme_path", f"zero_optimization.offload_{kind}.nvme_path")
-        if given["gradient_clipping"] is not None:
-            _agree(self.config, "gradient_clipping", float(given["gradient_clipping"]), "gradient_clipping",
-                   "gradient_clipping")
-        if given["gradient_accumulation_steps"] is not None:
-            _agree(self.config, "gradient_accumulation_steps", int(given["gradient_accumulation_steps"]),
-                   "gradient_accumulation_steps", "gradient_accumulation_steps")
-        if given["zero3_save_16bit_model"] is not None:
-            _agree(zero, "stage3_gather_16bit_weights_on_model_save", bool(given["zero3_save_16bit_model"]),
-                   "zero3_save_16bit_model", "zero_optimization.stage3_gather_16bit_weights_on_model_save")
-        if self.config.get("managed_gradient_accumulation") not in (None, False):
-            raise ValueError("The DeepSpeed config sets managed_gradient_accumulation: the Accelerator's accumulation "
-                             "policy decides when the optimizer steps; remove the key.")
-
     @property
     def zero_stage(self) -> int:
         return int(self.config["zero_optimization"]["stage"])
@@ -287,79 +236,18 @@ class DeepSpeed(Strategy):
     def zero3_save_16bit_model(self) -> bool:
         return bool(self.config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save", False))
 
-    @property
-    def _uses_nvme(self) -> bool:
-        zero = self.config["zero_optimization"]
-        return any((zero.get(f"offload_{kind}") or {}).get("device") == "nvme" for kind in ("optimizer", "param"))
-
-    def _check_accumulation(self, steps: int) -> None:
-        configured = self.config.get("gradient_accumulation_steps")
-        if configured is not None and not _is_auto(configured) and int(configured) != steps:
-            raise ValueError(
-                f"The DeepSpeed config says gradient_accumulation_steps={configured}, but the Accelerator accumulates "
-                f"{steps} micro-batches per step. Make them agree (Accelerator(gradient_accumulation_steps={configured}) "
-                "or Trainer(accumulate=...)), or set the config's value to \"auto\"."
-            )
-
     def _precision_sections(self) -> dict[str, bool]:
-        name = getattr(self._precision, "name", "no")
-        return {"fp16": name == "fp16", "bf16": name == "bf16"}
+        """Which of DeepSpeed's ``fp16``/``bf16`` config sections the run's precision enables."""
+        dtype = self._precision.dtype if self._precision is not None and self._precision.is_mixed else None
+        return {"fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16}
 
     def resolved_config(self) -> dict[str, Any]:
         """The config the engine is built with: every ``"auto"`` filled from the run, every clash an error."""
-        config = copy.deepcopy(self.config)
-        steps = self._accumulation.steps if self._accumulation is not None else 1
-        self._check_accumulation(steps)
-        config["gradient_accumulation_steps"] = steps
-        micro = config.get("train_micro_batch_size_per_gpu")
-        if micro is None or _is_auto(micro):
-            micro = self._batch_size or 1  # without a prepared loader it only feeds DeepSpeed's sample counters
-        elif self._batch_size is not None and int(micro) != self._batch_size:
-            raise ValueError(f"The DeepSpeed config says train_micro_batch_size_per_gpu={micro}, but the prepared data "
-                             f"loader gives each process batches of {self._batch_size}. Make them agree, or set it to \"auto\".")
-        config["train_micro_batch_size_per_gpu"] = int(micro)
-        total = int(micro) * steps * self.num_processes
-        if config.get("train_batch_size") not in (None, "auto") and int(config["train_batch_size"]) != total:
-            raise ValueError(f"The DeepSpeed config says train_batch_size={config['train_batch_size']}, but this run's "
-                             f"global batch is {total} ({micro} per process x {steps} accumulation steps x "
-                             f"{self.num_processes} processes). Make them agree, or set it to \"auto\".")
-        config["train_batch_size"] = total
-        for section, wanted in self._precision_sections().items():
-            current = config.get(section, {})
-            enabled = current.get("enabled", "auto") if isinstance(current, dict) else current
-            if _is_auto(enabled) or (section not in config and not wanted):
-                config[section] = {**(current if isinstance(current, dict) else {}), "enabled": wanted}
-            elif bool(enabled) != wanted:
-                raise ValueError(f"The DeepSpeed config has {section}.enabled={enabled}, but the Accelerator's precision is "
-                                 f"{getattr(self._precision, 'name', 'no')!r}. Make them agree, or set it to \"auto\".")
-        clip = config.get("gradient_clipping")
-        if clip is None or _is_auto(clip):
-            config["gradient_clipping"] = float(self._clip or 0.0)
-        config["managed_gradient_accumulation"] = False
-        config.setdefault("zero_allow_untested_optimizer", True)
-        self._fill_optimizer_autos(config)
-        zero = config["zero_optimization"]
-        for key in _AUTO_ZERO_SIZES:
-            if _is_auto(zero.get(key)):
-                del zero[key]
-        left = _auto_paths(config)
-        if left:
-            raise ValueError(f"The DeepSpeed config leaves {left} as \"auto\", which the run does not determine: give "
-                             "them values.")
-        return config
-
-    def _fill_optimizer_autos(self, config: dict[str, Any]) -> None:
-        defaults = self._optimizer.defaults if isinstance(self._optimizer, ConfigOptimizer) else {}
-        params = (config.get("optimizer") or {}).get("params", {})
-        for key, value in list(params.items()):
-            if _is_auto(value) and key in defaults:
-                params[key] = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
-        scheduler = (config.get("scheduler") or {}).get("params", {})
-        lr = params.get("lr", defaults.get("lr"))
-        if _is_auto(scheduler.get("warmup_max_lr")) and lr is not None and not _is_auto(lr):
-            scheduler["warmup_max_lr"] = lr
-        if _is_auto(scheduler.get("warmup_min_lr")):
-            scheduler["warmup_min_lr"] = 0.0
+        return resolve_config(
+            self.config, steps=self._accumulation.steps if self._accumulation is not None else 1,
+            batch_size=self._batch_size, num_processes=self.num_processes, precision_sections=self._precision_sections(),
+            precision_name=self._precision.name if self._precision is not None else "no", clip=self._clip,
+            optimizer_defaults=self._optimizer.defaults if isinstance(self._optimizer, ConfigOptimizer) else {})
 
     # -- environment and the run's policies ---------------------------------------------------------------
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
@@ -368,13 +256,14 @@ class DeepSpeed(Strategy):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         super().setup_environment(device, process_index, num_processes)
 
-    def setup_policies(self, precision: Any, accumulation: Any) -> Any:
-        if getattr(accumulation, "normalize", "mean") != "mean":
+    def setup_policies(self, precision: PrecisionPolicy, accumulation: AccumulationPolicy) -> PrecisionPolicy:
+        """Keep both policies for the engine's config; return a policy that leaves loss scaling to the engine."""
+        if accumulation.normalize != "mean":
             raise ValueError("Token-normalised accumulation divides the gradients at the boundary, which the DeepSpeed "
                              "engine owns: use accumulation_normalize='mean' with this strategy.")
-        self._check_accumulation(accumulation.steps)
+        check_accumulation(self.config, accumulation.steps)
         self._precision, self._accumulation = precision, accumulation
-        return _EngineScaledPrecision(precision, self)
+        return EngineScaledPrecision(precision, self)
 
     def observe_batch_size(self, batch_size: int | None) -> None:
         if self._batch_size is None and batch_size:
@@ -486,10 +375,7 @@ class DeepSpeed(Strategy):
         if float(norm_type) != 2.0:
             raise ValueError(f"DeepSpeed clips the 2-norm of the gradients; clip_grad_norm_(norm_type={norm_type}) "
                              "is not available with it.")
-        configured = self.config.get("gradient_clipping")
-        if configured is not None and not _is_auto(configured) and float(configured) != float(max_norm):
-            raise ValueError(f"The DeepSpeed config clips gradients to {configured}, and clip_grad_norm_ asks for "
-                             f"{max_norm}. Make them agree, or set the config's gradient_clipping to \"auto\".")
+        check_clipping(self.config, max_norm)
         self._clip = float(max_norm)
         if self._engine is not None:
             self._set_engine_clip(self._clip)
@@ -516,12 +402,7 @@ class DeepSpeed(Strategy):
             return
         deepspeed = _import_deepspeed()
         self._ensure_process_group()
-        init_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": copy.deepcopy(self.config["zero_optimization"]),
-                       **{section: {"enabled": on} for section, on in self._precision_sections().items()}}
-        for key in _AUTO_ZERO_SIZES:
-            if _is_auto(init_config["zero_optimization"].get(key)):
-                del init_config["zero_optimization"][key]
-        with deepspeed.zero.Init(config_dict_or_path=init_config):
+        with deepspeed.zero.Init(config_dict_or_path=zero_init_config(self.config, self._precision_sections())):
             yield
 
     # -- optimizer state dicts: partitioned, so only the strategy's checkpoint files hold them ---------------
@@ -533,43 +414,18 @@ class DeepSpeed(Strategy):
         raise RuntimeError("Under DeepSpeed the optimizer state is partitioned: restore it with accelerator.load_state().")
 
     # -- full weights --------------------------------------------------------------------------------------------
-    def _full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Every process calls this (ZeRO-3 gathers); the full weights on CPU, tied ones under one name."""
-        inner = self.unwrap_module(module)
-        if not isinstance(module, DeepSpeedModule):
-            return {k: v.detach().cpu().contiguous() for k, v in inner.state_dict().items()}
-        self.engine  # noqa: B018 - built here if the model has not run yet: the weights live in it
-        deepspeed = _import_deepspeed()
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        state: dict[str, torch.Tensor] = {}
-        seen: set[int] = set()
-        entries = inner.state_dict(keep_vars=True)
-        if self.zero_stage == 3 and not self.zero3_save_16bit_model:
-            # The fp32 master weights, assembled from every process's partition (a collective per parameter).
-            for name, tensor in entries.items():
-                if id(tensor) in seen:
-                    continue
-                seen.add(id(tensor))
-                full = safe_get_full_fp32_param(tensor) if isinstance(tensor, nn.Parameter) else None
-                state[name] = (full if full is not None else tensor).detach().cpu().clone().contiguous()
-            return state
-        parameters = [p for p in inner.parameters()]
-        gather = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None) if self.zero_stage == 3 else nullcontext()
-        with gather:
-            for name, tensor in entries.items():
-                if id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    state[name] = tensor.detach().cpu().clone().contiguous()
-        return state
-
     def save_module(self, module: nn.Module, path: Path) -> None:
         """Rank 0 writes the full weights as one safetensors file that loads into the plain model.
 
         Under ZeRO-3 the weights are gathered from every process: the training-dtype weights with
         ``zero3_save_16bit_model``, the consolidated fp32 master weights otherwise.
         """
-        state = self._full_state(module)
+        if not isinstance(module, DeepSpeedModule):
+            super().save_module(module, path)
+            return
+        self.engine  # noqa: B018 - built here if the model has not run yet: the weights live in it
+        state = checkpoint_files.gather_full_weights(_import_deepspeed(), module.module, self.zero_stage,
+                                                     self.zero3_save_16bit_model)
         if self.process_index == 0:
             save_file(state, str(path), metadata={"format": "pt"})
 
@@ -578,157 +434,48 @@ class DeepSpeed(Strategy):
         if not isinstance(module, DeepSpeedModule):
             super().load_module(module, path, strict)
             return
-        deepspeed = _import_deepspeed()
-        engine = self.engine
-        inner = module.module
-        loaded = load_file(str(path))
-        entries = inner.state_dict(keep_vars=True)
-        missing = sorted(set(entries) - set(loaded) - _tied_aliases(entries, loaded))
-        unexpected = sorted(set(loaded) - set(entries))
-        check_loaded_keys(path, missing, unexpected, strict)
-        parameters = list(inner.parameters())
-        gather = deepspeed.zero.GatheredParameters(parameters, modifier_rank=0) if self.zero_stage == 3 else nullcontext()
-        with gather, torch.no_grad():
-            for name, tensor in entries.items():
-                if name in loaded:
-                    tensor.copy_(loaded[name].to(tensor.dtype))
-        if hasattr(engine.optimizer, "refresh_fp32_params"):
-            engine.optimizer.refresh_fp32_params()
+        checkpoint_files.load_full_weights(_import_deepspeed(), self.engine, module.module, path, self.zero_stage, strict)
 
     # -- checkpoints: each process's partitions ------------------------------------------------------------------
     def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:
-        if self._wrapper is None or not any(m is self._wrapper for m in modules):
+        """Write every process's ZeRO partitions (or DeepSpeed's own files, for NVMe offload) into ``directory``."""
+        wrapper = self._wrapper
+        if wrapper is None or not any(m is wrapper for m in modules):
             return False
         if self._pending_backwards:
             raise RuntimeError("The DeepSpeed engine holds partial gradient sums between optimizer steps, which its "
                                "checkpoint does not include: save at an accumulation boundary (after optimizer.step()).")
         engine = self.engine
-        if self.checkpoint_format == "deepspeed" or self._uses_nvme:
-            engine.save_checkpoint(str(directory / _NATIVE_DIR), tag="state", save_latest=False)
-            self._save_extra_modules(modules, directory)
-            return True
-        from .state_format import save_state_files, write_json
-
-        folder = directory / _PARTITIONS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        optimizer = engine.optimizer
-        self._checkpoint_event(optimizer, "prologue")
-        try:
-            state: dict[str, Any] = {"engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
-                                                "skipped_steps": engine.skipped_steps}}
-            if hasattr(optimizer, "state_dict") and not isinstance(optimizer, ConfigOptimizer):
-                state["optimizer"] = _plain_optimizer_state(optimizer.state_dict())
-            if engine.lr_scheduler is not None and hasattr(engine.lr_scheduler, "state_dict"):
-                state["lr_scheduler"] = engine.lr_scheduler.state_dict()
-            state["model"] = self._local_model_partition()
-            save_state_files(state, folder, f"rank_{self.process_index}")
-        finally:
-            self._checkpoint_event(optimizer, "epilogue")
-        if self.process_index == 0:
-            import deepspeed
-
-            write_json(folder / "meta.json", {"zero_stage": self.zero_stage, "num_processes": self.num_processes,
-                                              "deepspeed_version": deepspeed.__version__,
-                                              "parameters": {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-                                                             for n, p in self._wrapper.module.named_parameters()}})
-        self._save_extra_modules(modules, directory)
+        if self.checkpoint_format == "deepspeed" or uses_nvme(self.config):
+            engine.save_checkpoint(str(directory / checkpoint_files.NATIVE_DIR), tag="state", save_latest=False)
+        else:
+            checkpoint_files.save_partitions(engine, wrapper.module, directory / checkpoint_files.PARTITIONS_DIR,
+                                             self.zero_stage, self.process_index, self.num_processes)
+        for index, module in enumerate(modules):  # models without an engine (frozen ones), as the generic checkpoint would
+            if module is not wrapper:
+                super().save_module(module, directory / _model_file(index))
         return True
-
-    def _save_extra_modules(self, modules: list[nn.Module], directory: Path) -> None:
-        """Models without an engine (frozen ones) are saved as the generic checkpoint would."""
-        for index, module in enumerate(modules):
-            if module is not self._wrapper:
-                super().save_module(module, directory / f"{'model' if index == 0 else f'model_{index}'}.safetensors")
-
-    def _local_model_partition(self) -> dict[str, torch.Tensor]:
-        """ZeRO-3: this process's shard of every parameter; ZeRO-0/1/2: the full weights, on rank 0 only."""
-        inner = self._wrapper.module
-        if self.zero_stage == 3:
-            return {name: p.ds_tensor.detach() for name, p in inner.named_parameters() if hasattr(p, "ds_tensor")}
-        if self.process_index != 0:
-            return {}
-        return {name: p.detach() for name, p in inner.named_parameters()}
 
     def load_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:
-        if self._wrapper is None or not any(m is self._wrapper for m in modules):
+        """Read what ``save_training_state`` wrote; False when ``directory`` holds no DeepSpeed state."""
+        wrapper = self._wrapper
+        if wrapper is None or not any(m is wrapper for m in modules):
             return False
-        native, partitions = directory / _NATIVE_DIR, directory / _PARTITIONS_DIR
+        native, partitions = directory / checkpoint_files.NATIVE_DIR, directory / checkpoint_files.PARTITIONS_DIR
         if native.is_dir():
-            self._load_native(native)
+            checkpoint_files.load_native(self.engine, native, self.trust_deepspeed_checkpoints)
         elif partitions.is_dir():
-            self._load_partitions(partitions)
+            checkpoint_files.load_partitions(self.engine, wrapper.module, partitions, self.zero_stage, self.process_index,
+                                             self.num_processes)
         else:
             return False
         for index, module in enumerate(modules):
-            if module is not self._wrapper:
-                super().load_module(module, directory / f"{'model' if index == 0 else f'model_{index}'}.safetensors")
+            if module is not wrapper:
+                super().load_module(module, directory / _model_file(index))
         self._pending_backwards = 0
         return True
-
-    def _load_native(self, folder: Path) -> None:
-        if not self.trust_deepspeed_checkpoints:
-            raise ValueError(
-                f"{folder} holds DeepSpeed's own checkpoint files, which are Python pickles: reading one can run code. "
-                "Load them only if you wrote them yourself, with DeepSpeed(trust_deepspeed_checkpoints=True)."
-            )
-        loaded, _ = self.engine.load_checkpoint(str(folder), tag="state", load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if loaded is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}.")
-
-    def _load_partitions(self, folder: Path) -> None:
-        from .state_format import load_state_files, read_json
-
-        meta = read_json(folder / "meta.json")
-        if meta["num_processes"] != self.num_processes or meta["zero_stage"] != self.zero_stage:
-            raise ValueError(
-                f"{folder.parent} holds ZeRO-{meta['zero_stage']} partitions of {meta['num_processes']} process(es); this "
-                f"run is ZeRO-{self.zero_stage} on {self.num_processes}. Resume with the same layout, or start a new run "
-                "from full weights written by accelerator.save_model()."
-            )
-        engine = self.engine
-        state = load_state_files(folder, f"rank_{self.process_index}", device="cpu")
-        self._load_model_partition(folder, state.get("model", {}))
-        optimizer = engine.optimizer
-        if "optimizer" in state:
-            self._checkpoint_event(optimizer, "prologue")
-            restored = _restore_optimizer_state(state["optimizer"], optimizer)
-            everyone = [restored] * self.num_processes  # indexed by rank: this process reads its own entry
-            if self.zero_stage == 3:
-                optimizer.load_state_dict(everyone, load_optimizer_states=True)
-            else:
-                optimizer.load_state_dict(everyone, load_optimizer_states=True, load_from_fp32_weights=True)
-                optimizer.update_lp_params()  # the model's weights from the fp32 master weights
-            self._checkpoint_event(optimizer, "epilogue")
-        if "lr_scheduler" in state and engine.lr_scheduler is not None:
-            engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        counters = state.get("engine", {})
-        engine.global_steps = int(counters.get("global_steps", engine.global_steps))
-        engine.global_samples = int(counters.get("global_samples", engine.global_samples))
-        engine.skipped_steps = int(counters.get("skipped_steps", engine.skipped_steps))
-
-    def _load_model_partition(self, folder: Path, saved: dict[str, torch.Tensor]) -> None:
-        inner = self._wrapper.module
-        with torch.no_grad():
-            if self.zero_stage == 3:
-                for name, p in inner.named_parameters():
-                    if name in saved:
-                        p.ds_tensor.copy_(saved[name])
-                return
-            if self.process_index == 0:
-                for name, p in inner.named_parameters():
-                    if name in saved:
-                        p.copy_(saved[name])
-            for p in inner.parameters():  # every process starts from rank 0's weights
-                dist.broadcast(p.data, src=0)
-
-    @staticmethod
-    def _checkpoint_event(optimizer: Any, which: str) -> None:
-        hook = getattr(optimizer, f"checkpoint_event_{which}", None)
-        if hook is not None:
-            hook()
 
     # -- teardown --------------------------------------------------------------------------------------------------
     def teardown(self) -> None:
@@ -751,74 +498,6 @@ class DeepSpeed(Strategy):
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-def _load_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if isinstance(config, dict):
-        return copy.deepcopy(config)
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"No DeepSpeed config file at {path}.")
-    loaded = json.loads(path.read_text())
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: a DeepSpeed config is a JSON object, got {type(loaded).__name__}.")
-    return loaded
-
-
-def _agree(section: dict[str, Any], key: str, value: Any, argument: str, where: str) -> None:
-    current = section.get(key)
-    if current is None or _is_auto(current) or current == value:
-        section[key] = value
-        return
-    raise ValueError(f"DeepSpeed({argument}={value!r}) disagrees with the DeepSpeed config's {where}={current!r}: "
-                     "give one of them, or make them agree.")
-
-
-def _auto_paths(config: Any, prefix: str = "") -> list[str]:
-    if isinstance(config, dict):
-        return [path for key, value in config.items() for path in _auto_paths(value, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if _is_auto(config) else []
-
-
-def _tied_aliases(entries: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor]) -> set[str]:
-    """Names of tensors that share storage with a loaded name (tied weights are written once)."""
-    by_id: dict[int, list[str]] = {}
-    for name, tensor in entries.items():
-        by_id.setdefault(id(tensor), []).append(name)
-    return {name for names in by_id.values() if any(n in loaded for n in names) for name in names}
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
-def _plain_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
-    """The ZeRO optimizer's state dict with nothing that needs pickling: tensors, numbers, strings, lists, dicts.
-
-    The loss scaler object becomes its numbers; the parameter slice mappings (rebuilt from the
-    model on load) are left out.
-    """
-    plain: dict[str, Any] = {}
-    for key, value in state.items():
-        if key == "param_slice_mappings":
-            continue
-        if hasattr(value, "cur_scale"):
-            plain[key] = {_LOSS_SCALER_KEY: {k: v for k, v in vars(value).items() if _scalar(v)}}
-        elif isinstance(value, int) and not isinstance(value, bool):
-            plain[key] = int(value)  # ZeRO's stage enum as a number
-        else:
-            plain[key] = value
-    return plain
-
-
-def _restore_optimizer_state(plain: dict[str, Any], optimizer: Any) -> dict[str, Any]:
-    restored = dict(plain)
-    for key, value in plain.items():
-        if isinstance(value, dict) and _LOSS_SCALER_KEY in value:
-            scaler = optimizer.loss_scaler
-            for name, number in value[_LOSS_SCALER_KEY].items():
-                setattr(scaler, name, number)
-            restored[key] = scaler
-    if hasattr(optimizer, "_param_slice_mappings"):
-        restored["param_slice_mappings"] = optimizer._param_slice_mappings
-    return restored
+def _model_file(index: int) -> str:
+    """The generic checkpoint's file name for the ``index``-th prepared model."""
+    return f"{'model' if index == 0 else f'model_{index}'}.safetensors"

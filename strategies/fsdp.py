@@ -27,6 +27,7 @@ from torch import nn
 
 from . import fsdp_checkpoint
 from .base import Strategy, check_loaded_keys
+from .spec import Option, StrategySpec
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 # Sharding strategy (FSDP1's names and numbers) -> (mesh layout, reshard parameters after forward).
@@ -35,20 +36,7 @@ SHARDING_STRATEGIES = {"FULL_SHARD": ("shard", True), "SHARD_GRAD_OP": ("shard",
 _SHARDING_NUMBERS = {1: "FULL_SHARD", 2: "SHARD_GRAD_OP", 3: "NO_SHARD", 4: "HYBRID_SHARD", 5: "HYBRID_SHARD_ZERO2"}
 STATE_DICT_TYPES = ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT")
 BACKWARD_PREFETCH = ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")
-PRECISIONS = {"auto": None, "no": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Keys of an Accelerate-style ``fsdp_config`` and the argument each one sets here.
-CONFIG_KEYS = {
-    "fsdp_auto_wrap_policy": "auto_wrap_policy", "fsdp_transformer_layer_cls_to_wrap": "transformer_layer_cls_to_wrap",
-    "fsdp_min_num_params": "min_num_params", "fsdp_sharding_strategy": "sharding_strategy",
-    "fsdp_reshard_after_forward": "reshard_after_forward", "fsdp_offload_params": "offload_params",
-    "fsdp_state_dict_type": "state_dict_type", "fsdp_activation_checkpointing": "activation_checkpointing",
-    "fsdp_backward_prefetch": "backward_prefetch", "fsdp_backward_prefetch_policy": "backward_prefetch",
-    "fsdp_forward_prefetch": "forward_prefetch", "fsdp_cpu_ram_efficient_loading": "cpu_ram_efficient_loading",
-    "fsdp_sync_module_states": "sync_module_states",
-}
-# Keys that choose between FSDP1's wrapper and FSDP2, or FSDP1's flat parameters: fully_shard is
-# FSDP2 and always keeps the original parameters, so these change nothing.
-BY_DESIGN = ("fsdp_version", "fsdp_use_orig_params")
+_YAML_ONLY = "Accepted so that files written for FSDP 1 load: fully_shard is FSDP 2 and always keeps the original parameters."
 
 
 class FSDP(Strategy):
@@ -69,21 +57,54 @@ class FSDP(Strategy):
             ``"FULL_STATE_DICT"`` (one safetensors file of whole tensors).
         activation_checkpointing: recompute each wrap unit's activations in backward.
         mixed_precision: the unit parameters' dtype during forward/backward: ``"auto"`` follows the
-            Accelerator's precision policy; ``"no"``, ``"bf16"`` or ``"fp16"`` set it.
+            Accelerator's precision policy; a ``torch.dtype`` (``torch.bfloat16``) sets it; None keeps
+            the parameters' own dtype.
         backward_prefetch, forward_prefetch: when the next unit's parameters are gathered.
         cpu_ram_efficient_loading: process 0 holds the real weights, the others build the model on the
             meta device (``module_sharded_context``) and receive their shards.
         sync_module_states: start every process from process 0's weights and buffers.
     """
 
-    name = "fsdp"
+    spec = StrategySpec(
+        name="fsdp", summary="fully sharded data parallel: parameters, gradients and optimizer state sharded (fully_shard)",
+        distributed_types=("FSDP",), section="fsdp_config",
+        options=(
+            Option("fsdp_version", None, (int,), "FSDP 1 (FullyShardedDataParallel) or FSDP 2 (fully_shard).",
+                   choices=(1, 2), unused=_YAML_ONLY),
+            Option("fsdp_auto_wrap_policy", "auto_wrap_policy", (str,), "How modules are wrapped into FSDP units.",
+                   choices=WRAP_POLICIES, question="FSDP auto wrap policy?"),
+            Option("fsdp_backward_prefetch", "backward_prefetch", (str,),
+                   "When the next parameters are gathered during backward.", choices=BACKWARD_PREFETCH),
+            Option("fsdp_backward_prefetch_policy", "backward_prefetch", (str,),
+                   "Older spelling of `fsdp_backward_prefetch`.", choices=BACKWARD_PREFETCH, flag=False),
+            Option("fsdp_cpu_ram_efficient_loading", "cpu_ram_efficient_loading", (bool,),
+                   "Load the weights on rank 0 only and broadcast them."),
+            Option("fsdp_forward_prefetch", "forward_prefetch", (bool,), "Gather the next parameters during forward."),
+            Option("fsdp_offload_params", "offload_params", (bool,), "Keep parameters (and gradients) on the CPU.",
+                   question="Offload parameters to the CPU?"),
+            Option("fsdp_sharding_strategy", "sharding_strategy", (str, int),
+                   "What is sharded: parameters, gradients, optimizer state (name or Accelerate's number 1-5).",
+                   choices=(*SHARDING_STRATEGIES, *_SHARDING_NUMBERS), question="FSDP sharding strategy?"),
+            Option("fsdp_reshard_after_forward", "reshard_after_forward", (bool, str),
+                   "Free the gathered parameters after forward (FSDP 2)."),
+            Option("fsdp_state_dict_type", "state_dict_type", (str,), "Whether checkpoints hold full or sharded state.",
+                   choices=STATE_DICT_TYPES, question="FSDP state dict type?", ask_default="SHARDED_STATE_DICT"),
+            Option("fsdp_sync_module_states", "sync_module_states", (bool,), "Broadcast rank 0's weights at wrap time."),
+            Option("fsdp_use_orig_params", None, (bool,), "Keep the original parameters visible to the optimizer (FSDP 1).",
+                   unused=_YAML_ONLY),
+            Option("fsdp_transformer_layer_cls_to_wrap", "transformer_layer_cls_to_wrap", (str, list),
+                   "Class name(s) of the layers wrapped by `TRANSFORMER_BASED_WRAP`."),
+            Option("fsdp_min_num_params", "min_num_params", (int,), "Parameter threshold of `SIZE_BASED_WRAP`."),
+            Option("fsdp_activation_checkpointing", "activation_checkpointing", (bool,),
+                   "Recompute activations of the wrapped layers during backward."),
+        ))
 
     def __init__(self, auto_wrap_policy: str | Callable[[nn.Module], bool] = "TRANSFORMER_BASED_WRAP",
                  transformer_layer_cls_to_wrap: str | Iterable[str | type] | None = None,
                  min_num_params: int = 100_000_000, sharding_strategy: str | int = "FULL_SHARD",
                  reshard_after_forward: bool | str | None = None, hybrid_shard_size: int | None = None,
                  offload_params: bool = False, state_dict_type: str = "FULL_STATE_DICT",
-                 activation_checkpointing: bool = False, mixed_precision: str = "auto",
+                 activation_checkpointing: bool = False, mixed_precision: str | torch.dtype | None = "auto",
                  backward_prefetch: str = "BACKWARD_PRE", forward_prefetch: bool = False,
                  cpu_ram_efficient_loading: bool = False, sync_module_states: bool = True) -> None:
         super().__init__()
@@ -102,8 +123,9 @@ class FSDP(Strategy):
             warnings.warn(f"FSDP(backward_prefetch={backward_prefetch!r}) has no effect: fully_shard always gathers the "
                           "next unit's parameters before the current unit's gradients are computed (BACKWARD_PRE).",
                           stacklevel=2)
-        if str(mixed_precision).lower() not in PRECISIONS:
-            raise ValueError(f"FSDP(mixed_precision={mixed_precision!r}): use one of {list(PRECISIONS)}.")
+        if not (mixed_precision is None or mixed_precision == "auto" or isinstance(mixed_precision, torch.dtype)):
+            raise ValueError(f"FSDP(mixed_precision={mixed_precision!r}): use \"auto\" (follow the Accelerator's precision), "
+                             "a torch dtype (torch.bfloat16) or None (the parameters' own dtype).")
         if hybrid_shard_size is not None and hybrid_shard_size < 1:
             raise ValueError(f"FSDP(hybrid_shard_size={hybrid_shard_size}): a shard group has at least one process.")
         if isinstance(transformer_layer_cls_to_wrap, str):
@@ -121,26 +143,13 @@ class FSDP(Strategy):
         # LOCAL_STATE_DICT meant FSDP1's flat local shards; fully_shard's local shards are what SHARDED writes.
         self.state_dict_type = "SHARDED_STATE_DICT" if state_dict_type == "LOCAL_STATE_DICT" else state_dict_type
         self.activation_checkpointing = activation_checkpointing
-        self.mixed_precision = str(mixed_precision).lower()
+        self.mixed_precision = mixed_precision
         self.backward_prefetch, self.forward_prefetch = backward_prefetch, forward_prefetch
         self.cpu_ram_efficient_loading, self.sync_module_states = cpu_ram_efficient_loading, sync_module_states
         self._module: nn.Module | None = None
         self._replaced: dict[int, nn.Parameter] = {}
         self._mesh: Any = None
         self._precision_seen, self._precision_dtype = False, None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> FSDP:
-        """Build from an ``fsdp_config`` section of a launch configuration (already validated)."""
-        kwargs = {}
-        for key, value in config.items():
-            if key in BY_DESIGN:
-                continue
-            if key not in CONFIG_KEYS:
-                close = difflib.get_close_matches(key, [*CONFIG_KEYS, *BY_DESIGN], n=1)
-                raise ValueError(f"Unknown fsdp_config key {key!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
-            kwargs[CONFIG_KEYS[key]] = value
-        return cls(**kwargs)
 
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
         super().setup_environment(device, process_index, num_processes)
@@ -216,7 +225,7 @@ class FSDP(Strategy):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if self.mixed_precision != "auto":
-            dtype = PRECISIONS[self.mixed_precision]
+            dtype = self.mixed_precision
         elif self._precision_seen:
             dtype = self._precision_dtype
         else:  # an Accelerator that does not call setup_policies: read the policy off the prepared forward

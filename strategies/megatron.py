@@ -22,7 +22,6 @@ exists: the layers read the tensor-parallel group when they are created.
 
 from __future__ import annotations
 
-import difflib
 import math
 import socket
 import warnings
@@ -38,32 +37,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from .base import Strategy, check_loaded_keys
-from .packages import missing_package_message, package_available, require_package
+from .spec import Option, Package, StrategySpec
 
-INSTALL_HINT = "pip install 'trainer-kit[megatron]'"
-# Keys of a launch configuration's ``megatron_lm_config`` section and the argument each one sets here.
-CONFIG_KEYS = {
-    "megatron_lm_tp_degree": "tp_degree", "megatron_lm_pp_degree": "pp_degree",
-    "megatron_lm_num_micro_batches": "num_micro_batches", "megatron_lm_sequence_parallelism": "sequence_parallelism",
-    "megatron_lm_recompute_activations": "recompute_activations",
-    "megatron_lm_use_distributed_optimizer": "use_distributed_optimizer",
-    "megatron_lm_gradient_clipping": "gradient_clipping",
-}
+PACKAGE = Package("megatron.core", "megatron-core", "pip install 'trainer-kit[megatron]'")
 _STATE_DIR = "megatron"
-
-
-def megatron_available() -> bool:
-    """Whether ``import megatron.core`` can succeed, without importing it (it imports much of its stack)."""
-    return package_available("megatron.core")
-
-
-def missing_megatron_message(what: str = "The Megatron strategy") -> str:
-    return missing_package_message(what, "megatron-core", INSTALL_HINT)
-
-
-def require_megatron(what: str = "The Megatron strategy") -> None:
-    """One clear ImportError, before any work, when megatron-core cannot be imported."""
-    require_package("megatron.core", what, "megatron-core", INSTALL_HINT)
 
 
 def _parallel_state() -> Any:
@@ -74,7 +51,7 @@ def _parallel_state() -> Any:
             warnings.filterwarnings("ignore", message=".*Apex.*")
             from megatron.core import parallel_state
     except ImportError as error:
-        raise ImportError(f"{missing_megatron_message()} ({error})") from error
+        raise ImportError(f"{PACKAGE.missing_message('The Megatron strategy')} ({error})") from error
     return parallel_state
 
 
@@ -136,13 +113,30 @@ class Megatron(Strategy):
         gradient_clipping: clip the whole model's gradient norm to this at every optimizer step.
     """
 
-    name = "megatron"
+    spec = StrategySpec(
+        name="megatron", summary="tensor parallelism with megatron-core's layers, data parallel over the other processes",
+        distributed_types=("MEGATRON_LM",), section="megatron_lm_config", package=PACKAGE,
+        launch_flag="use_megatron_lm",
+        options=(
+            Option("megatron_lm_tp_degree", "tp_degree", (int,), "Tensor-parallel degree: processes that split each layer.",
+                   minimum=1, question="Tensor-parallel degree?"),
+            Option("megatron_lm_pp_degree", "pp_degree", (int,), "Pipeline-parallel degree (only 1).", minimum=1),
+            Option("megatron_lm_num_micro_batches", "num_micro_batches", (int,),
+                   "Micro-batches per step; without a pipeline, the gradient accumulation steps.", minimum=1),
+            Option("megatron_lm_sequence_parallelism", "sequence_parallelism", (bool,),
+                   "Shard activations along the sequence dimension."),
+            Option("megatron_lm_recompute_activations", "recompute_activations", (bool,),
+                   "Recompute activations during backward."),
+            Option("megatron_lm_use_distributed_optimizer", "use_distributed_optimizer", (bool,),
+                   "Shard the optimizer state over data-parallel ranks (not supported)."),
+            Option("megatron_lm_gradient_clipping", "gradient_clipping", (int, float), "Maximum gradient norm."),
+        ))
 
     def __init__(self, tp_degree: int = 1, pp_degree: int = 1, num_micro_batches: int = 1,
                  sequence_parallelism: bool = False, recompute_activations: bool = False,
                  use_distributed_optimizer: bool = False, gradient_clipping: float | None = None) -> None:
         super().__init__()
-        require_megatron()
+        PACKAGE.require("The Megatron strategy")
         for argument, value in (("tp_degree", tp_degree), ("pp_degree", pp_degree), ("num_micro_batches", num_micro_batches)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Megatron({argument}={value!r}): use a whole number >= 1.")
@@ -167,17 +161,6 @@ class Megatron(Strategy):
         self._initialized = False
         self._modules: list[nn.Module] = []
         self._grads_finished = False
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Megatron:
-        """Build from a ``megatron_lm_config`` section of a launch configuration."""
-        kwargs = {}
-        for key, value in config.items():
-            if key not in CONFIG_KEYS:
-                close = difflib.get_close_matches(key, list(CONFIG_KEYS), n=1)
-                raise ValueError(f"Unknown megatron_lm_config key {key!r}." + (f" Did you mean {close[0]!r}?" if close else ""))
-            kwargs[CONFIG_KEYS[key]] = value
-        return cls(**kwargs)
 
     # -- environment -----------------------------------------------------------------------------------------------
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:

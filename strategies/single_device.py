@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Strategy
+from .spec import StrategySpec
 
 
 class SingleDevice(Strategy):
@@ -14,7 +15,8 @@ class SingleDevice(Strategy):
         device: the device to use; by default the one the Accelerator's PartialState picked.
     """
 
-    name = "single_device"
+    spec = StrategySpec(name="single_device", summary="one process on one device (a CPU, a GPU, an XPU...)",
+                        aliases=("single", "cpu"), distributed_types=("NO",), launch_flag=None, picked_by_auto=True)
 
     def __init__(self, device: str | torch.device | None = None) -> None:
         super().__init__()

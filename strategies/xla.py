@@ -22,27 +22,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .base import Strategy, check_loaded_keys
-from .packages import package_available
+from .spec import Package, StrategySpec
 from .state_format import load_state_files, read_json, save_state_files, write_json
 
-INSTALL_HINT = "pip install 'torch_xla==<your torch version>' (e.g. pip install torch==2.9.0 torch_xla==2.9.0)"
 _RNG_FILE = "xla_random_state.json"
-
-
-def xla_available() -> bool:
-    return package_available("torch_xla")
-
-
-def require_xla(what: str = "The XLA strategy") -> None:
-    """One clear ImportError, before any work, when torch_xla is not installed."""
-    if not xla_available():
-        raise ImportError(f"{what} needs torch_xla, which is not installed: {INSTALL_HINT}. "
-                          "Run it on the CPU with PJRT_DEVICE=CPU, on TPUs with PJRT_DEVICE=TPU.")
+PACKAGE = Package("torch_xla", "torch_xla",
+                  "pip install 'torch_xla==<your torch version>' (e.g. pip install torch==2.9.0 torch_xla==2.9.0)",
+                  note=". Run it on the CPU with PJRT_DEVICE=CPU, on TPUs with PJRT_DEVICE=TPU.")
 
 
 def _xla() -> tuple[Any, Any]:
     """(torch_xla, torch_xla.core.xla_model), imported only when the strategy is used."""
-    require_xla()
+    PACKAGE.require("The XLA strategy")
     import torch_xla
     import torch_xla.core.xla_model as xm
 
@@ -57,11 +48,12 @@ def _name(kind: str, index: int) -> str:
 class XLA(Strategy):
     """Train on one XLA device; the graph is cut after each backward and each optimizer step."""
 
-    name = "xla"
+    spec = StrategySpec(name="xla", summary="one process on one XLA device (a TPU core, or the CPU with PJRT_DEVICE=CPU)",
+                        distributed_types=("XLA",), package=PACKAGE)
 
     def __init__(self) -> None:
         super().__init__()
-        require_xla()
+        PACKAGE.require("The XLA strategy")
         self._moved: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id(CPU parameter) -> (it, its device copy)
 
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:

@@ -23,13 +23,13 @@ from safetensors.torch import load_file, load_model
 from torch.utils.data import DataLoader
 
 from strategies import DeepSpeed, resolve_strategy
-from strategies.deepspeed import deepspeed_available
+from strategies.deepspeed import PACKAGE as DEEPSPEED
 from trainer import Accelerator, PartialState, set_seed
 from trainer.accumulation import GradientAccumulation
 from trainer.precision import resolve_precision
 
 needs_deepspeed = pytest.mark.skipif(
-    not deepspeed_available(), reason="deepspeed is not installed (pip install 'trainer-kit[deepspeed]')")
+    not DEEPSPEED.available(), reason="deepspeed is not installed (pip install 'trainer-kit[deepspeed]')")
 LR = 1e-2  # as in the worker
 ABORT_SIGNS = ("terminate called", "Aborted", "core dumped", "Segmentation fault", "Fatal Python error")
 INSTALL = "pip install 'trainer-kit[deepspeed]'"

@@ -52,7 +52,7 @@ def test_every_launch_configuration_is_valid():
         assert (config["distributed_type"], config["num_processes"]) == (kind, processes), name
         environment = launch_config.process_environment(config)
         assert environment["TRAINER_STRATEGY"] == ("auto" if kind in ("NO", "MULTI_CPU") else
-                                                   launch_config.STRATEGY_OF[kind]), (name, environment)
+                                                   launch_config.strategy_spec(config).name), (name, environment)
     assert launch_config.load(CONFIGS / "deepspeed.yaml")["deepspeed_config"]["zero_stage"] == 2
     assert launch_config.load(CONFIGS / "megatron.yaml")["megatron_lm_config"]["megatron_lm_tp_degree"] == 2
 

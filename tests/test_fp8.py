@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from trainer import Accelerator
-from trainer.precision_fp8 import Float8Precision, Fp8UnavailableError, convert_to_fp8, fp8_linear_plan
+from trainer.precision.fp8 import Float8Precision, Fp8UnavailableError, convert_to_fp8, fp8_linear_plan
 
 torchao = pytest.importorskip("torchao", reason="fp8 conversion needs torchao (pip install torchao)")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
@@ -89,7 +89,7 @@ def test_float8_policy_refuses_a_cpu_device_and_unknown_options():
 def test_missing_transformer_engine_names_the_pip_line(monkeypatch):
     import importlib.util
 
-    from trainer import precision_fp8
+    from trainer.precision import fp8 as precision_fp8
 
     real = importlib.util.find_spec
     monkeypatch.setattr(precision_fp8.importlib.util, "find_spec",
@@ -142,7 +142,7 @@ def test_fp8_trains_and_reports_the_step_time_against_bf16(compiled):
 @pytest.fixture
 def cpu_policy(monkeypatch):
     """A Float8Precision on the CPU, past the hardware check, to see what prepare does with it."""
-    from trainer import precision_fp8
+    from trainer.precision import fp8 as precision_fp8
 
     monkeypatch.setattr(precision_fp8, "check_fp8_available", lambda *args, **kwargs: None)
     return lambda **options: Float8Precision(torch.device("cpu"), **options)

@@ -21,10 +21,10 @@ from distributed_helpers import WORKERS_DIR, import_errors_without, run_distribu
 from safetensors.torch import load_file
 
 from strategies import Megatron, resolve_strategy
-from strategies.megatron import megatron_available
+from strategies.megatron import PACKAGE as MEGATRON
 
 needs_megatron = pytest.mark.skipif(
-    not megatron_available(), reason="megatron-core is not installed (pip install 'trainer-kit[megatron]')")
+    not MEGATRON.available(), reason="megatron-core is not installed (pip install 'trainer-kit[megatron]')")
 INSTALL = "pip install 'trainer-kit[megatron]'"
 ABORT_SIGNS = ("terminate called", "Aborted", "core dumped", "Segmentation fault", "Fatal Python error")
 
@@ -115,9 +115,9 @@ def test_the_launch_section_maps_onto_the_strategy(monkeypatch):
             strategy.recompute_activations, strategy.use_distributed_optimizer, strategy.gradient_clipping) == (
         2, 1, 2, True, True, False, 1.0)
     monkeypatch.setenv("TRAINER_MEGATRON_LM_CONFIG", json.dumps({"megatron_lm_tp_degree": 2}))
-    from trainer.accelerator import _launch_settings
+    from strategies.registry import launch_settings
 
-    resolved = resolve_strategy("megatron", 2, _launch_settings())
+    resolved = resolve_strategy("megatron", 2, launch_settings())
     assert isinstance(resolved, Megatron) and resolved.tp_degree == 2
     with pytest.raises(ValueError, match="Did you mean 'megatron_lm_tp_degree'"):
         Megatron.from_config({"megatron_lm_tp_degre": 2})

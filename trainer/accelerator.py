@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import gc
 import inspect
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -102,7 +101,7 @@ class Accelerator:
         strategy = strategy or os.environ.get(STRATEGY_ENV)
         check_strategy_requirements(strategy)  # a missing backend package fails here, before any work
         self.state = PartialState(cpu=cpu)
-        self.strategy = resolve_strategy(strategy, self.state.num_processes, _launch_settings())
+        self.strategy = resolve_strategy(strategy, self.state.num_processes)
         self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
         self.precision = self.strategy.setup_policies(resolve_precision(mixed_precision, self.strategy.root_device),
                                                       self.accumulation)
@@ -533,12 +532,6 @@ class _MicroStep:
         if self.stack is not None:
             return self.stack.__exit__(*exc_info)
         return None
-
-
-def _launch_settings() -> dict[str, dict]:
-    """Strategy options that ``trainer launch`` passed from the config file (TRAINER_FSDP_CONFIG...)."""
-    sections = {"fsdp": "TRAINER_FSDP_CONFIG", "deepspeed": "TRAINER_DEEPSPEED_CONFIG", "megatron": "TRAINER_MEGATRON_LM_CONFIG"}
-    return {name: json.loads(os.environ[variable]) for name, variable in sections.items() if os.environ.get(variable)}
 
 
 def _only_tensors(data: Any) -> bool:

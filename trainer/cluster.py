@@ -118,7 +118,7 @@ def _from_mpi(env: Mapping[str, str], prefix: str, launcher: str) -> ClusterEnvi
     )
 
 
-def _inside_srun(env: Mapping[str, str]) -> bool:
+def inside_srun(env: Mapping[str, str]) -> bool:
     """True under ``srun``; an interactive ``salloc`` shell or a batch script alone is not a job step."""
     return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
 
@@ -128,7 +128,7 @@ def detect_cluster_environment(env: Mapping[str, str] | None = None) -> ClusterE
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return _from_torchrun(env)
-    if _inside_srun(env):
+    if inside_srun(env):
         return _from_slurm(env)
     if "OMPI_COMM_WORLD_RANK" in env:
         return _from_mpi(env, "ompi", "Open MPI")

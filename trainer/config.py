@@ -18,120 +18,98 @@ from typing import Any
 
 import yaml
 
+from trainer.precision.names import precision_names
+from trainer.strategies import registry
+from trainer.strategies.base import Strategy
+from trainer.strategies.spec import StrategySpec, check_value
+
 CONFIG_ENV = "TRAINER_CONFIG_FILE"
 DEFAULT_CONFIG = Path(os.environ.get("TRAINER_HOME", Path.home() / ".cache" / "trainer")) / "default_config.yaml"
 
-DISTRIBUTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_HPU", "FSDP",
-                     "DEEPSPEED", "MEGATRON_LM", "XLA")
-# What each distributed type runs as, by strategy name.
-STRATEGY_OF = {"NO": "single_device", "FSDP": "fsdp", "DEEPSPEED": "deepspeed", "MEGATRON_LM": "megatron", "XLA": "xla",
-               **{kind: "ddp" for kind in DISTRIBUTED_TYPES if kind.startswith("MULTI_")}}
-
-
 @dataclass(frozen=True)
 class Key:
-    """One allowed key: its Python types and, where the values are a fixed set, the set."""
+    """One allowed top-level key: its Python types, the allowed values where they are a fixed set, one line of help."""
 
     types: tuple[type, ...]
+    help: str = ""
     choices: tuple[Any, ...] | None = None
+    minimum: int | float | None = None
     section: dict[str, Key] | None = None  # a nested mapping with keys of its own
+    default: Any = None  # what an absent key means (shown in the docs), where known
 
 
 BOOL, INT, STR, FLOAT = (bool,), (int,), (str,), (int, float)
 OPT_STR, OPT_INT = (str, type(None)), (int, type(None))
+COMPAT = "Accepted so that files written by Accelerate load; not used by `trainer launch`."
 
-FSDP_KEYS = {
-    "fsdp_version": Key(INT, (1, 2)),
-    "fsdp_auto_wrap_policy": Key(STR, ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")),
-    "fsdp_backward_prefetch": Key(STR, ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")),
-    "fsdp_backward_prefetch_policy": Key(STR, ("BACKWARD_PRE", "BACKWARD_POST", "NO_PREFETCH")),
-    "fsdp_cpu_ram_efficient_loading": Key(BOOL),
-    "fsdp_forward_prefetch": Key(BOOL),
-    "fsdp_offload_params": Key(BOOL),
-    "fsdp_sharding_strategy": Key((str, int), ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD",
-                                               "HYBRID_SHARD_ZERO2", 1, 2, 3, 4, 5)),
-    "fsdp_reshard_after_forward": Key((bool, str)),
-    "fsdp_state_dict_type": Key(STR, ("FULL_STATE_DICT", "SHARDED_STATE_DICT", "LOCAL_STATE_DICT")),
-    "fsdp_sync_module_states": Key(BOOL),
-    "fsdp_use_orig_params": Key(BOOL),
-    "fsdp_transformer_layer_cls_to_wrap": Key((str, list)),
-    "fsdp_min_num_params": Key(INT),
-    "fsdp_activation_checkpointing": Key(BOOL),
-}
-DEEPSPEED_KEYS = {
-    "zero_stage": Key(INT, (0, 1, 2, 3)),
-    "gradient_accumulation_steps": Key(INT),
-    "gradient_clipping": Key(FLOAT),
-    "offload_optimizer_device": Key(STR, ("none", "cpu", "nvme")),
-    "offload_param_device": Key(STR, ("none", "cpu", "nvme")),
-    "offload_optimizer_nvme_path": Key(OPT_STR),
-    "offload_param_nvme_path": Key(OPT_STR),
-    "zero3_init_flag": Key(BOOL),
-    "zero3_save_16bit_model": Key(BOOL),
-    "deepspeed_config_file": Key(OPT_STR),
-    "deepspeed_hostfile": Key(OPT_STR),
-    "deepspeed_multinode_launcher": Key(STR, ("pdsh", "standard", "openmpi", "mvapich", "mpich", "nossh")),
-    "deepspeed_inclusion_filter": Key(OPT_STR),
-    "deepspeed_exclusion_filter": Key(OPT_STR),
-}
-MEGATRON_KEYS = {
-    "megatron_lm_tp_degree": Key(INT),
-    "megatron_lm_pp_degree": Key(INT),
-    "megatron_lm_num_micro_batches": Key(INT),
-    "megatron_lm_sequence_parallelism": Key(BOOL),
-    "megatron_lm_recompute_activations": Key(BOOL),
-    "megatron_lm_use_distributed_optimizer": Key(BOOL),
-    "megatron_lm_gradient_clipping": Key(FLOAT),
-}
-DYNAMO_KEYS = {
-    "dynamo_backend": Key(STR), "dynamo_mode": Key(STR), "dynamo_use_fullgraph": Key(BOOL),
-    "dynamo_use_dynamic": Key(BOOL),
-}
-TOP_KEYS = {
-    "compute_environment": Key(STR, ("LOCAL_MACHINE", "AMAZON_SAGEMAKER")),
-    "distributed_type": Key(STR, DISTRIBUTED_TYPES),
-    "mixed_precision": Key(STR, ("no", "fp16", "bf16", "fp8")),
-    "num_machines": Key(INT),
-    "num_processes": Key(INT),
-    "machine_rank": Key(INT),
-    "main_process_ip": Key(OPT_STR),
-    "main_process_port": Key(OPT_INT),
-    "main_training_function": Key(STR),
-    "rdzv_backend": Key(STR, ("static", "c10d", "etcd", "etcd-v2")),
-    "same_network": Key(BOOL),
-    "use_cpu": Key(BOOL),
-    "gpu_ids": Key((str, int)),
-    "downcast_bf16": Key((bool, str)),
-    "enable_cpu_affinity": Key(BOOL),
-    "debug": Key(BOOL),
-    "gradient_accumulation_steps": Key(INT),
-    "max_restarts": Key(INT),
-    "monitor_interval": Key(FLOAT),
-    "tpu_env": Key((list,)),
-    "tpu_use_cluster": Key(BOOL),
-    "tpu_use_sudo": Key(BOOL),
-    "fsdp_config": Key((dict,), section=FSDP_KEYS),
-    "deepspeed_config": Key((dict,), section=DEEPSPEED_KEYS),
-    "megatron_lm_config": Key((dict,), section=MEGATRON_KEYS),
-    "dynamo_config": Key((dict,), section=DYNAMO_KEYS),
+# The keys that belong to the launch itself. distributed_type, mixed_precision and the strategies'
+# sections are added by top_keys(), from the strategies' specs and the precision table.
+LAUNCH_KEYS: dict[str, Key] = {
+    "compute_environment": Key(STR, "Where the job runs. `AMAZON_SAGEMAKER` is accepted in files written for Accelerate.",
+                               ("LOCAL_MACHINE", "AMAZON_SAGEMAKER")),
+    "num_machines": Key(INT, "Number of machines (nodes). At least 1.", minimum=1),
+    "num_processes": Key(INT, "Total number of processes over all machines. At least 1.", minimum=1),
+    "machine_rank": Key(INT, "The rank of this machine, `0` to `num_machines - 1`."),
+    "main_process_ip": Key(OPT_STR, "Address of the rank-0 machine (multi-machine runs)."),
+    "main_process_port": Key(OPT_INT, "Port of machine 0. On one machine, `null` uses torchrun's standalone rendezvous on a "
+                                      "free port; on several, `null` means 29500."),
+    "main_training_function": Key(STR, "Name of the training function; written by `trainer config`. " + COMPAT),
+    "rdzv_backend": Key(STR, "torchrun's rendezvous backend.", ("static", "c10d", "etcd", "etcd-v2")),
+    "same_network": Key(BOOL, "Whether all machines are on the same network. " + COMPAT),
+    "use_cpu": Key(BOOL, "Run on the CPU even where an accelerator is present (`TRAINER_USE_CPU=1`)."),
+    "gpu_ids": Key((str, int), "Which GPUs to use (`all` or a list). " + COMPAT),
+    "downcast_bf16": Key((bool, str), "Accelerate's XLA bf16 downcast flag. " + COMPAT),
+    "enable_cpu_affinity": Key(BOOL, "CPU affinity of the processes. " + COMPAT),
+    "debug": Key(BOOL, "Accelerate's debug mode. " + COMPAT),
+    "gradient_accumulation_steps": Key(INT, "Micro-batches per optimizer step (`TRAINER_GRADIENT_ACCUMULATION_STEPS`)."),
+    "max_restarts": Key(INT, "How many times a failed run is restarted (default 0)."),
+    "monitor_interval": Key(FLOAT, "Seconds between torchrun's checks of its workers (default 0.1)."),
+    "tpu_env": Key((list,), "TPU pod environment. " + COMPAT),
+    "tpu_use_cluster": Key(BOOL, "TPU pod launch. " + COMPAT),
+    "tpu_use_sudo": Key(BOOL, "TPU pod launch with sudo. " + COMPAT),
+    "dynamo_config": Key((dict,), "torch.compile settings. " + COMPAT, section={
+        "dynamo_backend": Key(STR, "torch.compile backend (`inductor`, ...; `no` for none)."),
+        "dynamo_mode": Key(STR, "torch.compile mode."),
+        "dynamo_use_fullgraph": Key(BOOL, "`fullgraph=True`: fail on graph breaks."),
+        "dynamo_use_dynamic": Key(BOOL, "`dynamic=True`: compile for dynamic shapes."),
+    }),
 }
 DEFAULTS: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": "no",
                             "num_machines": 1, "num_processes": 1, "machine_rank": 0, "main_process_ip": None,
                             "main_process_port": None, "rdzv_backend": "static", "use_cpu": False}
 
 
+def strategy_section(strategy: type[Strategy]) -> Key:
+    """A strategy's section of the launch configuration, as its spec declares it (defaults: its constructor's)."""
+    spec, defaults = strategy.spec, strategy.option_defaults()
+    keys = {option.key: Key(option.types, option.help + (f" {option.unused}" if option.unused else ""), option.choices,
+                            option.minimum, default=defaults.get(option.key))
+            for option in spec.options}
+    kinds = " or ".join(f"`{kind}`" for kind in spec.distributed_types)
+    return Key((dict,), f"{spec.name} settings, when `distributed_type` is {kinds} (handed over as "
+                        f"`{spec.environment_variable}`).", section=keys)
+
+
+def top_keys() -> dict[str, Key]:
+    """Every allowed top-level key: the launch's own, ``distributed_type``, ``mixed_precision`` and each strategy's section."""
+    keys = {"distributed_type": Key(STR, "How the processes share the work; picks the strategy (see the table below).",
+                                    registry.distributed_types()),
+            "mixed_precision": Key(STR, "The precision policy, handed to the processes as `TRAINER_MIXED_PRECISION`.",
+                                   precision_names()),
+            **LAUNCH_KEYS}
+    for strategy in registry.strategy_classes():
+        if strategy.spec.section is not None:
+            keys[strategy.spec.section] = strategy_section(strategy)
+    return keys
+
+
 class ConfigError(ValueError):
     """A launch configuration that cannot be used, with the key, the value and what is allowed."""
 
 
-def _describe(types: tuple[type, ...]) -> str:
-    names = {bool: "true/false", int: "a whole number", float: "a number", str: "a string", list: "a list",
-             dict: "a mapping", type(None): "null"}
-    return " or ".join(dict.fromkeys(names[t] for t in types))
-
-
-def validate(config: dict[str, Any], keys: dict[str, Key] = TOP_KEYS, where: str = "") -> dict[str, Any]:
+def validate(config: dict[str, Any], keys: dict[str, Key] | None = None, where: str = "") -> dict[str, Any]:
     """Check every key and value (recursively); return the config unchanged, or raise ConfigError."""
+    keys = top_keys() if keys is None else keys
     if not isinstance(config, dict):
         raise ConfigError(f"{where or 'The config'} must be a mapping of keys to values, got {type(config).__name__}.")
     for name, value in config.items():
@@ -141,19 +119,12 @@ def validate(config: dict[str, Any], keys: dict[str, Key] = TOP_KEYS, where: str
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"Unknown key {path!r}.{hint} Allowed here: {', '.join(sorted(keys))}.")
         key = keys[name]
-        is_bool = isinstance(value, bool)
-        fits = isinstance(value, key.types) and not (is_bool and bool not in key.types)
-        if not fits:
-            raise ConfigError(f"{path}: expected {_describe(key.types)}, got {value!r}.")
-        if key.choices is not None and value not in key.choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in key.choices], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: {value!r} is not allowed.{hint} Allowed: {', '.join(map(str, key.choices))}.")
+        try:
+            check_value(value, key.types, path, key.choices, key.minimum)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if key.section is not None:
             validate(value, key.section, path)
-    for name in ("num_machines", "num_processes"):
-        if name in config and config[name] < 1:
-            raise ConfigError(f"{name}: must be at least 1, got {config[name]}.")
     return config
 
 
@@ -186,20 +157,25 @@ def save(config: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def strategy_spec(config: dict[str, Any]) -> StrategySpec:
+    """The spec of the strategy a (validated) configuration's ``distributed_type`` selects."""
+    return registry.strategy_for_distributed_type(with_defaults(config)["distributed_type"]).spec
+
+
 def process_environment(config: dict[str, Any]) -> dict[str, str]:
     """The ``TRAINER_*`` variables that carry a configuration to the launched processes."""
     config = with_defaults(config)
-    strategy = STRATEGY_OF[config["distributed_type"]]
+    spec = strategy_spec(config)
     env = {
         "TRAINER_MIXED_PRECISION": config["mixed_precision"],
         # NO and MULTI_*: one device for one process, DDP for several; what "auto" picks.
-        "TRAINER_STRATEGY": "auto" if strategy in ("single_device", "ddp") else strategy,
+        "TRAINER_STRATEGY": "auto" if spec.picked_by_auto else spec.name,
     }
     if config["use_cpu"]:  # otherwise an exported TRAINER_USE_CPU stays as it is
         env["TRAINER_USE_CPU"] = "1"
     if "gradient_accumulation_steps" in config:
         env["TRAINER_GRADIENT_ACCUMULATION_STEPS"] = str(config["gradient_accumulation_steps"])
-    for section in ("fsdp_config", "deepspeed_config", "megatron_lm_config"):
-        if config.get(section):
-            env[f"TRAINER_{section.upper()}"] = json.dumps(config[section])
+    for other in registry.strategy_specs():
+        if other.section is not None and other.environment_variable is not None and config.get(other.section):
+            env[other.environment_variable] = json.dumps(config[other.section])
     return env

@@ -26,7 +26,7 @@ import torch
 from ..base import Callback
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from ..protocols import TrainerView
 
 ON_ERROR = ("warn", "raise")
 
@@ -223,19 +223,19 @@ class Tracker(Callback):
     def handles(self, event: str) -> bool:
         return not self.main_process_only or is_main_process()
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: TrainerView) -> None:
         self.run_name = self.run_name or trainer.run_name
         self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
 
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
         if trainer.log_sequence != self._sent:
             self._send(trainer)
 
-    def on_train_epoch_end(self, trainer: Trainer) -> None:
+    def on_train_epoch_end(self, trainer: TrainerView) -> None:
         self._send(trainer)
         self.flush()
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if not self.started:  # validate() called on its own, outside fit
             self.run_name = self.run_name or trainer.run_name
             self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
@@ -245,18 +245,18 @@ class Tracker(Callback):
         else:
             self.finish()
 
-    def on_fit_end(self, trainer: Trainer) -> None:
+    def on_fit_end(self, trainer: TrainerView) -> None:
         self._send(trainer)
         self.finish("success")
 
-    def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
+    def on_exception(self, trainer: TrainerView, exception: BaseException) -> None:
         self._send(trainer)
         self.finish("failed")
 
-    def _init_kwargs(self, trainer: Trainer) -> dict[str, Any]:
+    def _init_kwargs(self, trainer: TrainerView) -> dict[str, Any]:
         return {}
 
-    def _send(self, trainer: Trainer) -> None:
+    def _send(self, trainer: TrainerView) -> None:
         self._sent, by_step = trainer.logged_since(self._sent)
         for step, values in by_step.items():
             self.log(values, step=step)

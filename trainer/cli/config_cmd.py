@@ -16,6 +16,9 @@ import torch
 
 from trainer import config as launch_config
 from trainer.devices import accelerator_type
+from trainer.precision.names import precision_names
+from trainer.strategies import registry
+from trainer.strategies.base import Strategy
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -26,7 +29,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--config_file", "--config-file", default=None,
                         help=f"where to write (default: ${launch_config.CONFIG_ENV} or {launch_config.DEFAULT_CONFIG})")
     parser.add_argument("--cpu", action="store_true", help="with default: a CPU-only configuration")
-    parser.add_argument("--mixed_precision", "--mixed-precision", default="no", choices=["no", "fp16", "bf16", "fp8"])
+    parser.add_argument("--mixed_precision", "--mixed-precision", default="no", choices=precision_names())
     parser.set_defaults(func=run)
 
 
@@ -55,8 +58,8 @@ def detected(cpu: bool, mixed_precision: str) -> dict[str, Any]:
     """One machine, every accelerator found (or one process on the CPU)."""
     kind = None if cpu else accelerator_type()
     count = torch.accelerator.device_count() if kind else 1
-    distributed = "NO" if count == 1 else f"MULTI_{kind.upper()}"
-    if distributed not in launch_config.DISTRIBUTED_TYPES:
+    distributed = "NO" if count == 1 or kind is None else f"MULTI_{kind.upper()}"
+    if distributed not in registry.distributed_types():
         distributed = "MULTI_GPU"
     return {"compute_environment": "LOCAL_MACHINE", "distributed_type": distributed, "mixed_precision": mixed_precision,
             "num_machines": 1, "num_processes": count, "machine_rank": 0, "use_cpu": kind is None,
@@ -96,7 +99,7 @@ def _yes(ask: Callable[[str], str], question: str, default: bool) -> bool:
 def questionnaire(ask: Callable[[str], str]) -> dict[str, Any]:
     """Ask, one question a line, what ``trainer launch`` needs to know."""
     config: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "main_training_function": "main"}
-    kind = _choice(ask, "Which kind of machine/parallelism?", list(launch_config.DISTRIBUTED_TYPES), "NO")
+    kind = _choice(ask, "Which kind of machine/parallelism?", list(registry.distributed_types()), "NO")
     config["distributed_type"] = kind
     config["num_machines"] = _number(ask, "How many machines?", 1, least=1)
     if config["num_machines"] > 1:
@@ -107,23 +110,29 @@ def questionnaire(ask: Callable[[str], str]) -> dict[str, Any]:
     default_processes = 1 if kind == "NO" else 2
     config["num_processes"] = _number(ask, "How many processes in total (all machines)?", default_processes, least=1)
     config["use_cpu"] = _yes(ask, "Run on the CPU only?", accelerator_type() is None)
-    config["mixed_precision"] = _choice(ask, "Mixed precision?", ["no", "fp16", "bf16", "fp8"], "no")
-    if kind == "FSDP":
-        config["fsdp_config"] = {
-            "fsdp_sharding_strategy": _choice(ask, "FSDP sharding strategy?",
-                                              ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"],
-                                              "FULL_SHARD"),
-            "fsdp_auto_wrap_policy": _choice(ask, "FSDP auto wrap policy?",
-                                             ["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"],
-                                             "TRANSFORMER_BASED_WRAP"),
-            "fsdp_state_dict_type": _choice(ask, "FSDP state dict type?",
-                                            ["SHARDED_STATE_DICT", "FULL_STATE_DICT"], "SHARDED_STATE_DICT"),
-            "fsdp_offload_params": _yes(ask, "Offload parameters to the CPU?", False),
-        }
-    if kind == "DEEPSPEED":
-        config["deepspeed_config"] = {
-            "zero_stage": _choice(ask, "ZeRO stage?", [0, 1, 2, 3], 2),
-            "gradient_accumulation_steps": _number(ask, "Gradient accumulation steps?", 1, least=1),
-            "offload_optimizer_device": _choice(ask, "Offload the optimizer to?", ["none", "cpu", "nvme"], "none"),
-        }
+    config["mixed_precision"] = _choice(ask, "Mixed precision?", list(precision_names()), "no")
+    strategy = registry.strategy_for_distributed_type(kind)
+    section = _strategy_questions(ask, strategy)
+    if section:
+        config[strategy.spec.section] = section
     return launch_config.validate(config)
+
+
+def _strategy_questions(ask: Callable[[str], str], strategy: type[Strategy]) -> dict[str, Any]:
+    """The questions a strategy's options declare, answered: its section of the configuration."""
+    defaults = strategy.option_defaults()
+    answers: dict[str, Any] = {}
+    for option in strategy.spec.options:
+        if option.question is None:
+            continue
+        default = option.ask_default if option.ask_default is not None else defaults.get(option.key)
+        if option.choices:
+            answers[option.key] = _choice(ask, option.question, [c for c in option.choices if isinstance(c, type(default))]
+                                          or list(option.choices), default)
+        elif bool in option.types:
+            answers[option.key] = _yes(ask, option.question, bool(default))
+        elif int in option.types:
+            answers[option.key] = _number(ask, option.question, int(default or 0), least=int(option.minimum or 0))
+        else:
+            answers[option.key] = ask(f"{option.question} [{default}]: ") or default
+    return answers

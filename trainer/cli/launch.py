@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from trainer import config as launch_config
-from trainer.cluster import _inside_srun
-from trainer.strategies.registry import check_strategy_requirements
+from trainer.cluster import inside_srun
+from trainer.precision.names import precision_names
+from trainer.strategies import registry
+from trainer.strategies.spec import Option, StrategySpec, describe_types
 
 RESTART_ENV = "TRAINER_RESTART_COUNT"  # 0 on the first attempt, 1 after the first restart...
 
@@ -43,15 +45,69 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--monitor_interval", "--monitor-interval", type=float, default=None,
                         help="seconds between checks of the workers' health")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (gloo) even where GPUs exist")
-    parser.add_argument("--multi_gpu", "--multi-gpu", action="store_true", help="data parallel (DDP) on several GPUs")
-    parser.add_argument("--use_deepspeed", "--use-deepspeed", action="store_true", help="train with DeepSpeed")
-    parser.add_argument("--use_fsdp", "--use-fsdp", action="store_true", help="train with FSDP")
-    parser.add_argument("--mixed_precision", "--mixed-precision", choices=["no", "fp16", "bf16", "fp8"])
+    parser.add_argument("--mixed_precision", "--mixed-precision", choices=precision_names())
     parser.add_argument("--gradient_accumulation_steps", "--gradient-accumulation-steps", type=int)
     parser.add_argument("-m", "--module", action="store_true", help="the script is a module name (python -m)")
     parser.add_argument("script", help="the training script (or module, with -m)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    _strategy_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def _strategy_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag that selects each strategy and one per option of its section, from the strategies' specs."""
+    specs = registry.strategy_specs()
+    choose = parser.add_argument_group("strategy", "choose one (default: the configuration's distributed_type)")
+    for spec in specs:
+        if spec.flag:
+            choose.add_argument(*_spellings(spec.flag), action="store_true", help=spec.summary)
+    for spec in specs:
+        options = [option for option in spec.options if option.flag and option.argument is not None]
+        if not options:
+            continue
+        group = parser.add_argument_group(f"{spec.name} options", f"the {spec.section} section of the configuration")
+        for option in options:
+            group.add_argument(*_spellings(option.key), dest=_destination(spec, option), type=_parser_of(option),
+                               metavar=_metavar(option), help=option.help)
+
+
+def _spellings(name: str) -> list[str]:
+    return list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
+
+
+def _destination(spec: StrategySpec, option: Option) -> str:
+    return f"{spec.section}:{option.key}"
+
+
+def _metavar(option: Option) -> str:
+    if option.choices:
+        return "{" + ",".join(map(str, option.choices)) + "}"
+    names = {bool: "true|false", int: "N", float: "X", str: "TEXT", list: "A,B", type(None): "null"}
+    return "|".join(dict.fromkeys(names.get(kind, kind.__name__) for kind in option.types))
+
+
+def _parser_of(option: Option) -> Any:
+    """Turn a flag's text into a value of one of the option's types (the configuration check then runs as for YAML)."""
+    def parse(text: str) -> Any:
+        lowered = text.strip().lower()
+        if bool in option.types and lowered in ("true", "false", "yes", "no"):
+            return lowered in ("true", "yes")
+        if type(None) in option.types and lowered in ("null", "none"):
+            return None
+        for kind in (int, float):
+            if kind in option.types:
+                try:
+                    return kind(text)
+                except ValueError:
+                    pass
+        if str in option.types:
+            return text
+        if list in option.types:
+            return [part.strip() for part in text.split(",") if part.strip()]
+        raise argparse.ArgumentTypeError(f"expected {describe_types(option.types)}, got {text!r}")
+
+    parse.__name__ = option.key  # argparse names the flag's type in its error
+    return parse
 
 
 def register_test(commands: argparse._SubParsersAction) -> None:
@@ -88,12 +144,18 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     config.update({key: value for key, value in overrides.items() if value is not None})
     if args.cpu:
         config["use_cpu"] = True
-    chosen = [flag for flag, kind in (("multi_gpu", "MULTI_GPU"), ("use_fsdp", "FSDP"), ("use_deepspeed", "DEEPSPEED"))
-              if getattr(args, flag)]
+    specs = registry.strategy_specs()
+    chosen = [spec for spec in specs if spec.flag and getattr(args, spec.flag, False)]
     if len(chosen) > 1:
-        raise launch_config.ConfigError(f"Choose one of --multi_gpu, --use_fsdp, --use_deepspeed; got {chosen}.")
+        flags = ", ".join(f"--{spec.flag}" for spec in specs if spec.flag)
+        raise launch_config.ConfigError(f"Choose one of {flags}; got {', '.join(f'--{spec.flag}' for spec in chosen)}.")
+    for spec in specs:
+        for option in spec.options:
+            value = vars(args).get(_destination(spec, option))
+            if value is not None and spec.section is not None:
+                config[spec.section] = {**config.get(spec.section, {}), option.key: value}
     if chosen:
-        config["distributed_type"] = {"multi_gpu": "MULTI_GPU", "use_fsdp": "FSDP", "use_deepspeed": "DEEPSPEED"}[chosen[0]]
+        config["distributed_type"] = chosen[0].distributed_types[0]
     elif config.get("use_cpu") and config.get("num_processes", 1) > 1 and config.get("distributed_type", "NO") == "NO":
         config["distributed_type"] = "MULTI_CPU"
     launch_config.validate(config)
@@ -142,13 +204,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"trainer launch: no script at {args.script}.", file=sys.stderr)
         return 2
     try:  # a strategy whose package is missing fails once, here, before any process starts
-        check_strategy_requirements(launch_config.STRATEGY_OF[config["distributed_type"]])
+        registry.check_strategy_requirements(launch_config.strategy_spec(config).name)
     except ImportError as error:
         print(f"trainer launch: {error}", file=sys.stderr)
         return 2
     os.environ.update(launch_config.process_environment(config))
     total = config["num_processes"] * config["num_machines"]
-    if total == 1 or _inside_srun(os.environ):
+    if total == 1 or inside_srun(os.environ):
         return subprocess.call([sys.executable, *command])
     # On one machine a restart is a fresh torchrun process (new agent, new rendezvous, new ports):
     # restarting workers inside one agent can leave the new processes talking to the old ones' state.

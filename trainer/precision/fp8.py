@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.precision import MixedPrecision
+from trainer.precision.policies import MixedPrecision
 
 FP8_MIN_CAPABILITY = (8, 9)
 BACKENDS = ("torchao", "te")

@@ -1,12 +1,12 @@
 """Precision policies: how the forward pass is cast and how the loss and the step are handled.
 
-A precision string (``"fp16"``, ``"bf16"``...) is resolved once, by ``resolve_precision``,
-into one of the objects below; the rest of the code only calls their methods.
+A precision string (``"fp16"``, ``"bf16"``...) is resolved once, by ``resolve_precision`` and the
+table in ``trainer.precision.names``, into one of the objects below; the rest of the code only
+calls their methods (the ``PrecisionPolicy`` protocol of ``trainer.strategies.policies``).
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -120,42 +120,3 @@ class Float16Precision(MixedPrecision):
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
-
-_ALIASES = {
-    "no": "no", "fp32": "no", "32": "no", "32-true": "no", "float32": "no",
-    "fp16": "fp16", "16": "fp16", "16-mixed": "fp16", "float16": "fp16",
-    "bf16": "bf16", "bf16-mixed": "bf16", "bfloat16": "bf16",
-    "fp8": "fp8", "float8": "fp8",
-}
-VALID_PRECISIONS = ("no", "fp32", "fp16", "bf16", "fp8")
-
-
-def canonical_precision(precision: str | None) -> str:
-    """The canonical name (``"no"``, ``"fp16"``, ``"bf16"``, ``"fp8"``) of a precision string, or one clear error."""
-    key = "no" if precision is None else str(precision).strip().lower()
-    if key in _ALIASES:
-        if _ALIASES[key] == "fp8":  # refused here, before any process group or device, where it cannot run at all
-            from trainer.precision_fp8 import check_fp8_available
-
-            check_fp8_available(label=repr(precision))
-        return _ALIASES[key]
-    close = difflib.get_close_matches(key, list(_ALIASES), n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"Unknown precision {precision!r}; valid values: {list(VALID_PRECISIONS)}.{hint}")
-
-
-def resolve_precision(precision: str | Precision | None, device: torch.device,
-                      scaler_kwargs: dict[str, Any] | None = None) -> Precision:
-    """Build the Precision object for a string; objects pass through."""
-    if isinstance(precision, Precision):
-        return precision
-    name = canonical_precision(precision)
-    if name == "fp16":
-        return Float16Precision(device, **(scaler_kwargs or {}))
-    if name == "bf16":
-        return MixedPrecision(device, torch.bfloat16, "bf16")
-    if name == "fp8":
-        from trainer.precision_fp8 import Float8Precision
-
-        return Float8Precision(device)
-    return Precision(device)
