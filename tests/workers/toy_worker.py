@@ -1,4 +1,4 @@
-"""Launched by `trainer launch --config_file toy.yaml`: train with the strategy the configuration names (see test_strategy_plugin.py)."""
+"""Launched by `trainer launch --config_file toy.yaml`: trains with the strategy the configuration names."""
 
 from __future__ import annotations
 
