@@ -25,6 +25,7 @@ demo: $(VENV)/.installed-base
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks tools
+	$(BIN)/mypy  # the type checker over trainer, callbacks and strategies ([tool.mypy] in pyproject.toml)
 	$(BIN)/python -m pytest -q
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not -q: it hides the warnings that --strict counts
 
@@ -53,6 +54,7 @@ test-xla: $(XLA_VENV)/.installed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check trainer callbacks strategies examples tests benchmarks tools
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed-base
 	$(BIN)/python benchmarks/overhead.py

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import EVENTS, Callback
+
+if TYPE_CHECKING:
+    from .protocols import TrainerView
 
 
 def _overrides(callback: Any, event: str) -> bool:
@@ -54,9 +57,10 @@ class CallbackBus:
     def state_key(callback: Any) -> str:
         return getattr(callback, "state_key", type(callback).__qualname__)
 
-    def call(self, event: str, *args: Any) -> None:
+    def call(self, event: str, trainer: TrainerView, *args: Any) -> None:
+        """Run ``event`` on every callback that handles it, in order, with ``trainer`` and the event's arguments."""
         for handler in self.handlers[event]:
-            handler(*args)
+            handler(trainer, *args)
 
     def state_dict(self) -> dict[str, Any]:
         return {self.state_key(cb): cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}

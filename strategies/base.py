@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .policies import AccumulationPolicy, PrecisionPolicy
 from .spec import StrategySpec
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -61,8 +62,9 @@ class Strategy:
     def option_defaults(cls) -> dict[str, Any]:
         """What each option of the spec is when its key is absent: the constructor's default for its argument."""
         parameters = inspect.signature(cls).parameters
-        return {option.key: parameters[option.argument].default for option in cls.spec.options
-                if option.argument in parameters and parameters[option.argument].default is not inspect.Parameter.empty}
+        defaults = {name: parameter.default for name, parameter in parameters.items()
+                    if parameter.default is not inspect.Parameter.empty}
+        return {option.key: defaults[option.argument] for option in cls.spec.options if option.argument in defaults}
 
     def __init__(self) -> None:
         self._device: torch.device | None = None
@@ -71,19 +73,25 @@ class Strategy:
 
     # -- environment ---------------------------------------------------------------------------
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
-        """Called once by the Accelerator with the process layout that PartialState found."""
+        """Learn where this process runs: called once by the Accelerator, before anything is prepared.
+
+        ``device`` is the one PartialState picked, ``process_index`` and ``num_processes`` the job's
+        layout. A strategy that cannot run on this layout raises here, before any work.
+        """
         self._device = device
         self.process_index = process_index
         self.num_processes = num_processes
 
     @property
     def root_device(self) -> torch.device:
+        """The device this process computes on (after ``setup_environment``)."""
         if self._device is None:
             raise RuntimeError(f"{type(self).__name__}.setup_environment() has not been called yet.")
         return self._device
 
     @property
     def is_distributed(self) -> bool:
+        """Whether the job runs more than one process."""
         return self.num_processes > 1
 
     @property
@@ -93,7 +101,7 @@ class Strategy:
             return None
         return {"num_replicas": self.num_processes, "rank": self.process_index}
 
-    def setup_policies(self, precision: Any, accumulation: Any) -> Any:
+    def setup_policies(self, precision: PrecisionPolicy, accumulation: AccumulationPolicy) -> PrecisionPolicy:
         """Meet the run's precision and accumulation policies; return the precision policy to train with.
 
         Called once by the Accelerator, after ``setup_environment``. A strategy that builds its own
@@ -104,35 +112,54 @@ class Strategy:
         return precision
 
     def observe_batch_size(self, batch_size: int | None) -> None:
-        """The per-process batch size of a data loader the Accelerator prepared (default: not needed)."""
+        """Learn the per-process batch size: called for each data loader the Accelerator prepares for training.
+
+        Strategies whose engine needs it (DeepSpeed's ``train_micro_batch_size_per_gpu``) keep it;
+        the default ignores it.
+        """
 
     def teardown(self) -> None:
-        """Release what the strategy built (an engine, its hooks, a group it opened) before the process group closes."""
+        """Release what the strategy built (an engine, its hooks, a group it opened).
+
+        Called by ``Accelerator.end_training`` while the process group still exists.
+        """
 
     # -- model and optimizer -------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
-        """Move the module to the device and wrap it; return what the training loop calls."""
+        """Place and wrap a model: called by ``prepare`` for each model; return what the training loop calls.
+
+        Called after the precision policy converted the model, on every process with the same model.
+        """
         return module.to(self.root_device)
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Adapt an optimizer to the prepared models (called by ``prepare``, after the models); return it."""
         return optimizer
 
     def unwrap_module(self, module: nn.Module) -> nn.Module:
-        """The user's module inside whatever wrapper ``setup_module`` added."""
+        """Return the user's module inside whatever wrapper ``setup_module`` added (``unwrap_model``, checkpoints)."""
         return module
 
-    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Any:
-        """Context in which backward does not synchronise gradients (accumulation micro-steps)."""
+    def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> AbstractContextManager[Any]:
+        """Return a context in which backward does not synchronise gradients.
+
+        Entered around accumulation micro-steps that do not end a group (``accumulate``, ``no_sync``).
+        """
         return nullcontext()
 
-    def join(self, modules: list[nn.Module]) -> Any:
-        """Context for loops whose processes may run different numbers of batches (none needed here)."""
+    def join(self, modules: list[nn.Module]) -> AbstractContextManager[Any]:
+        """Return a context for loops whose processes may run different numbers of batches (``join_uneven_inputs``)."""
         return nullcontext()
 
     def backward(self, loss: torch.Tensor, module: nn.Module | None = None, **kwargs: Any) -> None:
+        """Run backward from ``loss`` (already divided for accumulation and scaled by the precision policy).
+
+        Called by ``accelerator.backward``; ``module`` is the one prepared model, when there is one.
+        """
         loss.backward(**kwargs)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+        """Step ``optimizer`` at an accumulation boundary; return what its ``step`` returns."""
         return optimizer.step(**kwargs)
 
     def step_function(self, optimizer: torch.optim.Optimizer) -> Callable[..., Any]:
@@ -146,14 +173,20 @@ class Strategy:
         return functools.partial(self.optimizer_step, optimizer)
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float,
-                        norm_type: float = 2.0) -> torch.Tensor:
+                        norm_type: float = 2.0) -> torch.Tensor | None:
+        """Clip the total gradient norm to ``max_norm``; return the norm before clipping (None where it is not known yet).
+
+        Called at accumulation boundaries, with the gradients final and unscaled.
+        """
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
 
     def clip_grad_value_(self, parameters: Iterable[torch.Tensor], clip_value: float) -> None:
+        """Clamp every gradient to ``[-clip_value, clip_value]`` (at accumulation boundaries)."""
         torch.nn.utils.clip_grad_value_(parameters, clip_value)
 
     # -- collectives (identity on one process) -------------------------------------------------
     def barrier(self) -> None:
+        """Wait until every process gets here."""
         if self.is_distributed:
             dist.barrier()
 
@@ -180,6 +213,7 @@ class Strategy:
         return result
 
     def all_gather_object(self, obj: Any) -> list[Any]:
+        """Return every process's ``obj`` (picklable), in process order."""
         if not self.is_distributed:
             return [obj]
         out: list[Any] = [None] * self.num_processes
@@ -187,6 +221,7 @@ class Strategy:
         return out
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Return process ``src``'s ``obj`` (picklable) on every process."""
         if not self.is_distributed:
             return obj
         box = [obj]
@@ -195,11 +230,18 @@ class Strategy:
 
     # -- checkpoint IO ----------------------------------------------------------------------------
     def save_module(self, module: nn.Module, path: Path) -> None:
-        """Write the module's weights as one safetensors file (tied weights stored once)."""
+        """Write the module's full weights as one safetensors file at ``path`` (tied weights stored once).
+
+        Called on every process (``save_model``, checkpoints); process 0 writes.
+        """
         if self.process_index == 0:
             save_model(self.unwrap_module(module), str(path))
 
     def load_module(self, module: nn.Module, path: Path, strict: bool = True) -> None:
+        """Load the weights ``save_module`` wrote into the prepared module, on every process.
+
+        With ``strict``, keys missing or in excess are one error naming them.
+        """
         missing, unexpected = load_model(self.unwrap_module(module), str(path), strict=False,
                                          device=str(self.root_device))
         check_loaded_keys(path, missing, unexpected, strict)
@@ -220,14 +262,16 @@ class Strategy:
         return False
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Return the optimizer's whole state, as the generic checkpoint stores it."""
         return optimizer.state_dict()
 
     def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        """Restore what ``optimizer_state_dict`` returned."""
         optimizer.load_state_dict(state)
 
     @contextmanager
     def module_sharded_context(self) -> Iterator[None]:
-        """Context for building a model that this strategy shards at creation (none by default)."""
+        """Context in which the user builds a model that this strategy shards as it is created (nothing by default)."""
         yield
 
 

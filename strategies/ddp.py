@@ -39,7 +39,7 @@ class DDP(Strategy):
         super().__init__()
         if isinstance(comm_hook, str) and comm_hook not in _BUILTIN_HOOKS:
             raise ValueError(f"DDP(comm_hook={comm_hook!r}): use one of {list(_BUILTIN_HOOKS)} or a hook callable.")
-        self.ddp_kwargs = {"bucket_cap_mb": bucket_cap_mb, "find_unused_parameters": find_unused_parameters,
+        self.ddp_kwargs: dict[str, Any] = {"bucket_cap_mb": bucket_cap_mb, "find_unused_parameters": find_unused_parameters,
                            "static_graph": static_graph, "gradient_as_bucket_view": gradient_as_bucket_view}
         if not broadcast_buffers:  # passed only when changed: recent torch warns about the argument itself
             self.ddp_kwargs["broadcast_buffers"] = False
@@ -60,7 +60,8 @@ class DDP(Strategy):
             return self.comm_hook
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        return {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}[self.comm_hook]
+        hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+        return hooks[str(self.comm_hook)]
 
     def unwrap_module(self, module: nn.Module) -> nn.Module:
         return module.module if isinstance(module, DistributedDataParallel) else module
@@ -73,9 +74,9 @@ class DDP(Strategy):
     @contextmanager
     def join(self, modules: list[nn.Module]) -> Iterator[None]:
         """Let processes with fewer batches finish while the others still run (uneven inputs)."""
-        from torch.distributed.algorithms.join import Join
+        from torch.distributed.algorithms.join import Join, Joinable
 
-        joinables = [m for m in modules if isinstance(m, DistributedDataParallel)]
+        joinables: list[Joinable] = [m for m in modules if isinstance(m, DistributedDataParallel)]
         if not joinables:
             yield
             return

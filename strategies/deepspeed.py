@@ -75,10 +75,12 @@ class DeepSpeedModule(nn.Module):
     ``state_dict()`` are the user's module's, so code written for the plain model keeps working.
     """
 
+    _strategy: DeepSpeed  # kept out of the module's attributes: the strategy is no part of the model
+
     def __init__(self, module: nn.Module, strategy: DeepSpeed) -> None:
         super().__init__()
         self.module = module
-        self.__dict__["_strategy"] = strategy  # not a submodule: the strategy is no part of the model
+        self.__dict__["_strategy"] = strategy
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._strategy.engine(*args, **kwargs)

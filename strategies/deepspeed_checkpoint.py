@@ -154,7 +154,7 @@ def _load_model_partition(module: nn.Module, saved: dict[str, torch.Tensor], zer
         if zero_stage == 3:
             for name, p in module.named_parameters():
                 if name in saved:
-                    p.ds_tensor.copy_(saved[name])  # type: ignore[attr-defined]  (ZeRO-3 gives each parameter its shard)
+                    p.ds_tensor.copy_(saved[name])  # type: ignore[attr-defined]  # ZeRO-3 gives each parameter its shard
             return
         if process_index == 0:
             for name, p in module.named_parameters():

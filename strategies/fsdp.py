@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -111,7 +111,7 @@ class FSDP(Strategy):
         if not callable(auto_wrap_policy) and auto_wrap_policy not in WRAP_POLICIES:
             raise ValueError(f"FSDP(auto_wrap_policy={auto_wrap_policy!r}): use one of {list(WRAP_POLICIES)} or a "
                              "callable that says, for a submodule, whether it is a shard unit.")
-        sharding = _SHARDING_NUMBERS.get(sharding_strategy, sharding_strategy)  # type: ignore[call-overload]
+        sharding = _SHARDING_NUMBERS.get(sharding_strategy, "") if isinstance(sharding_strategy, int) else sharding_strategy
         if sharding not in SHARDING_STRATEGIES:
             raise ValueError(f"FSDP(sharding_strategy={sharding_strategy!r}): use one of {list(SHARDING_STRATEGIES)} "
                              "(or their numbers 1-5).")
@@ -224,7 +224,8 @@ class FSDP(Strategy):
     def _precision_policy(self, module: nn.Module) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        if self.mixed_precision != "auto":
+        dtype: torch.dtype | None
+        if not isinstance(self.mixed_precision, str):  # a dtype, or None: set, not "auto"
             dtype = self.mixed_precision
         elif self._precision_seen:
             dtype = self._precision_dtype
@@ -253,7 +254,7 @@ class FSDP(Strategy):
             self._module = module.to(self.root_device)
             return self._module
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 
         before = dict(module.named_parameters())
         on_meta = any(t.is_meta for t in (*module.parameters(), *module.buffers()))
@@ -281,7 +282,7 @@ class FSDP(Strategy):
         if self.forward_prefetch:
             ordered = [u for u in module.modules() if any(u is unit for unit in units)]
             for unit, following in zip(ordered, ordered[1:], strict=False):
-                unit.set_modules_to_forward_prefetch([following])
+                cast(FSDPModule, unit).set_modules_to_forward_prefetch([cast(FSDPModule, following)])
         if from_rank0:
             module.to_empty(device="cpu" if self.offload_params else self.root_device)
             _buffers_to(module, self.root_device)
@@ -320,7 +321,9 @@ class FSDP(Strategy):
     @contextmanager
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Iterator[None]:
         """Micro-steps keep unsharded, unreduced gradients; the boundary's backward reduce-scatters them once."""
-        if not enabled or not hasattr(module, "set_requires_gradient_sync"):
+        from torch.distributed.fsdp import FSDPModule
+
+        if not enabled or not isinstance(module, FSDPModule):
             yield
             return
         module.set_requires_gradient_sync(False)
@@ -363,7 +366,7 @@ class FSDP(Strategy):
 
         state = get_model_state_dict(module, options=self._options())
         if self.process_index == 0:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+            save_file({k: cast(torch.Tensor, v).contiguous() for k, v in state.items()}, str(path))
 
     def load_module(self, module: nn.Module, path: Path, strict: bool = True) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
@@ -372,7 +375,7 @@ class FSDP(Strategy):
         expected = set(self.model_keys(module))
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         check_loaded_keys(path, missing, unexpected, strict)
-        set_model_state_dict(module, state, options=self._options(strict=strict))
+        set_model_state_dict(module, dict(state), options=self._options(strict=strict))
 
     @staticmethod
     def model_keys(module: nn.Module) -> list[str]:

@@ -60,6 +60,11 @@ def _is_split(parameter: torch.Tensor) -> bool:
     return bool(getattr(parameter, "tensor_model_parallel", False))
 
 
+def _split_dim(parameter: torch.Tensor) -> int:
+    """The dimension along which megatron-core split a parameter over the tensor-parallel group."""
+    return int(parameter.partition_dim)  # type: ignore[attr-defined]  # set by megatron-core on its split weights
+
+
 def _mark_split_parameters(module: nn.Module) -> None:
     """Mark the slices of megatron-core's parallel linears that the layers left unmarked.
 
@@ -303,9 +308,9 @@ class Megatron(Strategy):
     def grad_norm(self, parameters: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
         """The whole model's gradient norm: split weights summed over the tensor-parallel group, whole ones counted once."""
         self._finish_gradients()
-        with_grads = [p for p in parameters if p.grad is not None]
-        split = [p.grad.detach().float() for p in with_grads if _is_split(p)]
-        whole = [p.grad.detach().float() for p in with_grads if not _is_split(p)]
+        with_grads = [(p, p.grad) for p in parameters if p.grad is not None]
+        split = [grad.detach().float() for p, grad in with_grads if _is_split(p)]
+        whole = [grad.detach().float() for p, grad in with_grads if not _is_split(p)]
         norm_type = float(norm_type)
         device = self.root_device
         if math.isinf(norm_type):
@@ -331,8 +336,9 @@ class Megatron(Strategy):
         parameters = [p for p in parameters if p.grad is not None]
         total = self.grad_norm(parameters, norm_type)
         coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for p in parameters:
-            p.grad.detach().mul_(coefficient.to(p.grad.dtype))
+        for grad in (p.grad for p in parameters):
+            if grad is not None:
+                grad.detach().mul_(coefficient.to(grad.dtype))
         return total
 
     # -- full weights ------------------------------------------------------------------------------------------
@@ -346,7 +352,7 @@ class Megatron(Strategy):
                 self._check_stride(name, p)
                 parts = [torch.empty_like(tensor) for _ in range(self.tp_degree)]
                 dist.all_gather(parts, tensor.contiguous(), group=self._tp_group)
-                tensor = torch.cat(parts, dim=p.partition_dim)
+                tensor = torch.cat(parts, dim=_split_dim(p))
             state[name] = tensor.cpu().clone().contiguous()
         for name, buffer in inner.named_buffers():
             state[name] = buffer.detach().cpu().clone().contiguous()
@@ -354,8 +360,9 @@ class Megatron(Strategy):
 
     @staticmethod
     def _check_stride(name: str, p: torch.Tensor) -> None:
-        if getattr(p, "partition_stride", 1) != 1:
-            raise NotImplementedError(f"{name} is split with stride {p.partition_stride}; only stride 1 can be "
+        stride = getattr(p, "partition_stride", 1)
+        if stride != 1:
+            raise NotImplementedError(f"{name} is split with stride {stride}; only stride 1 can be "
                                       "gathered into full weights here.")
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -382,7 +389,7 @@ class Megatron(Strategy):
                 full = loaded[name]
                 if _is_split(tensor) and self.tp_degree > 1:
                     self._check_stride(name, tensor)
-                    full = full.chunk(self.tp_degree, dim=tensor.partition_dim)[self.tp_rank]
+                    full = full.chunk(self.tp_degree, dim=_split_dim(tensor))[self.tp_rank]
                 tensor.copy_(full.to(tensor.dtype))
 
     # -- checkpoints: each tensor-parallel rank's slices ---------------------------------------------------------
@@ -406,7 +413,7 @@ class Megatron(Strategy):
             write_json(folder / "meta.json", {
                 "tp_degree": self.tp_degree, "pp_degree": self.pp_degree, "dp_size": self.dp_size,
                 "megatron_core_version": __version__,
-                "models": [{name: {"shape": list(p.shape), "partition_dim": p.partition_dim if _is_split(p) else None}
+                "models": [{name: {"shape": list(p.shape), "partition_dim": _split_dim(p) if _is_split(p) else None}
                             for name, p in self.unwrap_module(m).named_parameters()} for m in modules]})
         return True
 

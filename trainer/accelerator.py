@@ -245,8 +245,9 @@ class Accelerator:
             return model
         model = self.precision.convert_module(model)
         if self.precision.is_mixed and not hasattr(model, "_original_forward"):
-            model._original_forward = model.forward
-            model.forward = self.precision.wrap_forward(model.forward)
+            # The instance's own forward runs under the policy's autocast; unwrap_model can take it off again.
+            vars(model)["_original_forward"] = model.forward
+            vars(model)["forward"] = self.precision.wrap_forward(model.forward)
         placement = self.device_placement if device_placement is None else device_placement
         wrapped = self.strategy.setup_module(model) if placement else model
         self._models.append(wrapped)
@@ -277,8 +278,9 @@ class Accelerator:
         if register:
             self._dataloaders.append(prepared)
             batch = data_loader.batch_size
-            split = batch is not None and sharding is not None and self.split_batches
-            self.strategy.observe_batch_size(batch // self.num_processes if split else batch)
+            if batch is not None and sharding is not None and self.split_batches:
+                batch //= self.num_processes
+            self.strategy.observe_batch_size(batch)
         return prepared
 
     def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
@@ -518,15 +520,16 @@ class _MicroStep:
     __slots__ = ("accelerator", "models", "stack")
 
     def __init__(self, accelerator: Accelerator, models: tuple[nn.Module, ...]) -> None:
-        self.accelerator, self.models, self.stack = accelerator, models, None
+        self.accelerator, self.models = accelerator, models
+        self.stack: ExitStack | None = None
 
     def __enter__(self) -> None:
         policy = self.accelerator.accumulation
         policy.begin_micro_step()
         if self.models and not policy.should_sync_backward:
-            self.stack = ExitStack()
+            self.stack = stack = ExitStack()
             for model in self.models:
-                self.stack.enter_context(self.accelerator.strategy.no_backward_sync(model))
+                stack.enter_context(self.accelerator.strategy.no_backward_sync(model))
 
     def __exit__(self, *exc_info: Any) -> bool | None:
         if self.stack is not None:

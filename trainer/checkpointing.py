@@ -51,9 +51,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 def _like_parameter(local: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
     """A loaded gradient in the parameter's form (sharded like it when the parameter is a DTensor)."""
-    if hasattr(parameter, "device_mesh"):
-        from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor
 
+    if isinstance(parameter, DTensor):
         return DTensor.from_local(local.to(parameter.device), parameter.device_mesh, parameter.placements)
     return local
 

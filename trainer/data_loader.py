@@ -17,7 +17,7 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
@@ -132,8 +132,7 @@ def _rebuild(loader: DataLoader, sharding: Sharding | None = None) -> tuple[Data
         kwargs["prefetch_factor"] = loader.prefetch_factor
     dataset = loader.dataset
     batch_size = loader.batch_size
-    splitting = sharding is not None and sharding.split_batches and batch_size is not None
-    if splitting and batch_size % sharding.num_replicas:
+    if sharding is not None and sharding.split_batches and batch_size is not None and batch_size % sharding.num_replicas:
         raise ValueError(
             f"split_batches=True cuts each batch of {batch_size} into {sharding.num_replicas} equal parts, "
             f"which is impossible: use a batch size divisible by {sharding.num_replicas}."
@@ -146,14 +145,14 @@ def _rebuild(loader: DataLoader, sharding: Sharding | None = None) -> tuple[Data
         return DataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs), None
     sampler = loader.sampler
     if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
-        sampler = SeededRandomSampler(dataset, seed=torch.initial_seed(), replacement=sampler.replacement,
+        sampler = SeededRandomSampler(cast(Sized, dataset), seed=torch.initial_seed(), replacement=sampler.replacement,
                                       num_samples=sampler._num_samples)
     if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
         index_sampler: Any = sampler
     else:
         index_sampler = loader.batch_sampler
         if type(index_sampler) is BatchSampler and index_sampler.sampler is loader.sampler:
-            index_sampler = BatchSampler(sampler, loader.batch_size, loader.drop_last)
+            index_sampler = BatchSampler(sampler, index_sampler.batch_size, loader.drop_last)
     if sharding is not None:
         index_sampler = ShardedBatchSampler(index_sampler, sharding.num_replicas, sharding.rank,
                                             even_batches=sharding.even_batches, split_batches=sharding.split_batches,

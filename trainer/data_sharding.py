@@ -53,7 +53,7 @@ class ShardedBatchSampler(Sampler[Any]):
                 return
 
     def __len__(self) -> int:
-        batches = len(self.batch_sampler)
+        batches = len(self.batch_sampler)  # type: ignore[arg-type]  # the loader's batch sampler has a length here
         if self.split_batches:
             return batches
         if self.drop_last:

@@ -73,7 +73,7 @@ def notebook_launcher(function: Callable[..., Any], args: tuple = (), num_proces
         )
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=num_processes,
+    config = LaunchConfig(min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=num_processes or 1,
                           run_id=uuid.uuid4().hex, rdzv_endpoint=f"{master_addr}:{use_port}",
                           rdzv_backend=rdzv_backend, rdzv_configs={"rank": node_rank}, max_restarts=max_restarts,
                           monitor_interval=monitor_interval, start_method="fork")

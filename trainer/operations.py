@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -27,16 +27,16 @@ def recursively_apply(func: Callable[[torch.Tensor], Any], data: Any,
     if test(data):
         return func(data)
     if isinstance(data, (list, tuple)):
-        items = [recursively_apply(func, item, test) for item in data]
+        applied = [recursively_apply(func, item, test) for item in data]
         if _is_namedtuple(data):
-            return type(data)(*items)
-        return type(data)(items) if isinstance(data, tuple) else items
+            return type(data)(*applied)
+        return type(data)(applied) if isinstance(data, tuple) else applied
     if isinstance(data, Mapping):
-        items = {key: recursively_apply(func, value, test) for key, value in data.items()}
+        mapped = {key: recursively_apply(func, value, test) for key, value in data.items()}
         try:
-            return type(data)(items)
+            return cast(Callable[[dict], Any], type(data))(mapped)  # the same kind of mapping
         except TypeError:
-            return items
+            return mapped
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         changes = {f.name: recursively_apply(func, getattr(data, f.name), test)
                    for f in dataclasses.fields(data) if f.init}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ def set_seed(seed: int, device_specific: bool = False, deterministic: bool = Fal
 def capture_rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The RNG states of python, numpy, torch and the accelerator, as (JSON part, tensor part)."""
     py_version, py_state, py_gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     meta: dict[str, Any] = {
         "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
         "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),

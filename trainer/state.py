@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -207,7 +207,8 @@ def split_for_process(inputs: Any, index: int, count: int, apply_padding: bool =
                 "split_between_processes got a dict whose values have different lengths "
                 f"({sorted(lengths)}); every value must have one entry per sample."
             )
-        return type(inputs)({k: split_for_process(v, index, count, apply_padding) for k, v in inputs.items()})
+        split = {k: split_for_process(v, index, count, apply_padding) for k, v in inputs.items()}
+        return cast(Callable[[dict], Any], type(inputs))(split)  # the same kind of mapping
     if not hasattr(inputs, "__len__") or isinstance(inputs, (str, bytes)):
         raise TypeError(
             f"split_between_processes cannot split a {type(inputs).__name__}; pass a list, tuple, "
@@ -217,11 +218,11 @@ def split_for_process(inputs: Any, index: int, count: int, apply_padding: bool =
     start, end = share_bounds(length, index, count)
     padding = (math.ceil(length / count) - (end - start)) if apply_padding else 0
     if isinstance(inputs, torch.Tensor):
-        share = inputs[start:end]
+        piece = inputs[start:end]
         if padding > 0 and length > 0:
-            share = torch.cat([share, inputs[end - 1 if end > start else length - 1].unsqueeze(0).expand(
+            piece = torch.cat([piece, inputs[end - 1 if end > start else length - 1].unsqueeze(0).expand(
                 padding, *inputs.shape[1:])])
-        return share
+        return piece
     if hasattr(inputs, "select") and hasattr(inputs, "column_names"):  # a datasets.Dataset
         rows = list(range(start, end))
         if padding > 0 and length > 0:

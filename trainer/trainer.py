@@ -103,10 +103,10 @@ class Trainer:
                                    ("log_every_n_steps", log_every_n_steps, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}.")
-        for name, value in (("eval_every_n_steps", eval_every_n_steps), ("eval_every_n_epochs", eval_every_n_epochs),
-                            ("max_steps", max_steps)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a whole number >= 1, or None; got {value!r}.")
+        for name, optional in (("eval_every_n_steps", eval_every_n_steps), ("eval_every_n_epochs", eval_every_n_epochs),
+                               ("max_steps", max_steps)):
+            if optional is not None and (not isinstance(optional, int) or isinstance(optional, bool) or optional < 1):
+                raise ValueError(f"{name} must be a whole number >= 1, or None; got {optional!r}.")
         if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
                                       or not grad_clip > 0):
             raise ValueError(f"grad_clip must be a positive number, or None; got {grad_clip!r}.")
@@ -134,7 +134,8 @@ class Trainer:
 
         self.model = self.accelerator.prepare(model)
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
-        build = {"collate_fn": collate_fn, "num_workers": num_workers, "pad_token_id": _pad_token_id(model, tokenizer)}
+        build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
+                                 "pad_token_id": _pad_token_id(model, tokenizer)}
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
         self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
@@ -194,9 +195,8 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def call(self, event: str, *args: Any) -> None:
-        """Run ``event`` on every callback that defines it, in order."""
-        for handler in self.callbacks.handlers[event]:
-            handler(self, *args)
+        """Run ``event`` on every callback that defines it, in the bus's order, with this trainer first."""
+        self.callbacks.call(event, self, *args)
 
     def log(self, name: str, value: Any, sync: bool = False) -> None:
         """Record a value in ``trainer.metrics`` and for the trackers, at the current ``global_step``.
@@ -221,7 +221,7 @@ class Trainer:
     def run_config(self) -> dict[str, Any]:
         """What trackers store as the run's configuration: the settings, ``hparams``, the model's config."""
         config: dict[str, Any] = {**self._settings, **self.hparams}
-        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        model_config: Any = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         if hasattr(model_config, "to_dict"):
             config["model_config"] = model_config.to_dict()
         return config
@@ -519,7 +519,5 @@ def _unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
         if "loss" not in outputs:
             raise KeyError(f"training_step returned a dict without 'loss' (keys: {sorted(outputs)}).")
         return outputs["loss"], outputs.get("num_tokens")
-    if not torch.is_tensor(outputs):
-        raise TypeError(f"training_step must return the loss tensor or a dict with 'loss', got {type(outputs).__name__}.")
-    return outputs, None
+    raise TypeError(f"training_step must return the loss tensor or a dict with 'loss', got {type(outputs).__name__}.")
 

@@ -16,14 +16,14 @@ import torch
 
 if TYPE_CHECKING:
     from trainer.accumulation import GradientAccumulation
-    from trainer.precision import Precision
     from trainer.strategies import Strategy
+    from trainer.strategies.policies import PrecisionPolicy
 
 
 class AcceleratedOptimizer(torch.optim.Optimizer):
     """The user's optimizer, stepping on accumulation boundaries through the precision policy."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, precision: Precision,
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, precision: PrecisionPolicy,
                  policy: GradientAccumulation, before_step: Callable[[], None]) -> None:
         # No super().__init__: the wrapped optimizer owns param_groups and state.
         self.optimizer = optimizer

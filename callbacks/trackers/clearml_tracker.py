@@ -59,7 +59,7 @@ class ClearMLTracker(Tracker):
     def _start(self, project_name: str, config: dict[str, Any], logging_dir: Path, **init_kwargs: Any) -> Any:
         from clearml import Task
 
-        current = Task.current_task()
+        current: Any = Task.current_task()
         self.owns_task = current is None
         # the script opened its own Task (ClearML keeps one per process): record into it and leave it open
         task = current if current is not None else self._init_task(project_name, init_kwargs)
@@ -86,7 +86,7 @@ class ClearMLTracker(Tracker):
         if not self.report_subprocess:
             # ClearML's sdk.development.report_use_subprocess, for this Task only: restored when it closes
             self._subprocess_setting = vars(Task).get("_report_subprocess_enabled", _UNSET)
-            Task._report_subprocess_enabled = False
+            setattr(Task, "_report_subprocess_enabled", False)  # noqa: B010 - a class setting ClearML's types do not list
         try:
             return Task.init(project_name=project_name, task_name=self.run_name or project_name, **options)
         except BaseException:

@@ -92,7 +92,7 @@ class WandbTracker(Tracker):
     def _log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int | None, **kwargs: Any) -> None:
         import wandb
 
-        self.run.log({name: wandb.Table(columns=columns, data=rows, **kwargs)}, step=step)
+        self.run.log({name: wandb.Table(columns=list[str | int](columns), data=rows, **kwargs)}, step=step)
 
     def _log_artifact(self, path: Path, name: str | None, **kwargs: Any) -> None:
         """A versioned wandb Artifact (``type=`` defaults to ``"file"``; ``aliases=``, ``metadata=`` pass through)."""

@@ -113,7 +113,7 @@ def questionnaire(ask: Callable[[str], str]) -> dict[str, Any]:
     config["mixed_precision"] = _choice(ask, "Mixed precision?", list(precision_names()), "no")
     strategy = registry.strategy_for_distributed_type(kind)
     section = _strategy_questions(ask, strategy)
-    if section:
+    if section and strategy.spec.section is not None:
         config[strategy.spec.section] = section
     return launch_config.validate(config)
 

@@ -175,7 +175,7 @@ def _build_transformers(transformers: Any, spec: str, task: str, overrides: dict
     if path.exists():
         base = _read_config(path)
         model_type = base.get("model_type")
-        if model_type not in mapping:
+        if not isinstance(model_type, str) or model_type not in mapping:
             raise EstimateError(f"{path} has model_type {model_type!r}, which transformers {transformers.__version__} "
                                 "does not know (code shipped with a model is not run).")
     elif spec in mapping:
@@ -220,7 +220,7 @@ def _unknown_model_type(spec: str, model_types: list[str]) -> str:
     return f"Unknown model {spec!r}: not a local folder or config.json, nor one of transformers' model types{offline}{hint}"
 
 
-def _check_config_keys(config_class: type, base: dict[str, Any], overrides: dict[str, Any], model_type: str) -> dict[str, Any]:
+def _check_config_keys(config_class: Any, base: dict[str, Any], overrides: dict[str, Any], model_type: str) -> dict[str, Any]:
     """Refuse keys the configuration does not have (it would keep them silently), and map aliases to their names."""
     try:
         default = config_class.from_dict(dict(base))
@@ -243,7 +243,7 @@ def _check_config_keys(config_class: type, base: dict[str, Any], overrides: dict
 
 def _model_class(transformers: Any, config: Any, task: str) -> Any:
     if task != "auto":
-        return getattr(transformers, TASKS[task])
+        return getattr(transformers, str(TASKS[task]))
     for architecture in getattr(config, "architectures", None) or []:
         if hasattr(transformers, architecture):
             return getattr(transformers, architecture)

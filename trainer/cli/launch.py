@@ -29,7 +29,7 @@ from trainer.strategies.spec import Option, StrategySpec, describe_types
 RESTART_ENV = "TRAINER_RESTART_COUNT"  # 0 on the first attempt, 1 after the first restart...
 
 
-def register(commands: argparse._SubParsersAction) -> None:
+def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("launch", help="run a training script on one or more processes",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_file", "--config-file", default=None,
@@ -52,6 +52,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     _strategy_arguments(parser)
     parser.set_defaults(func=run)
+    return parser
 
 
 def _strategy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,9 +125,7 @@ def run_test(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="trainer")
-    register(root.add_subparsers())
-    return root._subparsers._group_actions[0].choices["launch"]
+    return register(argparse.ArgumentParser(prog="trainer").add_subparsers())
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -523,8 +523,8 @@ class CheckpointFiles:
         return self._iter_torch(path, listed) if not info.safetensors else self._iter_safetensors(path, listed)
 
     def _iter_torch(self, path: Path, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        cached = self._torch_cache is not None and self._torch_cache[0] == path
-        state = self._torch_cache[1] if cached else _load_torch(path)  # mapped: pages are read as tensors are used
+        cache = self._torch_cache
+        state = cache[1] if cache is not None and cache[0] == path else _load_torch(path)  # mapped: read as used
         for name in names:
             yield name, state[name]
 

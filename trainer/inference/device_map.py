@@ -18,7 +18,7 @@ import psutil
 import torch
 from torch import nn
 
-from trainer.inference.sizes import module_sizes, parse_size, tensor_bytes
+from trainer.inference.sizes import as_dtype, module_sizes, parse_size, tensor_bytes
 
 Device = int | str
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -35,7 +35,7 @@ def accelerator_count() -> int:
     return 0
 
 
-def canonical_device(device: Device) -> Device:
+def canonical_device(device: Device | torch.device) -> Device:
     """``0``, ``"cuda:0"`` and ``torch.device("cuda", 0)`` as ``0``; ``"cpu"`` and ``"disk"`` as they are."""
     if isinstance(device, torch.device):
         device = str(device)
@@ -51,7 +51,7 @@ def canonical_device(device: Device) -> Device:
     return device
 
 
-def check_device(device: Device) -> Device:
+def check_device(device: Device | torch.device) -> Device:
     """A device this machine has (or ``"disk"``), else one clear error."""
     device = canonical_device(device)
     count = accelerator_count()
@@ -132,8 +132,7 @@ def infer_auto_device_map(model: nn.Module, max_memory: Mapping[Device, int | st
         close = difflib.get_close_matches(str(strategy), STRATEGIES, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise DeviceMapError(f"Unknown device map strategy {strategy!r}.{hint} Use one of {STRATEGIES}.")
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = as_dtype(dtype)
     budget = get_max_memory(max_memory)
     accelerators = sorted(d for d in budget if isinstance(d, int))
     if strategy in ("auto", "balanced", "balanced_low_0") and len(accelerators) > 1:
@@ -173,7 +172,7 @@ def _fill(model: nn.Module, devices: list[Device], budget: Mapping[Device, int],
             used += size
             continue
         splittable = module is not None and type(module).__name__ not in no_split and (
-            list(module.children()) or list(module.parameters(recurse=False)))
+            next(module.children(), None) is not None or next(module.parameters(recurse=False), None) is not None)
         if splittable and size > 0:
             queue[:0] = _leaves(model, [name], no_split)
             continue
@@ -283,7 +282,7 @@ def device_for(name: str, device_map: Mapping[str, Device]) -> Device:
         probe = probe.rpartition(".")[0]
 
 
-def check_device_map(model: nn.Module, device_map: Mapping[str, Device]) -> OrderedDict[str, Device]:
+def check_device_map(model: nn.Module, device_map: Mapping[str, Device | torch.device]) -> OrderedDict[str, Device]:
     """Every entry names a real module or tensor and a real device; every weight is covered; tied weights share a device."""
     modules = dict(model.named_modules())
     tensors = {name for name, _ in model.named_parameters(remove_duplicate=False)} | {n for n, _ in model.named_buffers()}

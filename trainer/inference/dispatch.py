@@ -14,6 +14,7 @@ import os
 import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +30,36 @@ from trainer.inference.device_map import (
     resolve_device_map,
     torch_device,
 )
-from trainer.inference.hooks import OffloadedModule, OffloadHooks, _get, _set
+from trainer.inference.hooks import OffloadedModule, OffloadHooks, get_tensor, set_tensor
 from trainer.inference.offload import OffloadedWeights
+from trainer.inference.sizes import as_dtype
 from trainer.inference.tensor_reader import TensorReader
 
 if TYPE_CHECKING:
     from trainer.inference.checkpoint_files import CheckpointFiles
+
+
+@dataclass
+class Dispatch:
+    """What ``dispatch_model`` attached to a model: its hooks and the store of its offloaded weights."""
+
+    hooks: OffloadHooks
+    weights: OffloadedWeights
+
+
+_DISPATCH = "_dispatch"  # the model attribute that holds its Dispatch
+
+
+def dispatch_of(model: nn.Module) -> Dispatch | None:
+    """The hooks and weights store ``dispatch_model`` attached to ``model``, or None."""
+    return vars(model).get(_DISPATCH)
+
+
+def _attach(model: nn.Module, device_map: Mapping[str, Device] | None, hooks: OffloadHooks,
+            weights: OffloadedWeights) -> None:
+    if device_map is not None:
+        vars(model)["hf_device_map"] = dict(device_map)  # where transformers users look for it
+    vars(model)[_DISPATCH] = Dispatch(hooks, weights)
 
 
 def main_device(device_map: Mapping[str, Device]) -> torch.device:
@@ -55,12 +80,12 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 def _place(model: nn.Module, name: str, tensor: torch.Tensor, aliases: Mapping[str, str]) -> None:
     """Put ``tensor`` in the model under ``name`` and every name tied to it (one Parameter object for all)."""
-    current = _get(model, name)
+    current = get_tensor(model, name)
     value = nn.Parameter(tensor, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else tensor
     canonical = aliases.get(name)
     names = [n for n, c in aliases.items() if c == canonical] if canonical else [name]
     for target in names:
-        _set(model, target, value)
+        set_tensor(model, target, value)
 
 
 def _convert(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -86,11 +111,12 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
     aliases = _aliases(model)
     groups: dict[str, dict[str, str]] = defaultdict(dict)  # offloaded owner module -> {local tensor: stored name}
     to_write: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
-    for name, tensor in tensors:
+    parameters = list(model.named_parameters(remove_duplicate=False))
+    buffers = list(model.named_buffers())
+    for index, (name, tensor) in enumerate([*parameters, *buffers]):
         device = device_for(name, device_map)
         stored = aliases.get(name, name)
-        is_buffer = name not in dict(model.named_parameters(remove_duplicate=False))
+        is_buffer = index >= len(parameters)
         if offloaded(device, main) and not is_buffer:
             owner = _offload_owner(model, name, device_map, no_split)
             groups[owner][name[len(owner) + 1:] if owner else name] = stored
@@ -100,7 +126,7 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
                 else:
                     weights.keep_in_memory(stored, tensor)
             if tensor.device.type != "meta":
-                _set(model, name, _meta_like(tensor))
+                set_tensor(model, name, _meta_like(tensor))
             continue
         target = main if offloaded(device, main) else torch_device(device)
         if tensor.device.type == "meta":
@@ -115,14 +141,13 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
     hooks = OffloadHooks()
     layers = [OffloadedModule(model.get_submodule(owner), locals_, weights, main) for owner, locals_ in groups.items()]
     hooks.offload(layers, prefetch)
+    modules = dict(model.named_modules())
     for name, device in device_map.items():
-        if not offloaded(device, main) and torch_device(device) != main and name in dict(model.named_modules()):
-            hooks.move_inputs(model.get_submodule(name), torch_device(device))
+        if not offloaded(device, main) and torch_device(device) != main and name in modules:
+            hooks.move_inputs(modules[name], torch_device(device))
     if len({str(torch_device(d)) for d in device_map.values() if d != "disk"}) > 1 or main.type != "cpu":
         hooks.return_outputs_to_input_device(model)
-    model.hf_device_map = dict(device_map)
-    model._offload_hooks = hooks
-    model._offload_weights = weights
+    _attach(model, device_map, hooks, weights)
     return model
 
 
@@ -151,11 +176,10 @@ def _meta_like(tensor: torch.Tensor) -> torch.Tensor:
 
 def remove_dispatch(model: nn.Module) -> None:
     """Take the hooks off (offloaded weights go back to their placeholders)."""
-    hooks = getattr(model, "_offload_hooks", None)
-    if hooks is not None:
-        hooks.remove()
-        model._offload_weights.close()
-        del model._offload_hooks, model._offload_weights
+    dispatch = vars(model).pop(_DISPATCH, None)
+    if dispatch is not None:
+        dispatch.hooks.remove()
+        dispatch.weights.close()
 
 
 def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike, device_map: Any = "auto",
@@ -173,8 +197,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     """
     from trainer.inference.checkpoint_files import CheckpointFiles, check_against_model
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = as_dtype(dtype)
     if quantization is not None:
         from trainer.inference.quantization import quantize_model
 
@@ -276,9 +299,9 @@ def cpu_offload(model: nn.Module, execution_device: torch.device | str | None = 
     """Keep every layer's weights in CPU memory and bring each to ``execution_device`` only while it runs."""
     device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
     units = _units(model, no_split_classes(model, no_split_module_classes))
-    device_map = OrderedDict((name, "cpu") for name in units)
+    device_map: OrderedDict[str, Device] = OrderedDict((name, "cpu") for name in units)
     if device.type != "cpu":
-        device_map = OrderedDict([("", _device_key(device))] + [(name, "cpu") for name in units if name])
+        device_map = OrderedDict([("", _device_key(device)), *((name, "cpu") for name in units if name)])
     weights = OffloadedWeights(pin=device.type == "cuda")
     if device.type == "cpu":  # everything already lives where it runs: hook the layers through the CPU store anyway
         return _offload_all(model, units, weights, device, prefetch)
@@ -290,7 +313,7 @@ def disk_offload(model: nn.Module, offload_dir: str | os.PathLike, execution_dev
     """Write every layer's weights to ``offload_dir`` once and read each back only while it runs."""
     device = torch.device(execution_device) if execution_device is not None else _default_execution_device()
     units = _units(model, no_split_classes(model, no_split_module_classes))
-    device_map = OrderedDict((name, "disk") for name in units)
+    device_map: OrderedDict[str, Device] = OrderedDict((name, "disk") for name in units)
     if device.type != "cpu":
         device_map = OrderedDict([("", _device_key(device)), *device_map.items()])
     return dispatch_model(model, device_map, offload_folder=offload_dir, prefetch=prefetch)
@@ -300,17 +323,18 @@ def _offload_all(model: nn.Module, units: Mapping[str, Device], weights: Offload
                  prefetch: int) -> nn.Module:
     """CPU offload with the CPU as the execution device: every layer's weights held by the store."""
     aliases = _aliases(model)
+    no_split = no_split_classes(model, None)
     groups: dict[str, dict[str, str]] = defaultdict(dict)
     for name, tensor in list(model.named_parameters(remove_duplicate=False)):
-        owner = _offload_owner(model, name, units, no_split_classes(model, None))
+        owner = _offload_owner(model, name, units, no_split)
         stored = aliases.get(name, name)
         if stored not in weights:
             weights.keep_in_memory(stored, tensor)
         groups[owner][name[len(owner) + 1:] if owner else name] = stored
-        _set(model, name, _meta_like(tensor))
+        set_tensor(model, name, _meta_like(tensor))
     hooks = OffloadHooks()
     hooks.offload([OffloadedModule(model.get_submodule(o), t, weights, device) for o, t in groups.items()], prefetch)
-    model._offload_hooks, model._offload_weights = hooks, weights
+    _attach(model, None, hooks, weights)
     return model
 
 

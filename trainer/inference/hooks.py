@@ -31,7 +31,7 @@ class OffloadedModule:
         self.tensors = tensors  # name inside the module -> name in the weights store
         self.weights = weights
         self.device = device
-        self.placeholders = {local: _get(module, local) for local in tensors}
+        self.placeholders = {local: get_tensor(module, local) for local in tensors}
 
     def fetch(self) -> tuple[dict[str, torch.Tensor], Any]:
         """Read the tensors and start their copy to the device; returns them and an event to wait on."""
@@ -63,14 +63,14 @@ class OffloadedModule:
         for local, tensor in tensors.items():
             placeholder = self.placeholders[local]
             value = nn.Parameter(tensor, requires_grad=False) if isinstance(placeholder, nn.Parameter) else tensor
-            _set(self.module, local, value)
+            set_tensor(self.module, local, value)
 
     def release(self) -> None:
         if self.device.type == "cpu":
-            self._recycle({local: _get(self.module, local).data for local in self.placeholders
-                           if _get(self.module, local).device.type == "cpu"})
+            self._recycle({local: get_tensor(self.module, local).data for local in self.placeholders
+                           if get_tensor(self.module, local).device.type == "cpu"})
         for local, placeholder in self.placeholders.items():
-            _set(self.module, local, placeholder)
+            set_tensor(self.module, local, placeholder)
 
 
 class Prefetcher:
@@ -86,15 +86,15 @@ class Prefetcher:
     def acquire(self, layer: OffloadedModule) -> tuple[dict[str, torch.Tensor], Any]:
         future = self.pending.pop(id(layer), None)
         if self.pool is not None:
-            self._schedule_after(layer)
+            self._schedule_after(layer, self.pool)
         return future.result() if future is not None else layer.fetch()
 
-    def _schedule_after(self, layer: OffloadedModule) -> None:
+    def _schedule_after(self, layer: OffloadedModule, pool: ThreadPoolExecutor) -> None:
         start = self.position[id(layer)]
         for step in range(1, min(self.depth, len(self.order) - 1) + 1):
             upcoming = self.order[(start + step) % len(self.order)]  # wraps: the next forward starts again
             if id(upcoming) not in self.pending:
-                self.pending[id(upcoming)] = self.pool.submit(upcoming.fetch)
+                self.pending[id(upcoming)] = pool.submit(upcoming.fetch)
         while len(self.pending) > self.depth:  # never more than depth layers in flight
             _, future = self.pending.popitem(last=False)
             future.cancel()
@@ -117,9 +117,9 @@ class OffloadHooks:
 
     def offload(self, layers: list[OffloadedModule], prefetch: int) -> None:
         self.layers = layers
-        self.prefetcher = Prefetcher(layers, prefetch)
+        self.prefetcher = prefetcher = Prefetcher(layers, prefetch)
         for layer in layers:
-            self.handles.append(layer.module.register_forward_pre_hook(self._before(layer), with_kwargs=True))
+            self.handles.append(layer.module.register_forward_pre_hook(self._before(layer, prefetcher), with_kwargs=True))
             self.handles.append(layer.module.register_forward_hook(self._after(layer), always_call=True))
 
     def move_inputs(self, module: nn.Module, device: torch.device) -> None:
@@ -130,19 +130,21 @@ class OffloadHooks:
 
     def return_outputs_to_input_device(self, model: nn.Module) -> None:
         """The model's outputs come back on the device its first input tensor was on."""
+        input_device: torch.device | None = None
+
         def before(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            nonlocal input_device
             first = next((t for t in [*args, *kwargs.values()] if torch.is_tensor(t)), None)
-            model._dispatch_input_device = first.device if first is not None else None
+            input_device = first.device if first is not None else None
 
         def after(_: nn.Module, args: tuple, output: Any) -> Any:
-            device = getattr(model, "_dispatch_input_device", None)
-            return send_to_device(output, device) if device is not None else output
+            return send_to_device(output, input_device) if input_device is not None else output
         self.handles.append(model.register_forward_pre_hook(before, with_kwargs=True))
         self.handles.append(model.register_forward_hook(after))
 
-    def _before(self, layer: OffloadedModule) -> Callable:
+    def _before(self, layer: OffloadedModule, prefetcher: Prefetcher) -> Callable:
         def hook(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            layer.attach(*self.prefetcher.acquire(layer))
+            layer.attach(*prefetcher.acquire(layer))
             if layer.device.type != "cpu":
                 return send_to_device(args, layer.device), send_to_device(kwargs, layer.device)
             return args, kwargs
@@ -175,12 +177,14 @@ def _side_stream(device: torch.device) -> Any:
     return _SIDE_STREAMS[device]
 
 
-def _get(module: nn.Module, name: str) -> torch.Tensor:
+def get_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer called ``name`` (dotted) in ``module``."""
     owner, _, attr = name.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, attr)
 
 
-def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in ``module`` under ``name`` (dotted), as a parameter where a parameter was, else as a buffer."""
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     if attr in owner._parameters:

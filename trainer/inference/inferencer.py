@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from trainer.inference.device_map import Device, no_split_classes, resolve_device_map
 from trainer.inference.dispatch import (
     dispatch_model,
+    dispatch_of,
     load_checkpoint_and_dispatch,
     main_device,
     remove_dispatch,
 )
-from trainer.inference.hooks import _set
+from trainer.inference.hooks import set_tensor
 from trainer.inference.outputs import save_outputs
+from trainer.inference.sizes import as_dtype
 from trainer.operations import send_to_device
 
 
@@ -61,8 +63,7 @@ class Inferencer:
             self.model = load_checkpoint_and_dispatch(model, checkpoint, device_map, max_memory, no_split_module_classes,
                                                       offload_folder, dtype, strict, prefetch, quantization)
         else:
-            if isinstance(dtype, str):
-                dtype = getattr(torch, dtype)
+            dtype = as_dtype(dtype)
             if dtype is not None:
                 model.to(dtype)
             if keep_weights:
@@ -74,7 +75,7 @@ class Inferencer:
                 model = quantize_model(model, quantization, device_map=resolved)
                 check_quantized_placement(model, resolved, main_device(resolved))
             self.model = dispatch_model(model, resolved, offload_folder=offload_folder, prefetch=prefetch)
-        self.device_map = self.model.hf_device_map
+        self.device_map: dict[str, Device] = vars(self.model)["hf_device_map"]
         self.device = main_device(self.device_map)
 
     @torch.no_grad()
@@ -84,7 +85,8 @@ class Inferencer:
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """A transformers model's ``generate``, with its inputs on the execution device."""
-        return self.model.generate(*send_to_device(args, self.device), **send_to_device(kwargs, self.device))
+        generate = cast(Callable[..., Any], self.model.generate)  # a transformers model's
+        return generate(*send_to_device(args, self.device), **send_to_device(kwargs, self.device))
 
     def predict(self, data: Any, batch_size: int = 8, collate_fn: Callable | None = None,
                 step: Callable[[nn.Module, Any], Any] | None = None, stream: bool = False,
@@ -108,15 +110,14 @@ class Inferencer:
 
     def close(self) -> None:
         """Take the hooks off; with ``keep_weights``, the model's own parameters and buffers go back in place."""
-        if getattr(self.model, "_offload_weights", None) is None:
+        if dispatch_of(self.model) is None:
             return
         remove_dispatch(self.model)
         if self._kept is not None:
             for name, tensor in self._kept.items():
-                _set(self.model, name, tensor)
+                set_tensor(self.model, name, tensor)
             self._kept = None
-        if hasattr(self.model, "hf_device_map"):
-            del self.model.hf_device_map
+        vars(self.model).pop("hf_device_map", None)
 
     def __enter__(self) -> Inferencer:
         return self

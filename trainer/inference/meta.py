@@ -33,15 +33,16 @@ def init_on_device(device: torch.device | str, include_buffers: bool = False) ->
         original(module, name, param)
         if param is not None and param.device != device:  # already there (a tied weight): keep the same object
             kwargs = param.__dict__  # keeps attributes a library attached to the parameter
-            moved = nn.Parameter(module._parameters[name].to(device), requires_grad=param.requires_grad)
+            moved = nn.Parameter(param.to(device), requires_grad=param.requires_grad)
             moved.__dict__.update(kwargs)
             module._parameters[name] = moved
 
-    nn.Module.register_parameter = register_parameter
+    # Patched while the block runs, so that every module built in it places its parameters on ``device``.
+    nn.Module.register_parameter = register_parameter  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        nn.Module.register_parameter = original
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ def modules_to_keep(model: nn.Module, config: QuantizationConfig) -> list[str]:
     if config.keep_output_head:
         keep += ["lm_head", *(getattr(model, "_keep_in_fp32_modules", None) or ()),
                  *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())]
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         keep += [name for name, module in model.named_modules() if head is not None and module is head]
     return keep
 
@@ -153,9 +153,10 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | Mapping[str, A
         replacement.train(module.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
-    model.quantization_config = config
-    model.is_loaded_in_8bit, model.is_loaded_in_4bit = config.load_in_8bit, config.load_in_4bit
-    model.is_quantized = True
+    marked: Any = model  # the attributes transformers sets on a quantized model, read by peft and by users
+    marked.quantization_config = config
+    marked.is_loaded_in_8bit, marked.is_loaded_in_4bit = config.load_in_8bit, config.load_in_4bit
+    marked.is_quantized = True
     return model
 
 
@@ -176,7 +177,7 @@ def _quantized_parameter(bnb: Any, layer: nn.Module, weight: torch.Tensor, devic
         parameter = bnb.nn.Int8Params(weight.contiguous(), requires_grad=False,
                                       has_fp16_weights=layer.state.has_fp16_weights)
     else:
-        old = layer.weight
+        old: Any = layer.weight  # a bitsandbytes Params4bit
         parameter = bnb.nn.Params4bit(weight.contiguous(), requires_grad=False, blocksize=old.blocksize,
                                       compress_statistics=old.compress_statistics, quant_type=old.quant_type,
                                       quant_storage=old.quant_storage, module=layer)
@@ -228,7 +229,7 @@ def quantized_weight_bytes(model: nn.Module) -> int:
     """Bytes held by the weights (and their scales) of the model's bitsandbytes layers."""
     total = 0
     for layer in quantized_layers(model).values():
-        weight = layer.weight
+        weight: Any = layer.weight  # a bitsandbytes parameter
         total += weight.numel() * weight.element_size()
         for extra in (getattr(weight, "SCB", None), getattr(layer.state, "SCB", None) if hasattr(layer, "state") else None):
             if isinstance(extra, torch.Tensor):

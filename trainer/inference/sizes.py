@@ -28,6 +28,16 @@ def parse_size(size: int | float | str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from itself or its name (``"bfloat16"``); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype), None)
+    if not isinstance(found, torch.dtype):
+        raise TypeError(f"dtype={dtype!r} is not a torch dtype: pass one (torch.bfloat16) or its name ('bfloat16').")
+    return found
+
+
 def dtype_size(dtype: torch.dtype) -> float:
     """Bytes per element (fractions for sub-byte types)."""
     if dtype == torch.bool:
@@ -43,7 +53,7 @@ def tensor_bytes(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> int:
 
 def named_tensors(module: nn.Module, include_buffers: bool = True) -> list[tuple[str, torch.Tensor]]:
     """Parameters (tied ones once) and, if asked, persistent and non-persistent buffers."""
-    tensors = list(module.named_parameters(remove_duplicate=True))
+    tensors: list[tuple[str, torch.Tensor]] = list(module.named_parameters(remove_duplicate=True))
     if include_buffers:
         tensors += list(module.named_buffers(remove_duplicate=True))
     return tensors

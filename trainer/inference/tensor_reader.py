@@ -74,7 +74,7 @@ class TensorReader:
         memory (pinned if asked, for fast copies to an accelerator)."""
         tensor = out if out is not None else torch.empty(location.shape, dtype=location.dtype, pin_memory=pin)
         if location.nbytes:
-            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            buffer = tensor.view(-1).view(torch.uint8).numpy().data  # a writable memoryview of the tensor's bytes
             fd, done = self._fd(location.path), 0
             while done < location.nbytes:
                 got = os.preadv(fd, [buffer[done:]], location.start + done)

@@ -18,44 +18,59 @@ from trainer.operations import convert_to_fp32
 
 
 class Precision:
-    """Full fp32: nothing is cast or scaled."""
+    """Full fp32: nothing is cast or scaled. The base of every precision policy.
+
+    The Accelerator calls, in a training step: ``wrap_forward`` once per prepared model (the
+    forward then runs under ``autocast``), ``scale_loss`` in ``backward``, ``unscale_gradients``
+    before clipping, ``optimizer_step`` at each accumulation boundary; ``convert_module`` once per
+    model before the strategy places it; ``state_dict``/``load_state_dict`` with checkpoints.
+    """
 
     name = "no"
+    dtype: torch.dtype | None = None  # what the forward pass computes in; None: fp32
+    scaler: torch.amp.GradScaler | None = None  # the fp16 loss scaler, for policies that have one
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     @property
     def is_mixed(self) -> bool:
+        """Whether the forward pass runs under autocast (parameters stay fp32)."""
         return False
 
-    def autocast(self, **kwargs: Any) -> AbstractContextManager:
+    def autocast(self, **kwargs: Any) -> AbstractContextManager[Any]:
+        """Return the context the forward pass runs in (also ``accelerator.autocast()``)."""
         return nullcontext()
 
     def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
-        """The module's forward as the training loop should call it."""
+        """Return the module's forward as the training loop should call it (called once per prepared model)."""
         return forward
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Change the module itself (fp8 swaps its linear layers); identity otherwise."""
+        """Return the module converted for this policy (fp8 swaps its linear layers); identity otherwise.
+
+        Called by ``prepare`` before the strategy places the model.
+        """
         return module
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Return the loss that backward starts from (called by ``accelerator.backward``)."""
         return loss
 
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Bring the gradients to their true scale before they are clipped or inspected."""
+        """Bring the gradients to their true scale before they are clipped or inspected (once per step)."""
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, step: Callable[..., Any], **kwargs: Any) -> bool:
-        """Run ``step``; return False when the step was skipped (fp16 overflow)."""
+        """Run ``step`` at an accumulation boundary; return False when the step was skipped (fp16 overflow)."""
         step(**kwargs)
         return True
 
     def state_dict(self) -> dict[str, Any]:
+        """Return what the policy keeps in checkpoints (the fp16 loss scale)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what ``state_dict`` returned (called by ``load_state``)."""
 
 
 class MixedPrecision(Precision):
@@ -63,14 +78,14 @@ class MixedPrecision(Precision):
 
     def __init__(self, device: torch.device, dtype: torch.dtype, name: str) -> None:
         super().__init__(device)
-        self.dtype = dtype
+        self.dtype: torch.dtype | None = dtype
         self.name = name
 
     @property
     def is_mixed(self) -> bool:
         return True
 
-    def autocast(self, **kwargs: Any) -> AbstractContextManager:
+    def autocast(self, **kwargs: Any) -> AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=self.dtype, **kwargs)
 
     def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,12 +96,14 @@ class MixedPrecision(Precision):
             # Outputs go back to fp32 so the loss and the metrics are computed at full precision.
             return convert_to_fp32(output)
 
-        autocast_forward.__wrapped__ = forward  # type: ignore[attr-defined]
+        autocast_forward.__wrapped__ = forward
         return autocast_forward
 
 
 class Float16Precision(MixedPrecision):
     """fp16 autocast with a GradScaler: the loss is scaled, overflowing steps are skipped."""
+
+    scaler: torch.amp.GradScaler
 
     def __init__(self, device: torch.device, **scaler_kwargs: Any) -> None:
         super().__init__(device, torch.float16, "fp16")
