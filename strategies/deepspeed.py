@@ -155,11 +155,13 @@ class DeepSpeed(Strategy):
             ``gradient_accumulation_steps`` from the Accelerator, ``fp16``/``bf16`` from its
             precision, ``gradient_clipping`` from ``accelerator.clip_grad_norm_``.
         zero_stage: 0-3; by default the config's, else 2.
-        offload_optimizer_device, offload_param_device: ``"none"``, ``"cpu"`` or ``"nvme"``.
-        offload_optimizer_nvme_path, offload_param_nvme_path: where NVMe offload writes.
-        gradient_accumulation_steps: must agree with the Accelerator's (checked, never silently used).
+        offload_optimizer_device: where the optimizer state lives: ``"none"`` (the device), ``"cpu"`` or ``"nvme"``.
+        offload_param_device: where the parameters live under ZeRO-3: ``"none"``, ``"cpu"`` or ``"nvme"``.
         gradient_clipping: max gradient norm, clipped by the engine at every step.
+        gradient_accumulation_steps: must agree with the Accelerator's (checked, never silently used).
         zero3_init_flag: build models inside ``module_sharded_context()`` already partitioned (ZeRO-3).
+        offload_optimizer_nvme_path: where NVMe optimizer offload writes.
+        offload_param_nvme_path: where NVMe parameter offload writes.
         zero3_save_16bit_model: under ZeRO-3, ``save_model`` gathers the training-dtype (16-bit under
             fp16/bf16) weights; otherwise it consolidates the fp32 master weights.
         checkpoint_format: ``"safetensors"`` (each process's partitions, nothing pickled) or

@@ -59,7 +59,8 @@ class FSDP(Strategy):
         mixed_precision: the unit parameters' dtype during forward/backward: ``"auto"`` follows the
             Accelerator's precision policy; a ``torch.dtype`` (``torch.bfloat16``) sets it; None keeps
             the parameters' own dtype.
-        backward_prefetch, forward_prefetch: when the next unit's parameters are gathered.
+        backward_prefetch: when the next unit's parameters are gathered in backward (fully_shard: always before).
+        forward_prefetch: gather the next unit's parameters while the current unit runs forward.
         cpu_ram_efficient_loading: process 0 holds the real weights, the others build the model on the
             meta device (``module_sharded_context``) and receive their shards.
         sync_module_states: start every process from process 0's weights and buffers.

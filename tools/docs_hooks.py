@@ -6,12 +6,14 @@
   strategy's ``spec`` (a registered third-party strategy too), ``mixed_precision`` from the
   precision table. Change a key, its allowed values, its help or a default in the code and the
   page changes with it.
+* ``trainer.md``: the ``<!-- generated: event-order -->`` marker is replaced by the loop written out
+  as pseudocode, ``callbacks.base.EVENT_ORDER``, which stands beside the event list in the code.
 * ``troubleshooting.md``: the ``<!-- generated: error-index -->`` marker is replaced by every
   ``raise`` of ``ValueError``/``TypeError``/``ImportError``/``ConfigError`` (and their
   subclasses defined in the project) in ``trainer/``, ``callbacks/`` and ``strategies/``,
   with the message as written in the source, read with ``ast``.
 
-Both generators are plain functions (``config_table``, ``error_index``) so tests can call them.
+The generators are plain functions (``config_table``, ``error_index``) so tests can call them.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_MARKER = "<!-- generated: config-keys -->"
 ERRORS_MARKER = "<!-- generated: error-index -->"
+EVENTS_MARKER = "<!-- generated: event-order -->"
 PACKAGES = ("trainer", "callbacks", "strategies")
 
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "mapping", type(None): "null"}
@@ -154,4 +157,6 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
         markdown = markdown.replace(CONFIG_MARKER, config_table())
     if ERRORS_MARKER in markdown:
         markdown = markdown.replace(ERRORS_MARKER, error_index())
+    if EVENTS_MARKER in markdown:
+        markdown = markdown.replace(EVENTS_MARKER, "```text\n" + _import("callbacks.base").EVENT_ORDER + "```")
     return markdown

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from trainer import checkpointing, operations
 from trainer.accumulation import GradientAccumulation
-from trainer.callbacks.trackers import Tracker, make_trackers
+from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
@@ -80,7 +80,7 @@ class Accelerator:
         even_batches: bool = True,
         split_batches: bool = False,
         gradient_accumulation_plugin: GradientAccumulation | None = None,
-        log_with: Any = None,
+        log_with: TrackersArgument = None,
         **unknown: Any,
     ) -> None:
         if unknown:

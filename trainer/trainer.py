@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from trainer.accelerator import Accelerator
-from trainer.callbacks import ModelCheckpoint, ProgressBar
+from trainer.callbacks import Callback, ModelCheckpoint, ProgressBar
 from trainer.callbacks.bus import CallbackBus
-from trainer.callbacks.trackers import default_trackers, make_trackers
+from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
 from trainer.inference.inferencer import Inferencer
 from trainer.inference.outputs import save_outputs
 from trainer.metrics import LogRecord, MetricAccumulator
@@ -38,30 +38,43 @@ class Trainer:
     Args:
         model: the ``nn.Module``. A model whose output has ``.loss`` (a transformers model) trains
             without overriding ``training_step``.
-        optimizer, scheduler: optional; otherwise ``configure_optimizers`` makes them.
-        train_data, eval_data: a torch Dataset, a ``datasets.Dataset`` or a DataLoader.
-        batch_size, eval_batch_size, collate_fn, num_workers, shuffle: how DataLoaders are built.
-            Tokenised examples (dicts with ``input_ids``) are padded per batch unless ``collate_fn``
-            is given; ``tokenizer`` (or the model's ``config.pad_token_id``) gives the pad token.
-        max_epochs, max_steps: when training ends (``max_steps`` counts optimizer steps and wins).
-        strategy, precision: ``"auto"`` reads what ``trainer launch`` set; see ``Accelerator``.
-        accumulate: micro-batches per optimizer step (default: what ``trainer launch`` set, else 1);
-            ``accumulation_normalize="tokens"`` for
-            losses summed over tokens (``training_step`` then returns ``{"loss", "num_tokens"}``).
+        optimizer: the optimizer; by default ``configure_optimizers`` makes it.
+        scheduler: a learning-rate scheduler stepped after each optimizer step; by default the one
+            ``configure_optimizers`` returns, if any.
+        train_data: a torch Dataset, a ``datasets.Dataset`` or a DataLoader to train on.
+        eval_data: the same kinds, to validate on.
+        batch_size: samples per process and micro-batch for the DataLoaders built here.
+        eval_batch_size: the validation and prediction batch size (default: ``batch_size``).
+        collate_fn: how samples become a batch. By default tokenised examples (dicts with
+            ``input_ids``) are padded per batch, other samples stacked.
+        tokenizer: gives the pad token for tokenised examples (else the model's ``config.pad_token_id``).
+        num_workers: DataLoader worker processes.
+        shuffle: shuffle the training data each epoch (seeded: a resumed run draws the same order).
+        max_epochs: epochs to train.
+        max_steps: optimizer steps to train; when given, it wins over ``max_epochs``.
+        strategy: ``"auto"`` reads what ``trainer launch`` set; a name or a Strategy (see ``Accelerator``).
+        precision: ``"auto"`` reads what ``trainer launch`` set; ``"bf16"``, ``"fp16"``, ``"no"``...
+        accumulate: micro-batches per optimizer step (default: what ``trainer launch`` set, else 1).
+        accumulation_normalize: ``"mean"``, or ``"tokens"`` for losses summed over tokens
+            (``training_step`` then returns ``{"loss", "num_tokens"}``).
         grad_clip: max total gradient norm, or None.
-        eval_every_n_steps, eval_every_n_epochs: when to validate (if ``eval_data`` is given).
+        eval_every_n_steps: validate every this many optimizer steps (if ``eval_data`` is given).
+        eval_every_n_epochs: validate at the end of every this many epochs (if ``eval_data`` is given).
         log_every_n_steps: how often the training loss is logged.
         seed: seeds python, numpy and torch before anything random happens.
-        output_dir: where checkpoints go (``output_dir/checkpoints``).
-        callbacks: extra callbacks; a ProgressBar and a ModelCheckpoint are added unless present
-            (``progress_bar=False`` / ``checkpoint=False`` to leave them out).
+        output_dir: where checkpoints go (``output_dir/checkpoints``) and local trackers write.
+        callbacks: extra callbacks; a ProgressBar and a ModelCheckpoint are added unless present.
         trackers: experiment trackers: names (``"mlflow"``, ``"wandb"``, ...) or Tracker instances.
             None (the default) records locally with no server: CSV, plus MLflow in a sqlite store
             under ``output_dir`` when mlflow is installed (``TRAINER_TRACKERS`` overrides); ``[]``
             records nothing.
-        project, run_name: how the run is named in the trackers.
+        project: the project the trackers file the run under.
+        run_name: the run's name in the trackers.
         hparams: extra run configuration stored with the run (the Trainer's own settings and a
             transformers model's ``config`` are stored too).
+        progress_bar: add a ProgressBar unless ``callbacks`` holds one.
+        checkpoint: add a ModelCheckpoint unless ``callbacks`` holds one.
+        cpu: run on the CPU even where an accelerator is present.
     """
 
     def __init__(
@@ -90,8 +103,8 @@ class Trainer:
         log_every_n_steps: int = 10,
         seed: int = 0,
         output_dir: str | os.PathLike = "outputs",
-        callbacks: list[Any] | None = None,
-        trackers: Any = None,
+        callbacks: list[Callback] | None = None,
+        trackers: TrackersArgument = None,
         project: str = "trainer",
         run_name: str | None = None,
         hparams: Mapping[str, Any] | None = None,
@@ -130,7 +143,7 @@ class Trainer:
                           "accumulate": self.accelerator.gradient_accumulation_steps, "grad_clip": grad_clip,
                           "precision": self.accelerator.mixed_precision, "seed": seed,
                           "num_processes": self.accelerator.num_processes}
-        self.callbacks = CallbackBus(self._default_callbacks(list(callbacks or []) + trackers, progress_bar, checkpoint))
+        self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *trackers], progress_bar, checkpoint))
 
         self.model = self.accelerator.prepare(model)
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
@@ -460,7 +473,7 @@ class Trainer:
         return self.accelerator.prepare_data_loader(loader, register=register)
 
     @staticmethod
-    def _default_callbacks(callbacks: list[Any], progress_bar: bool, checkpoint: bool) -> list[Any]:
+    def _default_callbacks(callbacks: list[Callback], progress_bar: bool, checkpoint: bool) -> list[Callback]:
         if progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.insert(0, ProgressBar())
         if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):

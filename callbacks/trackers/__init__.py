@@ -9,6 +9,8 @@ from .dvclive_tracker import DVCLiveTracker
 from .mlflow_tracker import MLflowTracker
 from .registry import (
     TRACKERS,
+    TrackersArgument,
+    TrackerSpec,
     default_trackers,
     installed_trackers,
     make_tracker,
@@ -20,6 +22,6 @@ from .wandb_tracker import WandbTracker
 
 __all__ = [
     "TRACKERS", "AimTracker", "CSVTracker", "ClearMLTracker", "CometMLTracker", "DVCLiveTracker", "MLflowTracker",
-    "TensorBoardTracker", "Tracker", "TrackerPackageMissing", "WandbTracker", "default_trackers", "installed_trackers",
-    "make_tracker", "make_trackers", "register_tracker",
+    "TensorBoardTracker", "Tracker", "TrackerPackageMissing", "TrackerSpec", "TrackersArgument", "WandbTracker",
+    "default_trackers", "installed_trackers", "make_tracker", "make_trackers", "register_tracker",
 ]

@@ -29,7 +29,8 @@ class AimTracker(Tracker):
         artifacts_uri: where ``log_artifact`` copies files (default: ``<repo>/aim-artifacts``);
             any URI Aim accepts, e.g. ``s3://bucket/prefix``.
         **run_kwargs: passed to ``aim.Run`` (``system_tracking_interval=10``, ``capture_terminal_logs=True``...).
-        The remaining keyword arguments are the Tracker's (``logging_dir``, ``run_name``...).
+
+    The remaining keyword arguments are the Tracker's (``logging_dir``, ``run_name``...).
     """
 
     name = "aim"

@@ -112,22 +112,29 @@ class Tracker(Callback):
 
     # -- what a backend implements -------------------------------------------------------------
     def _start(self, project_name: str, config: dict[str, Any], logging_dir: Path, **init_kwargs: Any) -> Any:
-        """Open the run; return the backend's run object."""
+        """Open the run with its configuration, files under ``logging_dir``; return the backend's run object.
+
+        Called once, by ``start`` (the Trainer's ``on_fit_start``, or ``accelerator.init_trackers``).
+        """
         raise NotImplementedError
 
     def _log(self, values: dict[str, Any], step: int | None, **kwargs: Any) -> None:
+        """Record ``values`` (numbers as Python numbers; strings as they are) at ``step``; every backend implements it."""
         raise NotImplementedError
 
     def _store_config(self, config: dict[str, Any]) -> None:
         """Record (more) run configuration after the start; backends without it ignore the call."""
 
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
+        """Record images (``{name: array or tensor}``) at ``step``, where the backend can."""
         raise NotImplementedError(f"The {self.name!r} tracker does not record images.")
 
     def _log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int | None, **kwargs: Any) -> None:
+        """Record a table called ``name`` (column names, rows) at ``step``, where the backend can."""
         raise NotImplementedError(f"The {self.name!r} tracker does not record tables.")
 
     def _log_artifact(self, path: Path, name: str | None, **kwargs: Any) -> None:
+        """Store the file or folder at ``path`` with the run, where the backend can."""
         raise NotImplementedError(f"The {self.name!r} tracker does not record artifacts.")
 
     def _flush(self) -> None:
@@ -159,9 +166,11 @@ class Tracker(Callback):
         self.run = self._guard("start", self._start, project_name, dict(config or {}), directory, **init_kwargs)
 
     def store_init_configuration(self, config: Mapping[str, Any]) -> None:
+        """Record (more) run configuration on a started run."""
         self._guard("store the configuration", self._store_config, dict(config))
 
     def log(self, values: Mapping[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        """Record ``values`` at ``step`` (tensors and numpy scalars become numbers): ``accelerator.log`` and the bus call it."""
         self._guard("log", self._log, plain_values(values), step, **kwargs)
 
     def log_images(self, images: Mapping[str, Any], step: int | None = None, **kwargs: Any) -> None:
@@ -186,6 +195,7 @@ class Tracker(Callback):
         self._guard("flush", self._flush)
 
     def finish(self, status: str = "success") -> None:
+        """Close the run (``"success"`` or ``"failed"``): at the end of ``fit`` and by ``accelerator.end_training``."""
         if self.started and self.run is not None:
             self._guard("finish", self._finish, status)
         self.started = False
@@ -212,30 +222,38 @@ class Tracker(Callback):
     # -- on the Trainer's bus ------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
+        """``tracker:<name>``: one state per tracker kind in checkpoints."""
         return f"tracker:{self.name or type(self).__qualname__}"
 
     def state_dict(self) -> dict[str, Any]:
+        """The run's id, so that ``fit(resume=...)`` continues the same run."""
         return {"run_id": self.run_id} if self.run_id is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the saved run id back (the run is continued when it starts)."""
         self.run_id = state.get("run_id", self.run_id)
 
     def handles(self, event: str) -> bool:
+        """Only on the processes that log: with ``main_process_only``, the others skip every event."""
         return not self.main_process_only or is_main_process()
 
     def on_fit_start(self, trainer: TrainerView) -> None:
+        """Start the run with the trainer's project, run name and configuration."""
         self.run_name = self.run_name or trainer.run_name
         self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
 
     def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Send what ``trainer.log`` recorded since the last send, if anything."""
         if trainer.log_sequence != self._sent:
             self._send(trainer)
 
     def on_train_epoch_end(self, trainer: TrainerView) -> None:
+        """Send the new values and flush what the backend batches."""
         self._send(trainer)
         self.flush()
 
     def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
+        """Send the metrics; a ``validate`` outside ``fit`` is a run of its own, started and finished here."""
         if not self.started:  # validate() called on its own, outside fit
             self.run_name = self.run_name or trainer.run_name
             self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
@@ -246,10 +264,12 @@ class Tracker(Callback):
             self.finish()
 
     def on_fit_end(self, trainer: TrainerView) -> None:
+        """Send the last values and finish the run as a success."""
         self._send(trainer)
         self.finish("success")
 
     def on_exception(self, trainer: TrainerView, exception: BaseException) -> None:
+        """Send the last values and finish the run as failed."""
         self._send(trainer)
         self.finish("failed")
 

@@ -37,7 +37,8 @@ class ClearMLTracker(Tracker):
         report_subprocess: ClearML's default on Linux forks a reporting process; ``False`` (the
             default here) reports from a thread of the training process instead.
         **task_kwargs: passed to ``Task.init`` (``task_type``, ``tags``, ``output_uri``...).
-        The remaining keyword arguments are the Tracker's (``logging_dir``, ``run_name``...).
+
+    The remaining keyword arguments are the Tracker's (``logging_dir``, ``run_name``...).
     """
 
     name = "clearml"

@@ -29,7 +29,8 @@ class DVCLiveTracker(Tracker):
     Args:
         init_dvc: let DVCLive ``dvc init`` an enclosing Git repository that has no DVC yet (its default).
         **live_kwargs: passed to ``dvclive.Live`` (``report="html"``, ``save_dvc_exp=True``, ``dvcyaml="dvc.yaml"``...).
-        The remaining keyword arguments are the Tracker's (``logging_dir``, ``run_name``...).
+
+    The remaining keyword arguments are the Tracker's (``logging_dir``, ``run_name``...).
     """
 
     name = "dvclive"

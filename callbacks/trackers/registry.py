@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from enum import Enum
 from typing import Any
 
 from .aim_tracker import AimTracker
@@ -74,14 +75,19 @@ def make_tracker(spec: Any, **options: Any) -> Tracker:
     return TRACKERS[key](**options)
 
 
-def make_trackers(specs: Any, **options: Any) -> list[Tracker]:
+# What ``log_with=`` and ``Trainer(trackers=)`` take: a name (``"mlflow"``, ``"all"``), a Tracker class or
+# instance, an enum member whose ``value`` is a name (Accelerate's ``LoggerType.MLFLOW``), or a list of these.
+TrackerSpec = str | Tracker | type[Tracker] | Enum
+TrackersArgument = TrackerSpec | Sequence[TrackerSpec] | None
+
+
+def make_trackers(specs: TrackersArgument, **options: Any) -> list[Tracker]:
     """Trackers from one spec or a list; ``"all"`` means every tracker whose package is installed."""
     if specs is None:
         return []
-    if isinstance(specs, (str, Tracker, type)) or hasattr(specs, "value"):
-        specs = [specs]
+    given: Iterable[Any] = [specs] if isinstance(specs, (str, Tracker, type)) or hasattr(specs, "value") else specs
     names: list[Any] = []
-    for spec in specs:
+    for spec in given:
         if getattr(spec, "value", spec) == "all":
             names.extend(installed_trackers())
         else:

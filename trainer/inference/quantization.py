@@ -44,8 +44,9 @@ class QuantizationConfig:
         load_in_8bit: LLM.int8 linear layers (int8 weights, one scale per output row).
         load_in_4bit: 4-bit linear layers (blocks of 64 weights sharing one scale).
         llm_int8_threshold: 8-bit: activations above it run in full precision (outlier features).
-        llm_int8_skip_modules / skip_modules: module names (or name parts: ``"classifier"``,
-            ``"encoder.layer.0"``) left in full precision, in addition to the defaults.
+        llm_int8_skip_modules: module names (or name parts: ``"classifier"``, ``"encoder.layer.0"``)
+            left in full precision, in addition to the defaults.
+        skip_modules: another name for ``llm_int8_skip_modules``.
         bnb_4bit_quant_type: ``"nf4"`` (normal-float, suits normally distributed weights) or ``"fp4"``.
         bnb_4bit_compute_dtype: the dtype 4-bit layers compute in (default ``torch.float32``).
         bnb_4bit_use_double_quant: quantize the 4-bit scales too (about 0.4 bits per weight less).
