@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file, save_model
 
-from trainer.inference import checkpoint_files
+from trainer.inference import checkpoint_shards
 from trainer.inference.checkpoint_files import CheckpointError, CheckpointFiles, check_against_model
 
 transformers = pytest.importorskip("transformers")
@@ -192,12 +192,12 @@ def test_iter_shard_subset_and_lookups(tmp_path, untied):
 
 def test_mmap_backend_reads_the_same(tmp_path, monkeypatch, untied):
     """Where safetensors has no pread backend, handles are memory-mapped and renewed as bytes are read."""
-    monkeypatch.setattr(checkpoint_files, "_PREAD", False)
-    monkeypatch.setattr(checkpoint_files, "_MMAP_REOPEN_BYTES", 100_000)
+    monkeypatch.setattr(checkpoint_shards, "_PREAD", False)
+    monkeypatch.setattr(checkpoint_shards, "_MMAP_REOPEN_BYTES", 100_000)
     write_index(tmp_path, split(untied, 2))
     with CheckpointFiles(tmp_path) as files:
         assert_round_trip(files, untied)
-    assert checkpoint_files._PREAD is False
+    assert checkpoint_shards._PREAD is False
 
 
 def test_close_then_read_again(tmp_path, untied):
@@ -419,7 +419,8 @@ MEMORY_SCRIPT = textwrap.dedent("""
     import gc, sys
     import psutil, torch
     from safetensors.torch import save_file
-    from trainer.inference import checkpoint_files as cf
+    from trainer.inference import checkpoint_shards
+    from trainer.inference.checkpoint_files import CheckpointFiles
 
     path, tensor_numel, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     save_file({f"t{i}": torch.full((tensor_numel,), float(i)) for i in range(count)}, path)
@@ -427,9 +428,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     process = psutil.Process()
     for backend in ("default", "mmap"):  # the mmap backend is what older safetensors have
         if backend == "mmap":
-            cf._PREAD = False
+            checkpoint_shards._PREAD = False
         base = peak = process.memory_info().rss
-        with cf.CheckpointFiles(path) as files:
+        with CheckpointFiles(path) as files:
             for name, tensor in files.iter_shard(files.shards[0]):
                 assert float(tensor.sum()) == float(name[1:]) * tensor_numel  # touches every page
                 peak = max(peak, process.memory_info().rss)

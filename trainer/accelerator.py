@@ -9,12 +9,10 @@ is the GradientAccumulation policy's call. This file only wires them together.
 
 from __future__ import annotations
 
-import difflib
 import gc
-import inspect
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer import checkpointing, operations
-from trainer.accumulation import GradientAccumulation
+from trainer.accumulation import GradientAccumulation, MicroStep
+from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
 from trainer.devices import empty_cache
@@ -31,15 +30,11 @@ from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.state import PartialState
 from trainer.strategies import Strategy, resolve_strategy
 from trainer.strategies.registry import check_strategy_requirements
-from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
+from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
 PRECISION_ENV = "TRAINER_MIXED_PRECISION"
 ACCUMULATION_ENV = "TRAINER_GRADIENT_ACCUMULATION_STEPS"
 STRATEGY_ENV = "TRAINER_STRATEGY"
-
-
-def _is_scheduler(obj: Any) -> bool:
-    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
 
 
 class Accelerator:
@@ -84,7 +79,7 @@ class Accelerator:
         **unknown: Any,
     ) -> None:
         if unknown:
-            _raise_unknown_arguments(unknown, Accelerator.__init__)
+            raise unknown_argument_error("Accelerator", Accelerator.__init__, unknown)
         self.trackers: list[Tracker] = make_trackers(log_with)  # a missing package fails here, before any work
         # Everything the user passed is checked before the process group or any device is touched.
         if mixed_precision is None:
@@ -222,7 +217,7 @@ class Accelerator:
         result = list(args)
         for rank in range(4):
             for index, obj in enumerate(args):
-                if _prepare_rank(obj) == rank:
+                if prepare_order(obj) == rank:
                     result[index] = self._prepare_one(obj, device_placement[index])
         return result[0] if len(result) == 1 else tuple(result)
 
@@ -233,7 +228,7 @@ class Accelerator:
             return self.prepare_model(obj, device_placement=placement)
         if isinstance(obj, torch.optim.Optimizer):
             return self.prepare_optimizer(obj)
-        if _is_scheduler(obj):
+        if is_scheduler(obj):
             return self.prepare_scheduler(obj)
         if isinstance(obj, DataLoader):
             return self.prepare_data_loader(obj, device_placement=placement)
@@ -295,7 +290,7 @@ class Accelerator:
     # -- the training step ------------------------------------------------------------------------------
     def accumulate(self, *models: nn.Module) -> AbstractContextManager[None]:
         """One micro-step: gradients synchronise and the optimizer steps only at group boundaries."""
-        return _MicroStep(self, models)
+        return MicroStep(self.accumulation, self.strategy, models)
 
     @contextmanager
     def join_uneven_inputs(self, joinables: list[nn.Module]) -> Iterator[None]:
@@ -368,7 +363,7 @@ class Accelerator:
 
     def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
         """``gather``, then drop the samples that even sharding duplicated in the last batch."""
-        if use_gather_object or not _only_tensors(input_data):
+        if use_gather_object or not operations.only_tensors(input_data):
             data = operations.gather_object(input_data, self.strategy)
         else:
             data = operations.gather(input_data, self.strategy)
@@ -418,32 +413,18 @@ class Accelerator:
         With no ``output_dir``, writes ``project_dir/checkpoints/checkpoint_<n>``.
         ``before_commit(scratch_dir)`` may add files before the directory is put in place.
         """
-        target = self._checkpoint_dir(output_dir, for_saving=True)
+        target = Path(output_dir) if output_dir is not None else checkpointing.numbered_checkpoint(
+            self.project_dir, self.save_iteration, "save_state")
         checkpointing.save_accelerator_state(self, target, before_commit)
         self.save_iteration += 1
         return target
 
     def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True) -> Path:
         """Restore what ``save_state`` wrote, into the objects prepared so far, RNG states last."""
-        source = self._checkpoint_dir(input_dir, for_saving=False)
+        source = Path(input_dir) if input_dir is not None else checkpointing.numbered_checkpoint(
+            self.project_dir, None, "load_state")
         checkpointing.load_accelerator_state(self, source, strict=strict)
         return source
-
-    def _checkpoint_dir(self, directory: str | os.PathLike | None, for_saving: bool) -> Path:
-        if directory is not None:
-            return Path(directory)
-        if self.project_dir is None:
-            raise ValueError(
-                f"{'save_state' if for_saving else 'load_state'}() needs a directory: pass one, or create "
-                "the Accelerator with project_dir= to use numbered checkpoints."
-            )
-        root = self.project_dir / "checkpoints"
-        if for_saving:
-            return root / f"checkpoint_{self.save_iteration}"
-        latest = checkpointing.latest_checkpoint(root)
-        if latest is None:
-            raise FileNotFoundError(f"load_state(): no checkpoint_<n> directory under {root}.")
-        return latest
 
     def save_model(self, model: nn.Module, save_directory: str | os.PathLike) -> Path:
         """Write the unwrapped model's weights to ``save_directory/model.safetensors``."""
@@ -512,57 +493,3 @@ class Accelerator:
         return [None] * len(objects)
 
     clear = free_memory
-
-
-class _MicroStep:
-    """The context ``accumulate`` returns (a class, not a generator: it runs on every training step)."""
-
-    __slots__ = ("accelerator", "models", "stack")
-
-    def __init__(self, accelerator: Accelerator, models: tuple[nn.Module, ...]) -> None:
-        self.accelerator, self.models = accelerator, models
-        self.stack: ExitStack | None = None
-
-    def __enter__(self) -> None:
-        policy = self.accelerator.accumulation
-        policy.begin_micro_step()
-        if self.models and not policy.should_sync_backward:
-            self.stack = stack = ExitStack()
-            for model in self.models:
-                stack.enter_context(self.accelerator.strategy.no_backward_sync(model))
-
-    def __exit__(self, *exc_info: Any) -> bool | None:
-        if self.stack is not None:
-            return self.stack.__exit__(*exc_info)
-        return None
-
-
-def _only_tensors(data: Any) -> bool:
-    """True when every leaf of a nested structure is a tensor (so all_gather can move it)."""
-    leaves: list[bool] = []
-
-    def record(leaf: Any) -> Any:
-        leaves.append(torch.is_tensor(leaf))
-        return leaf
-
-    operations.recursively_apply(record, data, test=lambda x: not isinstance(x, (list, tuple, Mapping)))
-    return bool(leaves) and all(leaves)
-
-
-def _prepare_rank(obj: Any) -> int:
-    """Preparation order: models, optimizers, schedulers and everything else."""
-    if isinstance(obj, nn.Module):
-        return 0
-    if isinstance(obj, torch.optim.Optimizer):
-        return 1
-    if _is_scheduler(obj):
-        return 2
-    return 3
-
-
-def _raise_unknown_arguments(unknown: dict[str, Any], function: Any) -> None:
-    known = [name for name in inspect.signature(function).parameters if name not in ("self", "unknown")]
-    name = next(iter(unknown))
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise TypeError(f"Accelerator() got an unexpected argument {name!r}.{hint} Valid arguments: {known}.")

@@ -17,9 +17,14 @@ divided, so that the accumulated gradient equals the gradient of the whole group
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Protocol
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from trainer.strategies import Strategy
 
 NORMALIZATIONS = ("mean", "tokens")
 
@@ -31,6 +36,33 @@ class _BatchSource(Protocol):
 
     @property
     def remaining(self) -> int | None: ...
+
+
+class MicroStep:
+    """One micro-step of ``policy``: the context ``accelerator.accumulate`` returns.
+
+    A class, not a generator: it runs on every training step. Inside a group (not at its boundary)
+    backward does not synchronise the models' gradients.
+    """
+
+    __slots__ = ("models", "policy", "stack", "strategy")
+
+    def __init__(self, policy: GradientAccumulation, strategy: Strategy, models: tuple[nn.Module, ...]) -> None:
+        self.policy, self.strategy, self.models = policy, strategy, models
+        self.stack: ExitStack | None = None
+
+    def __enter__(self) -> None:
+        policy = self.policy
+        policy.begin_micro_step()
+        if self.models and not policy.should_sync_backward:
+            self.stack = stack = ExitStack()
+            for model in self.models:
+                stack.enter_context(self.strategy.no_backward_sync(model))
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        if self.stack is not None:
+            return self.stack.__exit__(*exc_info)
+        return None
 
 
 class GradientAccumulation:

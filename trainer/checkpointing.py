@@ -184,6 +184,20 @@ def _refuse_foreign_files(source: Path) -> None:
         )
 
 
+def numbered_checkpoint(project_dir: Path | None, iteration: int | None, caller: str) -> Path:
+    """``project_dir/checkpoints/checkpoint_<iteration>`` to save; with no iteration, the latest one there to load."""
+    if project_dir is None:
+        raise ValueError(f"{caller}() needs a directory: pass one, or create the Accelerator with project_dir= to "
+                         "use numbered checkpoints.")
+    root = project_dir / "checkpoints"
+    if iteration is not None:
+        return root / f"checkpoint_{iteration}"
+    latest = latest_checkpoint(root)
+    if latest is None:
+        raise FileNotFoundError(f"{caller}(): no checkpoint_<n> directory under {root}.")
+    return latest
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The ``checkpoint_<n>`` directory with the largest n under ``root``."""
     if not root.is_dir():

@@ -21,6 +21,18 @@ def _is_namedtuple(obj: Any) -> bool:
     return isinstance(obj, tuple) and hasattr(obj, "_fields")
 
 
+def only_tensors(data: Any) -> bool:
+    """True when every leaf of a nested structure is a tensor (so all_gather can move it)."""
+    leaves: list[bool] = []
+
+    def record(leaf: Any) -> Any:
+        leaves.append(torch.is_tensor(leaf))
+        return leaf
+
+    recursively_apply(record, data, test=lambda x: not isinstance(x, (list, tuple, Mapping)))
+    return bool(leaves) and all(leaves)
+
+
 def recursively_apply(func: Callable[[torch.Tensor], Any], data: Any,
                       test: Callable[[Any], bool] = torch.is_tensor) -> Any:
     """Apply ``func`` to every leaf for which ``test`` holds; other leaves are returned as they are."""

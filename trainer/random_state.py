@@ -68,3 +68,13 @@ def restore_rng_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) ->
                                                 key=lambda k: int(k.split("_")[1]))]
     if device_states and module is not None and meta.get("device_type") == accelerator_type():
         module.set_rng_state_all(device_states)
+
+
+def forked_rng(device: torch.device) -> Any:
+    """A context that restores the CPU (and this device's) RNG state when it exits.
+
+    Devices without a ``torch.<type>`` module (XLA keeps its generator elsewhere) fork the CPU's only.
+    """
+    if device.type == "cpu" or getattr(torch, device.type, None) is None:
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)

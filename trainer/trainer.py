@@ -26,10 +26,11 @@ from trainer.inference.outputs import save_outputs
 from trainer.metrics import LogRecord, MetricAccumulator
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
-from trainer.random_state import set_seed
+from trainer.random_state import forked_rng, set_seed
+from trainer.step_outputs import loss_of, unpack_loss
 from trainer.strategies import Strategy
 from trainer.trainer_checkpoint import TrainerCheckpointState, find_latest, saved_step, write_latest
-from trainer.trainer_data import build_dataloader
+from trainer.trainer_data import build_dataloader, pad_token_id
 
 
 class Trainer:
@@ -148,7 +149,7 @@ class Trainer:
         self.model = self.accelerator.prepare(model)
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
-                                 "pad_token_id": _pad_token_id(model, tokenizer)}
+                                 "pad_token_id": pad_token_id(model, tokenizer)}
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
         self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
@@ -159,11 +160,11 @@ class Trainer:
     # -- the parts a subclass overrides ------------------------------------------------------------
     def training_step(self, batch: Any) -> Any:
         """The loss of one micro-batch (or a dict with ``loss``). Default: the model's ``.loss``."""
-        return _loss_of(self.forward(batch))
+        return loss_of(self.forward(batch))
 
     def validation_step(self, batch: Any) -> Mapping[str, Any]:
         """A dict of scalar metrics for one batch. Default: ``{"val_loss": loss}``."""
-        return {"val_loss": _loss_of(self.forward(batch))}
+        return {"val_loss": loss_of(self.forward(batch))}
 
     def predict_step(self, batch: Any) -> Any:
         """What ``predict`` returns for one batch. Default: the model's output."""
@@ -292,7 +293,7 @@ class Trainer:
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             outputs = self.training_step(batch)
-            loss, num_tokens = _unpack_loss(outputs)
+            loss, num_tokens = unpack_loss(outputs)
             self.call("on_before_backward", loss)
             accelerator.backward(loss, num_tokens=num_tokens)
             self.call("on_after_backward")
@@ -329,7 +330,7 @@ class Trainer:
         totals = MetricAccumulator()
         # Validation must not move training's random stream (shuffling, dropout): whatever it draws,
         # from the loader or from validation_step, comes from a copy of the RNG state.
-        with torch.no_grad(), _forked_rng(self.accelerator.device):
+        with torch.no_grad(), forked_rng(self.accelerator.device):
             for batch_idx, batch in enumerate(loader):
                 outputs = self.validation_step(batch)
                 totals.update(outputs, find_batch_size(batch) or 1)
@@ -487,50 +488,3 @@ def _closing(iterator: Iterator[Any], close: Callable[[], None]) -> Iterator[Any
         yield from iterator
     finally:
         close()
-
-
-def _pad_token_id(model: nn.Module, tokenizer: Any) -> int:
-    """The pad token: the tokenizer's, else the model config's, else 0."""
-    for source in (tokenizer, getattr(model, "config", None)):
-        value = getattr(source, "pad_token_id", None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def _forked_rng(device: torch.device) -> Any:
-    """A context that restores the CPU (and this device's) RNG state when it exits.
-
-    Devices without a ``torch.<type>`` module (XLA keeps its generator elsewhere) fork the CPU's only.
-    """
-    if device.type == "cpu" or getattr(torch, device.type, None) is None:
-        return torch.random.fork_rng(devices=[])
-    return torch.random.fork_rng(devices=[device.index or 0], device_type=device.type)
-
-
-def _loss_of(output: Any) -> Any:
-    """The loss in a model's output: ``.loss``, ``["loss"]``, or the output itself if it is a scalar."""
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, Mapping):
-        loss = output.get("loss")
-    if loss is None and torch.is_tensor(output) and output.numel() == 1:
-        loss = output
-    if loss is None:
-        raise TypeError(
-            f"The model returned a {type(output).__name__} without a loss. Either give the model a "
-            "loss (outputs with .loss, like transformers models with labels) or subclass Trainer and "
-            "define training_step(self, batch) returning the loss."
-        )
-    return loss
-
-
-def _unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
-    """(loss, num_tokens) from what training_step returned."""
-    if torch.is_tensor(outputs):
-        return outputs, None
-    if isinstance(outputs, Mapping):
-        if "loss" not in outputs:
-            raise KeyError(f"training_step returned a dict without 'loss' (keys: {sorted(outputs)}).")
-        return outputs["loss"], outputs.get("num_tokens")
-    raise TypeError(f"training_step must return the loss tensor or a dict with 'loss', got {type(outputs).__name__}.")
-

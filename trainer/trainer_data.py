@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from trainer.collate import PaddingCollator, needs_padding
@@ -72,3 +73,12 @@ def _peek_iterable(data: Any) -> Any:
     if not is_hf_dataset(data):
         return None
     return next(iter(data), None)
+
+
+def pad_token_id(model: nn.Module, tokenizer: Any) -> int:
+    """The pad token: the tokenizer's, else the model config's, else 0."""
+    for source in (tokenizer, getattr(model, "config", None)):
+        value = getattr(source, "pad_token_id", None)
+        if isinstance(value, int):
+            return value
+    return 0

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from trainer.accumulation import GradientAccumulation
@@ -122,3 +123,19 @@ class AcceleratedScheduler:
         if name == "scheduler":
             raise AttributeError(name)
         return getattr(self.scheduler, name)
+
+
+def is_scheduler(obj: Any) -> bool:
+    """Whether ``obj`` is a torch learning-rate scheduler (``prepare`` wraps those in AcceleratedScheduler)."""
+    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
+
+
+def prepare_order(obj: Any) -> int:
+    """Preparation order: models, optimizers, schedulers and everything else."""
+    if isinstance(obj, nn.Module):
+        return 0
+    if isinstance(obj, torch.optim.Optimizer):
+        return 1
+    if is_scheduler(obj):
+        return 2
+    return 3

@@ -1,0 +1,18 @@
+"""Arguments a user passes that a function does not take: one clear error, with the closest name and the valid ones."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def unknown_argument_error(caller: str, function: Callable[..., Any], unknown: Mapping[str, Any]) -> TypeError:
+    """The TypeError for the first of ``unknown`` (keyword arguments ``function`` does not take), to raise."""
+    known = [name for name, parameter in inspect.signature(function).parameters.items()
+             if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+    name = next(iter(unknown))
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return TypeError(f"{caller}() got an unexpected argument {name!r}.{hint} Valid arguments: {known}.")
