@@ -87,15 +87,17 @@ def run_distributed(script_path: str | os.PathLike, nproc: int = 2, args: Sequen
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def run_cli(*args: str, timeout: float = 240, stdin: str | None = None, home: Path | None = None) -> tuple[int, str, str]:
+def run_cli(*args: str, timeout: float = 240, stdin: str | None = None, home: Path | None = None,
+            cwd: Path | None = None) -> tuple[int, str, str]:
     """Run ``trainer <args>`` in its own session with the workers' environment; (exit code, stdout, stderr).
 
-    ``home`` is where the default launch configuration is looked for (none by default). On a
-    timeout the whole session is stopped and the test fails with what it printed.
+    ``home`` is where the default launch configuration is looked for (none by default); ``cwd`` is
+    the working directory (default: the repository). On a timeout the whole session is stopped and
+    the test fails with what it printed.
     """
     env = _worker_env()
     env["TRAINER_CONFIG_FILE"] = str((home or Path("/nonexistent")) / "default_config.yaml")
-    process = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", *args], cwd=REPO_ROOT, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "trainer.cli.main", *args], cwd=cwd or REPO_ROOT, env=env,
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     try:
