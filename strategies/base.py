@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -70,6 +71,7 @@ class Strategy:
         self._device: torch.device | None = None
         self.process_index = 0
         self.num_processes = 1
+        self._own_process_group = False
 
     # -- environment ---------------------------------------------------------------------------
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
@@ -123,6 +125,26 @@ class Strategy:
 
         Called by ``Accelerator.end_training`` while the process group still exists.
         """
+
+    def ensure_process_group(self) -> None:
+        """Open a one-process group when none exists, for backends that need one even for a single process.
+
+        ``release_process_group`` (from ``teardown``) closes it again; a group someone else opened is left alone.
+        """
+        if dist.is_available() and dist.is_initialized():
+            return
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        backend = "gloo" if self.root_device.type == "cpu" else dist.get_default_backend_for_device(self.root_device)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        self._own_process_group = True
+
+    def release_process_group(self) -> None:
+        """Close the group ``ensure_process_group`` opened, if it did."""
+        if self._own_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._own_process_group = False
 
     # -- model and optimizer -------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:

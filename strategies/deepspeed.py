@@ -18,7 +18,6 @@ checkpoint files (each process's ZeRO partitions in safetensors plus JSON) are
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
@@ -229,7 +227,6 @@ class DeepSpeed(Strategy):
         self._clip: float | None = None
         self._pending_backwards = 0
         self.last_step_applied = True
-        self._own_process_group = False
 
     # -- the configuration -----------------------------------------------------------------------------
     @property
@@ -317,7 +314,7 @@ class DeepSpeed(Strategy):
         if self._wrapper is None:
             raise RuntimeError("The DeepSpeed engine is built from the prepared model: prepare one first.")
         deepspeed = _import_deepspeed()
-        self._ensure_process_group()
+        self.ensure_process_group()
         # The engine reads its device from LOCAL_RANK, which torchrun sets; other launches (one process,
         # SLURM tasks) may not have it.
         os.environ.setdefault("LOCAL_RANK", str(self.root_device.index or 0))
@@ -336,17 +333,6 @@ class DeepSpeed(Strategy):
         self._engine = engine
         if self._clip:
             self._set_engine_clip(self._clip)
-
-    def _ensure_process_group(self) -> None:
-        """DeepSpeed needs a process group, even for one process; create (and later close) one when none exists."""
-        if dist.is_available() and dist.is_initialized():
-            return
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        backend = "gloo" if self.root_device.type == "cpu" else dist.get_default_backend_for_device(self.root_device)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        self._own_process_group = True
 
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Any:
         # The engine reduces at the step (ZeRO-0/1) or reduce-scatters every backward into the
@@ -405,7 +391,7 @@ class DeepSpeed(Strategy):
             yield
             return
         deepspeed = _import_deepspeed()
-        self._ensure_process_group()
+        self.ensure_process_group()
         with deepspeed.zero.Init(config_dict_or_path=zero_init_config(self.config, self._precision_sections())):
             yield
 
@@ -496,9 +482,7 @@ class DeepSpeed(Strategy):
         import gc
 
         gc.collect()
-        if self._own_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._own_process_group = False
+        self.release_process_group()
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------

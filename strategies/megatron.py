@@ -23,7 +23,6 @@ exists: the layers read the tensor-parallel group when they are created.
 from __future__ import annotations
 
 import math
-import socket
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -162,7 +161,6 @@ class Megatron(Strategy):
         self.tp_rank, self.dp_rank, self.dp_size = 0, 0, 1
         self._tp_group: Any = None
         self._dp_group: Any = None
-        self._own_process_group = False
         self._initialized = False
         self._modules: list[nn.Module] = []
         self._grads_finished = False
@@ -176,7 +174,7 @@ class Megatron(Strategy):
             raise ValueError(f"Megatron(tp_degree={self.tp_degree}, pp_degree={self.pp_degree}) needs a number of processes "
                              f"divisible by {model_parallel}; this job runs {num_processes}.")
         parallel_state = _parallel_state()
-        self._ensure_process_group()
+        self.ensure_process_group()
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()  # a previous Accelerator's layout in this process
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp_degree,
@@ -187,17 +185,6 @@ class Megatron(Strategy):
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
-
-    def _ensure_process_group(self) -> None:
-        """megatron-core builds its groups from a process group, even for one process: open (and later close) one."""
-        if dist.is_available() and dist.is_initialized():
-            return
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        backend = "gloo" if self.root_device.type == "cpu" else dist.get_default_backend_for_device(self.root_device)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        self._own_process_group = True
 
     def model_parallel_config(self, **overrides: Any) -> Any:
         """The megatron-core ``ModelParallelConfig`` to build the model's layers with, matching this layout.
@@ -244,9 +231,7 @@ class Megatron(Strategy):
                 parallel_state.destroy_model_parallel()
             self._initialized = False
         self._tp_group = self._dp_group = None
-        if self._own_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._own_process_group = False
+        self.release_process_group()
 
     # -- model and optimizer ----------------------------------------------------------------------------------
     def setup_module(self, module: nn.Module) -> nn.Module:
