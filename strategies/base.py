@@ -92,6 +92,16 @@ class Strategy:
         return self._device
 
     @property
+    def distributed_type(self) -> str:
+        """The launch configuration's name for how this run is distributed (``accelerator.distributed_type``).
+
+        By default the first of the spec's ``distributed_types`` (the strategy's name when it has none);
+        a strategy whose name depends on the device (DDP: ``MULTI_CPU``, ``MULTI_GPU``...) says so here.
+        """
+        spec = getattr(type(self), "spec", None)  # the base class itself has none
+        return spec.distributed_types[0] if spec is not None and spec.distributed_types else self.name
+
+    @property
     def is_distributed(self) -> bool:
         """Whether the job runs more than one process."""
         return self.num_processes > 1

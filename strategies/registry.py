@@ -17,6 +17,7 @@ import json
 import os
 from collections.abc import Mapping
 from importlib.metadata import entry_points
+from typing import Any
 
 from .base import Strategy
 from .ddp import DDP
@@ -92,6 +93,14 @@ def _read_plugins() -> None:
         register_strategy(strategy)
 
 
+def strategy_class(strategy: str) -> type[Strategy]:
+    """The class of the strategy called ``strategy`` (any of its names); an unknown name is one ValueError."""
+    name = canonical_name(strategy)
+    if name == "auto":
+        raise ValueError("strategy 'auto' is no one strategy: it picks single_device or ddp by the process count.")
+    return _CLASSES[name]
+
+
 def strategy_classes() -> list[type[Strategy]]:
     """Every known strategy class, built-in ones first."""
     _read_plugins()
@@ -156,12 +165,15 @@ def launch_settings(environ: Mapping[str, str] | None = None) -> dict[str, dict]
 
 
 def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
-                     settings: Mapping[str, Mapping] | None = None) -> Strategy:
+                     settings: Mapping[str, Mapping] | None = None,
+                     arguments: Mapping[str, Mapping[str, Any]] | None = None) -> Strategy:
     """The Strategy for ``strategy`` given how many processes the job runs.
 
     ``"auto"`` is one device for one process and DDP for several. ``settings`` maps a strategy
     name to the options a launch configuration gave it (``{"fsdp": {"fsdp_sharding_strategy":
     "FULL_SHARD"}}``); by default they are read from what ``trainer launch`` handed over.
+    ``arguments`` maps a strategy name to constructor arguments given in code (a plugin's fields),
+    which win over the launch configuration's.
     """
     if isinstance(strategy, Strategy):
         return strategy
@@ -173,7 +185,10 @@ def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
         variable = cls.spec.environment_variable
         settings = {name: json.loads(os.environ[variable])} if variable and os.environ.get(variable) else {}
     options = settings.get(name)
-    return cls.from_config(options) if options is not None else cls()
+    given = dict((arguments or {}).get(name, {}))
+    if options is None:
+        return cls(**given)
+    return cls(**{**cls.spec.arguments(options), **given})
 
 
 for _strategy in BUILT_IN:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from strategies import SingleDevice
 from trainer import AcceleratedOptimizer, AcceleratedScheduler, Accelerator, PartialState, PreparedDataLoader, set_seed
+from trainer.utils import DistributedType
 
 
 def test_prepare_accepts_any_order_and_returns_the_same_order():
@@ -89,7 +90,7 @@ def test_single_process_facts():
     accelerator = Accelerator()
     assert (accelerator.process_index, accelerator.num_processes, accelerator.is_main_process,
             accelerator.is_local_main_process, accelerator.use_distributed) == (0, 1, True, True, False)
-    assert accelerator.distributed_type == "single_device"
+    assert accelerator.distributed_type == DistributedType.NO == "NO" and accelerator.strategy.name == "single_device"
     assert accelerator.mixed_precision == "no"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -21,23 +22,27 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer import checkpointing, operations
+from trainer.accelerator_settings import settle
 from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
+from trainer.process_view import ProcessView
 from trainer.state import PartialState
 from trainer.strategies import Strategy, resolve_strategy
 from trainer.strategies.registry import check_strategy_requirements
+from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+from trainer.utils.enums import DistributedType
+from trainer.utils.kwargs_handlers import KwargsHandler
+from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
 PRECISION_ENV = "TRAINER_MIXED_PRECISION"
-ACCUMULATION_ENV = "TRAINER_GRADIENT_ACCUMULATION_STEPS"
-STRATEGY_ENV = "TRAINER_STRATEGY"
 
 
-class Accelerator:
+class Accelerator(ProcessView):
     """Make a PyTorch training loop device-, precision- and strategy-agnostic.
 
     Args:
@@ -50,16 +55,27 @@ class Accelerator:
         strategy: ``"auto"``, a strategy name, or a ``Strategy`` object.
         project_dir: where ``save_state()`` with no directory writes numbered checkpoints.
         device_placement: move models and batches to ``accelerator.device``.
-        even_batches: with several processes, complete the last round of batches with samples from the
-            start so every process steps equally often (``gather_for_metrics`` drops the extras).
-        split_batches: the data loader's batch size is the global one, cut among the processes
-            (default: it is the per-process size).
         step_scheduler_with_optimizer: the prepared scheduler advances only when the optimizer
             really steps (after accumulation, not on skipped fp16 steps).
+        even_batches: with several processes, complete the last round of batches with samples from the
+            start so every process steps equally often (``gather_for_metrics`` drops the extras); default True.
+        split_batches: the data loader's batch size is the global one, cut among the processes
+            (default: it is the per-process size).
+        gradient_accumulation_plugin: a ``GradientAccumulationPlugin`` (or the ``GradientAccumulation``
+            policy itself), instead of ``gradient_accumulation_steps``.
         log_with: experiment trackers: a name (``"mlflow"``, ``"wandb"``, ``"tensorboard"``, ...),
             ``"all"`` (every installed one), a Tracker, or a list of these. Started by
             ``init_trackers``, fed by ``log``, finished by ``end_training``; files go under
             ``project_dir`` (default: the working directory).
+        kwargs_handlers: ``DistributedDataParallelKwargs``, ``GradScalerKwargs``, ``AutocastKwargs``,
+            ``InitProcessGroupKwargs`` (``trainer.utils``): settings handed to the part that owns them.
+        dataloader_config: a ``DataLoaderConfiguration`` (``split_batches``, ``even_batches``,
+            ``data_seed``, ``non_blocking``...), instead of the arguments one by one.
+        project_config: a ``ProjectConfiguration``: ``project_dir``, ``logging_dir``, automatic
+            checkpoint naming and how many checkpoints to keep.
+        fsdp_plugin: a ``FullyShardedDataParallelPlugin``: the FSDP strategy with its fields as options.
+        deepspeed_plugin: a ``DeepSpeedPlugin``: the DeepSpeed strategy with its fields as options.
+        megatron_lm_plugin: a ``MegatronLMPlugin``: the Megatron strategy with its fields as options.
     """
 
     def __init__(
@@ -72,10 +88,16 @@ class Accelerator:
         device_placement: bool = True,
         step_scheduler_with_optimizer: bool = True,
         accumulation_normalize: str = "mean",
-        even_batches: bool = True,
-        split_batches: bool = False,
-        gradient_accumulation_plugin: GradientAccumulation | None = None,
+        even_batches: bool | None = None,
+        split_batches: bool | None = None,
+        gradient_accumulation_plugin: GradientAccumulationPlugin | GradientAccumulation | None = None,
         log_with: TrackersArgument = None,
+        kwargs_handlers: list[KwargsHandler] | None = None,
+        dataloader_config: DataLoaderConfiguration | None = None,
+        project_config: ProjectConfiguration | None = None,
+        fsdp_plugin: FullyShardedDataParallelPlugin | None = None,
+        deepspeed_plugin: DeepSpeedPlugin | dict[str, DeepSpeedPlugin] | None = None,
+        megatron_lm_plugin: MegatronLMPlugin | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -86,25 +108,26 @@ class Accelerator:
             mixed_precision = os.environ.get(PRECISION_ENV, "no")
         if not isinstance(mixed_precision, Precision):
             mixed_precision = canonical_precision(mixed_precision)
-        if gradient_accumulation_plugin is not None:
-            self.accumulation = gradient_accumulation_plugin
-        else:
-            steps = gradient_accumulation_steps
-            if steps is None:
-                steps = int(os.environ.get(ACCUMULATION_ENV, "1"))
-            self.accumulation = GradientAccumulation(steps, normalize=accumulation_normalize)
-        strategy = strategy or os.environ.get(STRATEGY_ENV)
-        check_strategy_requirements(strategy)  # a missing backend package fails here, before any work
-        self.state = PartialState(cpu=cpu)
-        self.strategy = resolve_strategy(strategy, self.state.num_processes)
+        settings = settle(strategy=strategy, kwargs_handlers=kwargs_handlers, fsdp_plugin=fsdp_plugin,
+                          deepspeed_plugin=deepspeed_plugin, megatron_lm_plugin=megatron_lm_plugin,
+                          gradient_accumulation_steps=gradient_accumulation_steps,
+                          gradient_accumulation_plugin=gradient_accumulation_plugin,
+                          accumulation_normalize=accumulation_normalize, dataloader_config=dataloader_config,
+                          split_batches=split_batches, even_batches=even_batches, project_config=project_config,
+                          project_dir=project_dir)
+        self.accumulation = settings.accumulation
+        check_strategy_requirements(settings.strategy)  # a missing backend package fails here, before any work
+        self.state = PartialState(cpu=cpu, **settings.state)
+        self.strategy = resolve_strategy(settings.strategy, self.state.num_processes,
+                                         arguments=settings.strategy_arguments)
         self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
-        self.precision = self.strategy.setup_policies(resolve_precision(mixed_precision, self.strategy.root_device),
-                                                      self.accumulation)
-        self.project_dir = Path(project_dir) if project_dir is not None else None
+        precision = resolve_precision(mixed_precision, self.strategy.root_device, settings.scaler, settings.autocast)
+        self.precision = self.strategy.setup_policies(precision, self.accumulation)
+        self.project_configuration = settings.project
+        self.dataloader_config = settings.loader
         self.device_placement = device_placement
-        self.even_batches, self.split_batches = even_batches, split_batches
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
-        self.save_iteration = 0
+        self.save_iteration = settings.project.iteration
         self._models: list[nn.Module] = []
         self._optimizers: list[AcceleratedOptimizer] = []
         self._schedulers: list[AcceleratedScheduler] = []
@@ -117,40 +140,38 @@ class Accelerator:
         return self.strategy.root_device
 
     @property
-    def process_index(self) -> int:
-        return self.state.process_index
+    def project_dir(self) -> Path | None:
+        """The run's folder (``project_config.project_dir``): numbered checkpoints go to its ``checkpoints``."""
+        folder = self.project_configuration.project_dir
+        return Path(folder) if folder is not None else None
 
     @property
-    def local_process_index(self) -> int:
-        return self.state.local_process_index
+    def logging_dir(self) -> Path | None:
+        """Where trackers write (``project_config.logging_dir``, by default the project folder)."""
+        folder = self.project_configuration.logging_dir
+        return Path(folder) if folder is not None else None
 
     @property
-    def num_processes(self) -> int:
-        return self.state.num_processes
+    def even_batches(self) -> bool:
+        return self.dataloader_config.even_batches
 
     @property
-    def is_main_process(self) -> bool:
-        return self.state.is_main_process
-
-    @property
-    def is_local_main_process(self) -> bool:
-        return self.state.is_local_main_process
-
-    @property
-    def is_last_process(self) -> bool:
-        return self.state.is_last_process
-
-    @property
-    def use_distributed(self) -> bool:
-        return self.state.use_distributed
+    def split_batches(self) -> bool:
+        return self.dataloader_config.split_batches
 
     @property
     def mixed_precision(self) -> str:
         return self.precision.name
 
     @property
-    def distributed_type(self) -> str:
-        return self.strategy.name
+    def distributed_type(self) -> DistributedType | str:
+        """How the processes share the work: ``DistributedType.NO``, ``MULTI_CPU``, ``MULTI_GPU``, ``FSDP``...
+
+        A ``str`` enum, so it also equals its value (``"MULTI_CPU"``); a registered strategy's own
+        ``distributed_type`` outside Accelerate's list is a plain string.
+        """
+        kind = self.strategy.distributed_type
+        return DistributedType(kind) if kind in DistributedType else kind
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -173,34 +194,6 @@ class Accelerator:
     @property
     def scaler(self) -> torch.amp.GradScaler | None:
         return getattr(self.precision, "scaler", None)
-
-    # -- the process helpers of PartialState, for scripts that only hold an Accelerator ------------
-    def wait_for_everyone(self) -> None:
-        self.state.wait_for_everyone()
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        self.state.print(*args, **kwargs)
-
-    def main_process_first(self) -> Any:
-        return self.state.main_process_first()
-
-    def local_main_process_first(self) -> Any:
-        return self.state.local_main_process_first()
-
-    def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Any:
-        return self.state.split_between_processes(inputs, apply_padding=apply_padding)
-
-    def on_main_process(self, function: Any) -> Any:
-        return self.state.on_main_process(function)
-
-    def on_local_main_process(self, function: Any) -> Any:
-        return self.state.on_local_main_process(function)
-
-    def on_last_process(self, function: Any) -> Any:
-        return self.state.on_last_process(function)
-
-    def on_process(self, function: Any = None, process_index: int | None = None) -> Any:
-        return self.state.on_process(function, process_index=process_index)
 
     # -- prepare --------------------------------------------------------------------------------------
     def prepare(self, *args: Any, device_placement: list[bool] | None = None) -> Any:
@@ -269,7 +262,8 @@ class Accelerator:
         sharding = None if shard is None else Sharding(**shard, even_batches=self.even_batches,
                                                        split_batches=self.split_batches)
         prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation,
-                                      sharding=sharding, agree=self.strategy.broadcast_object)
+                                      sharding=sharding, agree=self.strategy.broadcast_object,
+                                      seed=self.dataloader_config.data_seed, non_blocking=self.dataloader_config.non_blocking)
         if register:
             self._dataloaders.append(prepared)
             batch = data_loader.batch_size
@@ -413,10 +407,24 @@ class Accelerator:
         With no ``output_dir``, writes ``project_dir/checkpoints/checkpoint_<n>``.
         ``before_commit(scratch_dir)`` may add files before the directory is put in place.
         """
-        target = Path(output_dir) if output_dir is not None else checkpointing.numbered_checkpoint(
-            self.project_dir, self.save_iteration, "save_state")
+        project = self.project_configuration
+        if output_dir is not None and not project.automatic_checkpoint_naming:
+            target = Path(output_dir)
+        else:
+            if output_dir is not None:
+                warnings.warn(f"save_state({os.fspath(output_dir)!r}) writes to project_dir/checkpoints/checkpoint_"
+                              f"{self.save_iteration}: ProjectConfiguration(automatic_checkpoint_naming=True) names the "
+                              "checkpoints.", UserWarning, stacklevel=2)
+            target = checkpointing.numbered_checkpoint(self.project_dir, self.save_iteration, "save_state")
+            if project.automatic_checkpoint_naming and target.exists():
+                raise ValueError(f"The checkpoint {target} exists already: this run would write over it. Start numbering "
+                                 "after it (ProjectConfiguration(iteration=...) or accelerator.save_iteration), or use "
+                                 "another project_dir.")
         checkpointing.save_accelerator_state(self, target, before_commit)
         self.save_iteration += 1
+        if project.automatic_checkpoint_naming and project.total_limit is not None and self.is_main_process:
+            checkpointing.prune_checkpoints(target.parent, project.total_limit)  # after the new one is safely in place
+        self.wait_for_everyone()
         return target
 
     def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True) -> Path:
@@ -449,7 +457,7 @@ class Accelerator:
         e.g. ``{"wandb": {"tags": ["baseline"]}}``.
         """
         for tracker in self.trackers:
-            tracker.start(project_name, config, self.project_dir, **(init_kwargs or {}).get(tracker.name, {}))
+            tracker.start(project_name, config, self.logging_dir, **(init_kwargs or {}).get(tracker.name, {}))
 
     def log(self, values: dict[str, Any], step: int | None = None, log_kwargs: dict[str, Any] | None = None) -> None:
         """Send a dict of values to every tracker at ``step`` (main process only, unless a tracker says otherwise)."""

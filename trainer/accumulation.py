@@ -74,10 +74,12 @@ class GradientAccumulation:
         sync_with_dataloader: the end of the data loader is always a boundary.
         sync_each_batch: synchronise gradients on every micro-step (saves memory under sharded
             strategies at the cost of communication); the optimizer still steps on boundaries.
+        adjust_scheduler: a prepared scheduler's ``step()`` on a micro-step inside a group only
+            counts the call (Accelerate's behaviour), instead of doing nothing.
     """
 
     def __init__(self, steps: int = 1, normalize: str = "mean", sync_with_dataloader: bool = True,
-                 sync_each_batch: bool = False) -> None:
+                 sync_each_batch: bool = False, adjust_scheduler: bool = True) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"gradient_accumulation_steps must be a whole number >= 1, got {steps!r}.")
         if normalize not in NORMALIZATIONS:
@@ -86,6 +88,7 @@ class GradientAccumulation:
         self.normalize = normalize
         self.sync_with_dataloader = sync_with_dataloader
         self.sync_each_batch = sync_each_batch
+        self.adjust_scheduler = adjust_scheduler
         self.micro_step = 0  # micro-steps done in the current group
         self.group_size = steps
         self.sync_gradients = True

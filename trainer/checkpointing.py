@@ -200,8 +200,22 @@ def numbered_checkpoint(project_dir: Path | None, iteration: int | None, caller:
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The ``checkpoint_<n>`` directory with the largest n under ``root``."""
+    numbered = _numbered(root)
+    return numbered[-1] if numbered else None
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` highest-numbered ``checkpoint_<n>`` directories under ``root``; return the deleted."""
+    doomed = _numbered(root)[:-keep] if keep > 0 else _numbered(root)
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return doomed
+
+
+def _numbered(root: Path) -> list[Path]:
+    """The ``checkpoint_<n>`` directories under ``root``, lowest n first."""
     if not root.is_dir():
-        return None
+        return []
     numbered = [(int(m.group(1)), p) for p in root.iterdir()
                 if p.is_dir() and (m := re.fullmatch(r"checkpoint_(\d+)", p.name))]
-    return max(numbered)[1] if numbered else None
+    return [path for _, path in sorted(numbered)]

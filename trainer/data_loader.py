@@ -124,7 +124,8 @@ def _is_hf_iterable(dataset: Any) -> bool:
     return type(dataset).__module__.startswith("datasets.") and hasattr(dataset, "n_shards")
 
 
-def _rebuild(loader: DataLoader, sharding: Sharding | None = None) -> tuple[DataLoader, SkippableSampler | None]:
+def _rebuild(loader: DataLoader, sharding: Sharding | None = None,
+             seed: int | None = None) -> tuple[DataLoader, SkippableSampler | None]:
     """A DataLoader equal to ``loader`` but with a seeded shuffle, this process's share of the data,
     and a skippable index sampler."""
     kwargs = {name: getattr(loader, name) for name in _LOADER_ARGS if hasattr(loader, name)}
@@ -145,7 +146,8 @@ def _rebuild(loader: DataLoader, sharding: Sharding | None = None) -> tuple[Data
         return DataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs), None
     sampler = loader.sampler
     if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
-        sampler = SeededRandomSampler(cast(Sized, dataset), seed=torch.initial_seed(), replacement=sampler.replacement,
+        sampler = SeededRandomSampler(cast(Sized, dataset), seed=torch.initial_seed() if seed is None else seed,
+                                      replacement=sampler.replacement,
                                       num_samples=sampler._num_samples)
     if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
         index_sampler: Any = sampler
@@ -172,8 +174,8 @@ class PreparedDataLoader:
 
     def __init__(self, loader: DataLoader, device: torch.device | None = None,
                  policy: GradientAccumulation | None = None, sharding: Sharding | None = None,
-                 agree: Callable[[Any], Any] | None = None) -> None:
-        self.base_dataloader, self._index_sampler = _rebuild(loader, sharding)
+                 agree: Callable[[Any], Any] | None = None, seed: int | None = None, non_blocking: bool = False) -> None:
+        self.base_dataloader, self._index_sampler = _rebuild(loader, sharding, seed)
         sampler = self.sampler
         if agree is not None and isinstance(sampler, SeededRandomSampler):
             # Every process must shuffle alike, or their shares would overlap: rank 0's seed wins.
@@ -181,6 +183,7 @@ class PreparedDataLoader:
         self.original_dataloader = loader
         # Moving CPU tensors to the CPU is a no-op that still costs a walk of the batch.
         self.device = device if device is not None and device.type != "cpu" else None
+        self.non_blocking = non_blocking
         self._policy = policy
         self.iteration = 0  # the epoch: completed passes, or what set_epoch said
         self.position = 0  # batches yielded (or skipped) in the current pass
@@ -259,7 +262,7 @@ class PreparedDataLoader:
                 except StopIteration:
                     self.end_of_dataloader = True
                 self.position += 1
-                yield current if self.device is None else send_to_device(current, self.device)
+                yield current if self.device is None else send_to_device(current, self.device, self.non_blocking)
                 if self.end_of_dataloader:
                     break
             # The pass is complete: the next one is a new epoch that has not started yet.

@@ -26,6 +26,7 @@ class PrecisionName:
         aliases: other spellings (Lightning's ``"bf16-mixed"``, torch's ``"bfloat16"``...), lower case.
         help: one line for the CLI and the docs.
         build: ``build(device, scaler_kwargs)`` returns the policy.
+        dtype: the dtype the forward computes in (what a sharded strategy casts parameters to); None: fp32.
         listed: aliases that error messages list beside the canonical names.
         check: ``check(label)`` refuses the precision before any work where it cannot run at all.
     """
@@ -34,6 +35,7 @@ class PrecisionName:
     aliases: tuple[str, ...]
     help: str
     build: Callable[[torch.device, dict[str, Any]], Precision]
+    dtype: torch.dtype | None = None
     listed: tuple[str, ...] = ()
     check: Callable[[str], None] | None = None
 
@@ -54,11 +56,11 @@ PRECISIONS: tuple[PrecisionName, ...] = (
     PrecisionName("no", ("fp32", "32", "32-true", "float32"), "full fp32: nothing is cast or scaled",
                   lambda device, scaler: Precision(device), listed=("fp32",)),
     PrecisionName("fp16", ("16", "16-mixed", "float16"), "fp16 autocast; the loss is scaled and overflowing steps skipped",
-                  lambda device, scaler: Float16Precision(device, **scaler)),
+                  lambda device, scaler: Float16Precision(device, **scaler), dtype=torch.float16),
     PrecisionName("bf16", ("bf16-mixed", "bfloat16"), "bf16 autocast; parameters and gradients stay fp32",
-                  lambda device, scaler: MixedPrecision(device, torch.bfloat16, "bf16")),
+                  lambda device, scaler: MixedPrecision(device, torch.bfloat16, "bf16"), dtype=torch.bfloat16),
     PrecisionName("fp8", ("float8",), "fp8 matmuls in the large Linear layers (torchao; GPUs of compute capability 8.9+)",
-                  _fp8, check=_check_fp8),
+                  _fp8, dtype=torch.bfloat16, check=_check_fp8),
 )
 
 
@@ -79,6 +81,11 @@ def _entry(precision: str | None) -> PrecisionName:
     raise ValueError(f"Unknown precision {precision!r}; valid values: {valid}.{hint}")
 
 
+def precision_dtype(precision: str | None) -> torch.dtype | None:
+    """The compute dtype of a precision name (``"bf16"`` -> ``torch.bfloat16``; ``"no"`` -> None)."""
+    return _entry(precision).dtype
+
+
 def canonical_precision(precision: str | None) -> str:
     """The canonical name (``"no"``, ``"fp16"``, ``"bf16"``, ``"fp8"``) of a precision string, or one clear error.
 
@@ -92,8 +99,14 @@ def canonical_precision(precision: str | None) -> str:
 
 
 def resolve_precision(precision: str | Precision | None, device: torch.device,
-                      scaler_kwargs: dict[str, Any] | None = None) -> Precision:
-    """Build the Precision object for a string; objects pass through."""
+                      scaler_kwargs: dict[str, Any] | None = None, autocast_kwargs: dict[str, Any] | None = None) -> Precision:
+    """Build the Precision object for a string; objects pass through.
+
+    ``scaler_kwargs`` go to the fp16 policy's GradScaler; ``autocast_kwargs`` (``enabled``,
+    ``cache_enabled``) to every ``torch.autocast`` the policy opens.
+    """
     if isinstance(precision, Precision):
         return precision
-    return _entry(canonical_precision(precision)).build(device, scaler_kwargs or {})
+    policy = _entry(canonical_precision(precision)).build(device, scaler_kwargs or {})
+    policy.autocast_kwargs = dict(autocast_kwargs or {})
+    return policy

@@ -32,6 +32,7 @@ class Precision:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.autocast_kwargs: dict[str, Any] = {}  # torch.autocast's arguments (enabled, cache_enabled) for every forward
 
     @property
     def is_mixed(self) -> bool:
@@ -86,7 +87,7 @@ class MixedPrecision(Precision):
         return True
 
     def autocast(self, **kwargs: Any) -> AbstractContextManager[Any]:
-        return torch.autocast(self.device.type, dtype=self.dtype, **kwargs)
+        return torch.autocast(self.device.type, dtype=self.dtype, **{**self.autocast_kwargs, **kwargs})
 
     def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(forward)
