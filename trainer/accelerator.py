@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from trainer import checkpointing, operations
+from trainer import launch_environment as variables
 from trainer.accelerator_settings import settle
 from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
@@ -38,8 +39,6 @@ from trainer.utils.enums import DistributedType
 from trainer.utils.kwargs_handlers import KwargsHandler
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
-
-PRECISION_ENV = "TRAINER_MIXED_PRECISION"
 
 
 class Accelerator(ProcessView):
@@ -105,7 +104,7 @@ class Accelerator(ProcessView):
         self.trackers: list[Tracker] = make_trackers(log_with)  # a missing package fails here, before any work
         # Everything the user passed is checked before the process group or any device is touched.
         if mixed_precision is None:
-            mixed_precision = os.environ.get(PRECISION_ENV, "no")
+            mixed_precision = os.environ.get(variables.PRECISION, "no")
         if not isinstance(mixed_precision, Precision):
             mixed_precision = canonical_precision(mixed_precision)
         settings = settle(strategy=strategy, kwargs_handlers=kwargs_handlers, fsdp_plugin=fsdp_plugin,
@@ -247,10 +246,20 @@ class Accelerator(ProcessView):
         self._optimizers.append(prepared)
         return prepared
 
-    def prepare_scheduler(self, scheduler: Any) -> AcceleratedScheduler:
+    def prepare_scheduler(self, scheduler: Any, steps_per_update: int | None = None) -> AcceleratedScheduler:
+        """Wrap an LR scheduler: it steps with the optimizer steps that really happen.
+
+        Each optimizer step advances it ``steps_per_update`` times: by default once per data shard
+        (the processes that read different data), as Accelerate does, so a schedule sized from the
+        unprepared loader ends with the data; once with ``split_batches`` (the batch is global).
+        """
         owners = [opt for opt in self._optimizers if opt.optimizer is getattr(scheduler, "optimizer", None)]
+        if steps_per_update is None:
+            shards = (self.strategy.distributed_sampler_kwargs or {}).get("num_replicas", 1)
+            steps_per_update = 1 if self.split_batches else shards
         prepared = AcceleratedScheduler(scheduler, owners or list(self._optimizers), self.accumulation,
-                                        step_with_optimizer=self.step_scheduler_with_optimizer)
+                                        step_with_optimizer=self.step_scheduler_with_optimizer,
+                                        steps_per_update=steps_per_update)
         self._schedulers.append(prepared)
         return prepared
 

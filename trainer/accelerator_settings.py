@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from trainer import launch_environment as variables
 from trainer.accumulation import GradientAccumulation
 from trainer.strategies import Strategy, registry
 from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
@@ -28,8 +29,6 @@ from trainer.utils.kwargs_handlers import (
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin, StrategyPlugin
 
 HANDLERS = (AutocastKwargs, DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs)
-ACCUMULATION_ENV = "TRAINER_GRADIENT_ACCUMULATION_STEPS"
-STRATEGY_ENV = "TRAINER_STRATEGY"
 
 
 @dataclass
@@ -57,7 +56,7 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
     What ``trainer launch`` handed over (the strategy, the accumulation steps) applies where the
     arguments leave it open.
     """
-    settings = Settings(strategy=strategy or os.environ.get(STRATEGY_ENV))
+    settings = Settings(strategy=strategy or os.environ.get(variables.STRATEGY))
     _handlers(settings, kwargs_handlers)
     _plugins(settings, fsdp_plugin, _one_deepspeed_plugin(deepspeed_plugin), megatron_lm_plugin)
     settings.accumulation = _accumulation(gradient_accumulation_steps, gradient_accumulation_plugin, accumulation_normalize)
@@ -95,7 +94,7 @@ def _accumulation(steps: int | None, plugin: Any, normalize: str) -> GradientAcc
         return GradientAccumulation(normalize=normalize, **plugin.policy_arguments())
     if plugin is not None:
         raise TypeError(f"gradient_accumulation_plugin= takes a GradientAccumulationPlugin, got {type(plugin).__name__}.")
-    return GradientAccumulation(steps if steps is not None else int(os.environ.get(ACCUMULATION_ENV, "1")),
+    return GradientAccumulation(steps if steps is not None else int(os.environ.get(variables.ACCUMULATION, "1")),
                                 normalize=normalize)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from trainer import launch_environment as variables
 from trainer.precision.names import precision_names
 from trainer.strategies import registry
 from trainer.strategies.base import Strategy
@@ -64,6 +65,9 @@ LAUNCH_KEYS: dict[str, Key] = {
     "gradient_accumulation_steps": Key(INT, "Micro-batches per optimizer step (`TRAINER_GRADIENT_ACCUMULATION_STEPS`)."),
     "max_restarts": Key(INT, "How many times a failed run is restarted (default 0)."),
     "monitor_interval": Key(FLOAT, "Seconds between torchrun's checks of its workers (default 0.1)."),
+    "process_group_timeout": Key(FLOAT, "Seconds a collective waits for the other processes before the job fails "
+                                        "(`TRAINER_PROCESS_GROUP_TIMEOUT`; default: torch's, 30 minutes on gloo, 10 on "
+                                        "NCCL). `InitProcessGroupKwargs(timeout=...)` in the script wins.", minimum=1),
     "tpu_env": Key((list,), "TPU pod environment. " + COMPAT),
     "tpu_use_cluster": Key(BOOL, "TPU pod launch. " + COMPAT),
     "tpu_use_sudo": Key(BOOL, "TPU pod launch with sudo. " + COMPAT),
@@ -167,14 +171,16 @@ def process_environment(config: dict[str, Any]) -> dict[str, str]:
     config = with_defaults(config)
     spec = strategy_spec(config)
     env = {
-        "TRAINER_MIXED_PRECISION": config["mixed_precision"],
+        variables.PRECISION: config["mixed_precision"],
         # NO and MULTI_*: one device for one process, DDP for several; what "auto" picks.
-        "TRAINER_STRATEGY": "auto" if spec.picked_by_auto else spec.name,
+        variables.STRATEGY: "auto" if spec.picked_by_auto else spec.name,
     }
     if config["use_cpu"]:  # otherwise an exported TRAINER_USE_CPU stays as it is
-        env["TRAINER_USE_CPU"] = "1"
+        env[variables.USE_CPU] = "1"
     if "gradient_accumulation_steps" in config:
-        env["TRAINER_GRADIENT_ACCUMULATION_STEPS"] = str(config["gradient_accumulation_steps"])
+        env[variables.ACCUMULATION] = str(config["gradient_accumulation_steps"])
+    if "process_group_timeout" in config:
+        env[variables.PROCESS_GROUP_TIMEOUT] = str(config["process_group_timeout"])
     for other in registry.strategy_specs():
         if other.section is not None and other.environment_variable is not None and config.get(other.section):
             env[other.environment_variable] = json.dumps(config[other.section])

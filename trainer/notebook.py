@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trainer import launch_environment as variables
 from trainer.precision import canonical_precision
 from trainer.state import PartialState
 
@@ -56,7 +57,7 @@ def notebook_launcher(function: Callable[..., Any], args: tuple = (), num_proces
     Returns each local process's return value by rank. Inside ``function``, ``Accelerator()`` and
     ``PartialState()`` see the launched layout, the precision and ``cpu`` as ``trainer launch`` sets them.
     """
-    settings = {"TRAINER_MIXED_PRECISION": canonical_precision(mixed_precision), "TRAINER_USE_CPU": "1" if cpu else "0"}
+    settings = {variables.PRECISION: canonical_precision(mixed_precision), variables.USE_CPU: "1" if cpu else "0"}
     if num_processes in (None, 1) and num_nodes == 1:
         with _environment(settings):
             return {0: function(*args)}

@@ -19,12 +19,12 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 
+from trainer import launch_environment as variables
 from trainer.cluster import ClusterEnvironment, detect_cluster_environment
 from trainer.devices import backend_for, env_flag, select_device
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CPU_ENV = "TRAINER_USE_CPU"
 
 
 class PartialState:
@@ -51,10 +51,12 @@ class PartialState:
             return
         cluster = detect_cluster_environment()
         self.cluster: ClusterEnvironment = cluster
-        self.device: torch.device = select_device(cluster.local_rank, cpu=cpu or env_flag(CPU_ENV))
+        self.device: torch.device = select_device(cluster.local_rank, cpu=cpu or env_flag(variables.USE_CPU))
         self.backend: str | None = None
         if cluster.is_distributed:
             self.backend = backend or backend_for(self.device)
+            if timeout is None and os.environ.get(variables.PROCESS_GROUP_TIMEOUT):  # what trainer launch was given
+                timeout = timedelta(seconds=float(os.environ[variables.PROCESS_GROUP_TIMEOUT]))
             self._init_process_group(cluster, self.backend, timeout)
         elif dist.is_available() and dist.is_initialized():
             self.backend = dist.get_backend()

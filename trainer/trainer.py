@@ -9,6 +9,7 @@ accumulation policy's, all reached through the Accelerator.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -147,12 +148,13 @@ class Trainer:
         self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *trackers], progress_bar, checkpoint))
 
         self.model = self.accelerator.prepare(model)
-        self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
                                  "pad_token_id": pad_token_id(model, tokenizer)}
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
         self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
+        # After the loaders: configure_optimizers may size a schedule with estimated_stepping_batches.
+        self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
         self.accelerator.register_for_checkpointing(TrainerCheckpointState(self))
         self.fitting = False  # True inside fit(): callbacks that only act while training check it
         self._group_losses: list[torch.Tensor] = []  # this accumulation group's micro-batch losses
@@ -207,6 +209,20 @@ class Trainer:
     @property
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def estimated_stepping_batches(self) -> int:
+        """How many optimizer steps ``fit`` takes: to size a schedule (the Trainer steps it once per optimizer step).
+
+        ``max_steps`` when given, else the batches this process sees per epoch, grouped by the
+        accumulation steps, times ``max_epochs``.
+        """
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.train_loader is None or not hasattr(self.train_loader, "__len__"):
+            raise ValueError("estimated_stepping_batches needs max_steps, or train_data whose length is known.")
+        per_epoch = math.ceil(len(self.train_loader) / self.accelerator.gradient_accumulation_steps)
+        return per_epoch * self.max_epochs
 
     def call(self, event: str, *args: Any) -> None:
         """Run ``event`` on every callback that defines it, in the bus's order, with this trainer first."""
@@ -368,7 +384,7 @@ class Trainer:
             inferencer = Inferencer(self.accelerator.unwrap_model(self.model), device_map=device_map, max_memory=max_memory,
                                     no_split_module_classes=no_split_module_classes, offload_folder=offload_folder,
                                     prefetch=prefetch, keep_weights=True)
-            iterator = _closing(self._predict_batches(loader, output_dir), inferencer.close)
+            iterator = inferencer.closing_after(self._predict_batches(loader, output_dir))
         return iterator if stream else list(iterator)
 
     def _predict_batches(self, loader: Any, output_dir: str | os.PathLike | None = None) -> Iterator[Any]:
@@ -463,7 +479,9 @@ class Trainer:
             raise TypeError(f"configure_optimizers must return an optimizer or (optimizer, scheduler), "
                             f"got {type(optimizer).__name__}.")
         optimizer = self.accelerator.prepare(optimizer)
-        return optimizer, (self.accelerator.prepare(scheduler) if scheduler is not None else None)
+        # One scheduler step per optimizer step: the Trainer's schedules are sized in optimizer steps
+        # (estimated_stepping_batches), whatever the number of processes.
+        return optimizer, (self.accelerator.prepare_scheduler(scheduler, steps_per_update=1) if scheduler is not None else None)
 
     def _prepare_data(self, data: Any, batch_size: int, shuffle: bool, private_rng: bool = False,
                       register: bool = True, **build: Any) -> Any:
@@ -480,11 +498,3 @@ class Trainer:
         if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             callbacks.append(ModelCheckpoint())
         return callbacks
-
-
-def _closing(iterator: Iterator[Any], close: Callable[[], None]) -> Iterator[Any]:
-    """Yield from ``iterator``, then call ``close`` (also when the caller stops early)."""
-    try:
-        yield from iterator
-    finally:
-        close()

@@ -93,22 +93,37 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
 
 
 class AcceleratedScheduler:
-    """The user's LR scheduler, advancing once per optimizer step that really happened."""
+    """The user's LR scheduler, advancing with the optimizer steps that really happened.
+
+    ``steps_per_update`` scheduler steps follow each optimizer step. The Accelerator gives the
+    number of data shards (as Accelerate does, unless batches are split): a schedule sized from
+    the unprepared loader then ends when the data does, on any number of processes. Inside an
+    accumulation group a call only counts itself (``adjust_scheduler``), as Accelerate's does.
+    """
 
     def __init__(self, scheduler: Any, optimizers: list[AcceleratedOptimizer],
-                 policy: GradientAccumulation, step_with_optimizer: bool = True) -> None:
+                 policy: GradientAccumulation, step_with_optimizer: bool = True, steps_per_update: int = 1) -> None:
         self.scheduler = scheduler
         self.optimizers = optimizers
         self._policy = policy
         self.step_with_optimizer = step_with_optimizer
+        self.steps_per_update = steps_per_update
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self.step_with_optimizer:
-            if not self._policy.sync_gradients:
-                return
-            if any(optimizer.step_was_skipped for optimizer in self.optimizers):
-                return
-        self.scheduler.step(*args, **kwargs)
+        if not self.step_with_optimizer:
+            self.scheduler.step(*args, **kwargs)
+            return
+        if not self._policy.sync_gradients:
+            if self._policy.adjust_scheduler and hasattr(self.scheduler, "_step_count"):
+                self.scheduler._step_count += 1
+            return
+        if any(optimizer.step_was_skipped for optimizer in self.optimizers):
+            return
+        total = getattr(self.scheduler, "total_steps", None)  # OneCycleLR refuses steps past its total
+        for _ in range(self.steps_per_update):
+            if total is not None and self.scheduler._step_count > total:
+                break
+            self.scheduler.step(*args, **kwargs)
 
     def get_last_lr(self) -> list[float]:
         return self.scheduler.get_last_lr()

@@ -50,8 +50,8 @@ def ddp() -> None:
     say(f"DDP OK rank {RANK}")
 
 
-def timeout() -> None:
-    Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=3))])
+def timeout(handler: bool = True) -> None:
+    Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=3))] if handler else None)
     if RANK == 1:
         time.sleep(9)  # away from the collective rank 0 waits in
         say("AWAY done rank 1")
@@ -66,5 +66,5 @@ def timeout() -> None:
 
 
 if __name__ == "__main__":
-    {"ddp": ddp, "timeout": timeout}[sys.argv[1]]()
+    {"ddp": ddp, "timeout": timeout, "launch_timeout": lambda: timeout(handler=False)}[sys.argv[1]]()
     leave()

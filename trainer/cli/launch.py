@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from trainer import config as launch_config
+from trainer import launch_environment as variables
 from trainer.cluster import inside_srun
 from trainer.precision.names import precision_names
 from trainer.strategies import registry
 from trainer.strategies.spec import Option, StrategySpec, describe_types
-
-RESTART_ENV = "TRAINER_RESTART_COUNT"  # 0 on the first attempt, 1 after the first restart...
 
 
 def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,6 +43,8 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="restart all processes up to this many times when one fails")
     parser.add_argument("--monitor_interval", "--monitor-interval", type=float, default=None,
                         help="seconds between checks of the workers' health")
+    parser.add_argument("--process_group_timeout", "--process-group-timeout", type=float, default=None,
+                        help="seconds a collective waits for the other processes before the job fails")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU (gloo) even where GPUs exist")
     parser.add_argument("--mixed_precision", "--mixed-precision", choices=precision_names())
     parser.add_argument("--gradient_accumulation_steps", "--gradient-accumulation-steps", type=int)
@@ -138,7 +139,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
                  "machine_rank": args.machine_rank, "main_process_ip": args.main_process_ip,
                  "main_process_port": args.main_process_port, "rdzv_backend": args.rdzv_backend,
                  "mixed_precision": args.mixed_precision, "max_restarts": args.max_restarts,
-                 "monitor_interval": args.monitor_interval,
+                 "monitor_interval": args.monitor_interval, "process_group_timeout": args.process_group_timeout,
                  "gradient_accumulation_steps": args.gradient_accumulation_steps}
     config.update({key: value for key, value in overrides.items() if value is not None})
     if args.cpu:
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"trainer launch: {error}", file=sys.stderr)
         return 2
     for attempt in range(attempts):
-        os.environ[RESTART_ENV] = str(attempt)
+        os.environ[variables.RESTART_COUNT] = str(attempt)
         code = subprocess.call(torchrun)
         if code == 0:
             return 0

@@ -108,6 +108,13 @@ class Inferencer:
                 outputs = step(self.model, send_to_device(batch, self.device))
             yield save_outputs(outputs, output_dir, index) if output_dir is not None else outputs
 
+    def closing_after(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        """Yield from ``iterator``, then ``close`` (also when the caller stops early)."""
+        try:
+            yield from iterator
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Take the hooks off; with ``keep_weights``, the model's own parameters and buffers go back in place."""
         if dispatch_of(self.model) is None:
