@@ -244,6 +244,12 @@ class Strategy:
             result /= self.num_processes
         return result
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Process ``src``'s ``tensor`` on every process, written into ``tensor`` (returned)."""
+        if self.is_distributed:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Return every process's ``obj`` (picklable), in process order."""
         if not self.is_distributed:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,6 +16,11 @@ from .spec import StrategySpec
 # Hooks torch ships, by name: gradients compressed to 16 bits for the all-reduce, or PowerSGD's low-rank approximation.
 _BUILTIN_HOOKS = ("fp16", "bf16", "power_sgd", "batched_power_sgd")
 _WRAPPERS = ("fp16", "bf16")  # a PowerSGD hook whose low-rank factors are sent in 16 bits
+
+
+def multi_device_type(device: torch.device) -> str:
+    """The launch configuration's name for data parallel on ``device``'s kind: ``MULTI_CPU``, ``MULTI_GPU`` (CUDA)..."""
+    return "MULTI_GPU" if device.type == "cuda" else f"MULTI_{device.type.upper()}"
 
 
 class DDP(Strategy):
@@ -61,8 +67,7 @@ class DDP(Strategy):
     @property
     def distributed_type(self) -> str:
         """``MULTI_<device kind>``: ``MULTI_CPU``, ``MULTI_GPU`` (CUDA), ``MULTI_XPU``..."""
-        kind = self.root_device.type
-        return "MULTI_GPU" if kind == "cuda" else f"MULTI_{kind.upper()}"
+        return multi_device_type(self.root_device)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         module = module.to(self.root_device)

@@ -258,3 +258,36 @@ def test_a_plugin_trains_one_process():
         optimizer.step()
         optimizer.zero_grad()
     assert F.mse_loss(model(x), y).item() < before / 10
+
+
+# -- memory -----------------------------------------------------------------------------------------------------------
+def test_find_executable_batch_size_shrinks_on_real_out_of_memory_errors():
+    from trainer.utils import find_executable_batch_size
+
+    tried = []
+
+    @find_executable_batch_size(starting_batch_size=128)
+    def train(batch_size, scale):
+        tried.append(batch_size)
+        if batch_size > 40:
+            torch.empty(batch_size * scale, 2**40, dtype=torch.uint8)  # the CPU allocator refuses: tens of terabytes
+        return batch_size
+
+    assert train(1) == 36
+    assert tried == [128, 115, 103, 92, 82, 73, 65, 58, 52, 46, 41, 36]
+    with pytest.raises(TypeError, match="got the batch size as its first argument"):
+        train(64, 1)
+
+    @find_executable_batch_size(starting_batch_size=4, reduce_batch_size_fn=lambda: 0)
+    def never(batch_size):
+        torch.empty(2**50, dtype=torch.uint8)
+
+    with pytest.raises(RuntimeError, match="No executable batch size found, reached zero."):
+        never()
+
+    @find_executable_batch_size
+    def wrong(batch_size):
+        raise ValueError("not about memory")
+
+    with pytest.raises(ValueError, match="not about memory"):
+        wrong()

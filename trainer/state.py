@@ -22,6 +22,9 @@ import torch.distributed as dist
 from trainer import launch_environment as variables
 from trainer.cluster import ClusterEnvironment, detect_cluster_environment
 from trainer.devices import backend_for, env_flag, select_device
+from trainer.strategies import registry
+from trainer.strategies.ddp import multi_device_type
+from trainer.utils.enums import DistributedType
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,6 +95,17 @@ class PartialState:
     @property
     def use_distributed(self) -> bool:
         return self.cluster.world_size > 1
+
+    @property
+    def distributed_type(self) -> DistributedType | str:
+        """How the launch shares the work (a ``DistributedType``): the strategy ``trainer launch`` named, else
+        ``NO`` for one process and ``MULTI_<device>`` for several (what ``"auto"`` picks)."""
+        named = os.environ.get(variables.STRATEGY, "auto")
+        if registry.canonical_name(named) != "auto":
+            kind = registry.strategy_class(named).spec.distributed_types[0]
+        else:
+            kind = "NO" if self.num_processes == 1 else multi_device_type(self.device)
+        return DistributedType(kind) if kind in DistributedType else kind
 
     @property
     def is_main_process(self) -> bool:
