@@ -17,3 +17,13 @@ def test_the_operations_script(processes):
     assert sorted(line for line in out.splitlines() if line.startswith("OPS OK")) == [
         f"OPS OK rank {rank}" for rank in range(processes)]
     assert out.count("passed check_copy_tensor_to_devices") == 1  # printed by the main process only
+
+
+def test_triggers_fire_on_every_process_and_the_logger_knows_its_process():
+    code, out, err = run_cli("launch", "--num_processes", "2", "--cpu", str(COMPAT / "trigger_logging_script.py"))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert sorted(line for line in lines if line.startswith("TRIGGER OK")) == ["TRIGGER OK rank 0", "TRIGGER OK rank 1"]
+    assert lines.count("from the main process only") == 1 and lines.count("once") == 1
+    ordered = [line for line in lines if line.startswith("in order")]
+    assert ordered == ["in order from process 0", "in order from process 1"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -417,18 +416,7 @@ class Accelerator(ProcessView):
         ``before_commit(scratch_dir)`` may add files before the directory is put in place.
         """
         project = self.project_configuration
-        if output_dir is not None and not project.automatic_checkpoint_naming:
-            target = Path(output_dir)
-        else:
-            if output_dir is not None:
-                warnings.warn(f"save_state({os.fspath(output_dir)!r}) writes to project_dir/checkpoints/checkpoint_"
-                              f"{self.save_iteration}: ProjectConfiguration(automatic_checkpoint_naming=True) names the "
-                              "checkpoints.", UserWarning, stacklevel=2)
-            target = checkpointing.numbered_checkpoint(self.project_dir, self.save_iteration, "save_state")
-            if project.automatic_checkpoint_naming and target.exists():
-                raise ValueError(f"The checkpoint {target} exists already: this run would write over it. Start numbering "
-                                 "after it (ProjectConfiguration(iteration=...) or accelerator.save_iteration), or use "
-                                 "another project_dir.")
+        target = checkpointing.save_target(project, output_dir, self.save_iteration)
         checkpointing.save_accelerator_state(self, target, before_commit)
         self.save_iteration += 1
         if project.automatic_checkpoint_naming and project.total_limit is not None and self.is_main_process:

@@ -15,8 +15,10 @@ Layout of a checkpoint directory (``_<i>`` suffixes for the second and later obj
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +38,7 @@ from trainer.random_state import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
     from trainer.accelerator import Accelerator
+    from trainer.utils.configurations import ProjectConfiguration
 
 FORMAT_VERSION = 1
 
@@ -182,6 +185,23 @@ def _refuse_foreign_files(source: Path) -> None:
             "Checkpoints written by save_state() hold only those two formats; a file such as a pickle can "
             "run code when read. Remove the file(s) if the checkpoint is otherwise yours."
         )
+
+
+def save_target(project: ProjectConfiguration, output_dir: str | os.PathLike | None, iteration: int) -> Path:
+    """Where ``save_state`` writes: ``output_dir``, or (no folder, or automatic naming) the next numbered checkpoint."""
+    if output_dir is not None and not project.automatic_checkpoint_naming:
+        return Path(output_dir)
+    if output_dir is not None:
+        warnings.warn(f"save_state({os.fspath(output_dir)!r}) writes to project_dir/checkpoints/checkpoint_{iteration}: "
+                      "ProjectConfiguration(automatic_checkpoint_naming=True) names the checkpoints.", UserWarning,
+                      stacklevel=3)
+    project_dir = Path(project.project_dir) if project.project_dir is not None else None
+    target = numbered_checkpoint(project_dir, iteration, "save_state")
+    if project.automatic_checkpoint_naming and target.exists():
+        raise ValueError(f"The checkpoint {target} exists already: this run would write over it. Start numbering after "
+                         "it (ProjectConfiguration(iteration=...) or accelerator.save_iteration), or use another "
+                         "project_dir.")
+    return target
 
 
 def numbered_checkpoint(project_dir: Path | None, iteration: int | None, caller: str) -> Path:

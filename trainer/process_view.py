@@ -10,6 +10,8 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+import torch
+
 from trainer.state import PartialState
 
 
@@ -52,6 +54,23 @@ class ProcessView:
     def use_distributed(self) -> bool:
         """Whether the job runs more than one process."""
         return self.state.use_distributed
+
+    def set_trigger(self) -> None:
+        """Raise this process's flag (e.g. its loss went NaN): ``check_trigger`` then answers True on every process."""
+        self._trigger = True
+
+    def check_trigger(self) -> bool:
+        """Whether any process called ``set_trigger`` since the last check (the same answer on every process).
+
+        A collective: every process must call it. The flags are lowered again when it answers True.
+        """
+        flag = torch.tensor(int(getattr(self, "_trigger", False)), device=self.state.device)
+        if self.state.use_distributed:
+            torch.distributed.all_reduce(flag)
+        if flag.item() >= 1:
+            self._trigger = False
+            return True
+        return False
 
     def wait_for_everyone(self) -> None:
         """Block until every process reaches this line."""
