@@ -29,11 +29,33 @@ from trainer.precision import Float16Precision, MixedPrecision, Precision, resol
 from trainer.random_state import set_seed
 from trainer.state import PartialState
 from trainer.trainer import Trainer
+from trainer.utils import (
+    AutocastKwargs,
+    DataLoaderConfiguration,
+    DDPCommunicationHookType,
+    DeepSpeedPlugin,
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+    find_executable_batch_size,
+)
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutocastKwargs",
+    "DDPCommunicationHookType",
+    "DataLoaderConfiguration",
+    "DeepSpeedPlugin",
+    "DistributedDataParallelKwargs",
+    "DistributedType",
+    "FullyShardedDataParallelPlugin",
+    "GradScalerKwargs",
+    "InitProcessGroupKwargs",
+    "find_executable_batch_size",
     "AcceleratedOptimizer",
     "AcceleratedScheduler",
     "Accelerator",
