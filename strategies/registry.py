@@ -160,8 +160,13 @@ def check_strategy_requirements(strategy: str | Strategy | None) -> None:
 def launch_settings(environ: Mapping[str, str] | None = None) -> dict[str, dict]:
     """The options ``trainer launch`` handed over for each strategy (``TRAINER_FSDP_CONFIG``...), by strategy name."""
     environ = os.environ if environ is None else environ
-    return {spec.name: json.loads(environ[variable]) for spec in strategy_specs()
-            if (variable := spec.environment_variable) is not None and environ.get(variable)}
+    return {spec.name: section for spec in strategy_specs() if (section := _launched_section(spec, environ)) is not None}
+
+
+def _launched_section(spec: StrategySpec, environ: Mapping[str, str]) -> dict | None:
+    """The section ``trainer launch`` handed over for ``spec``'s strategy, or None."""
+    variable = spec.environment_variable
+    return json.loads(environ[variable]) if variable is not None and environ.get(variable) else None
 
 
 def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
@@ -181,10 +186,7 @@ def resolve_strategy(strategy: str | Strategy | None, num_processes: int,
     if name == "auto":
         name = SingleDevice.spec.name if num_processes == 1 else DDP.spec.name
     cls = _CLASSES[name]
-    if settings is None:
-        variable = cls.spec.environment_variable
-        settings = {name: json.loads(os.environ[variable])} if variable and os.environ.get(variable) else {}
-    options = settings.get(name)
+    options = _launched_section(cls.spec, os.environ) if settings is None else settings.get(name)
     given = dict((arguments or {}).get(name, {}))
     if options is None:
         return cls(**given)

@@ -34,7 +34,7 @@ from trainer.state import PartialState
 from trainer.strategies import Strategy, resolve_strategy
 from trainer.strategies.registry import check_strategy_requirements
 from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
-from trainer.utils.enums import DistributedType
+from trainer.utils.enums import DistributedType, as_distributed_type
 from trainer.utils.kwargs_handlers import KwargsHandler
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
@@ -168,8 +168,7 @@ class Accelerator(ProcessView):
         A ``str`` enum, so it also equals its value (``"MULTI_CPU"``); a registered strategy's own
         ``distributed_type`` outside Accelerate's list is a plain string.
         """
-        kind = self.strategy.distributed_type
-        return DistributedType(kind) if kind in DistributedType else kind
+        return as_distributed_type(self.strategy.distributed_type)
 
     @property
     def gradient_accumulation_steps(self) -> int:

@@ -24,7 +24,7 @@ from trainer.cluster import ClusterEnvironment, detect_cluster_environment
 from trainer.devices import backend_for, env_flag, select_device
 from trainer.strategies import registry
 from trainer.strategies.ddp import multi_device_type
-from trainer.utils.enums import DistributedType
+from trainer.utils.enums import DistributedType, as_distributed_type
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,7 +105,7 @@ class PartialState:
             kind = registry.strategy_class(named).spec.distributed_types[0]
         else:
             kind = "NO" if self.num_processes == 1 else multi_device_type(self.device)
-        return DistributedType(kind) if kind in DistributedType else kind
+        return as_distributed_type(kind)
 
     @property
     def is_main_process(self) -> bool:

@@ -56,6 +56,11 @@ class DistributedType(str, BaseEnum):
     MULTI_NEURON = "MULTI_NEURON"
 
 
+def as_distributed_type(kind: str) -> DistributedType | str:
+    """``kind`` as a ``DistributedType`` member, or as it is when it is a registered strategy's own name."""
+    return DistributedType(kind) if kind in DistributedType else kind
+
+
 class SageMakerDistributedType(str, BaseEnum):
     """SageMaker's distribution kinds (accepted in configurations written for Accelerate; not launched here)."""
 
