@@ -37,12 +37,16 @@ class StrategyPlugin:
         """The field's value as the strategy's option takes it (subclasses convert torch enums, lower case...)."""
         return value
 
+    def field_names(self) -> list[str]:
+        """The plugin's fields, in order (a dataclass's by default)."""
+        return [item.name for item in fields(self)]  # type: ignore[arg-type]
+
     def strategy_arguments(self) -> dict[str, Any]:
         """The strategy's constructor arguments that the fields set here give."""
         spec = registry.strategy_class(self.strategy).spec
         result: dict[str, Any] = {}
-        for item in fields(self):  # type: ignore[arg-type]
-            name, value = item.name, getattr(self, item.name)
+        for name in self.field_names():
+            value = getattr(self, name)
             if value is None or name in self.no_effect:
                 continue
             if name in self.unsupported:
@@ -274,14 +278,5 @@ class MegatronLMPlugin(StrategyPlugin):
         self.gradient_clipping, self.sequence_parallelism = gradient_clipping, sequence_parallelism
         self.recompute_activations, self.use_distributed_optimizer = recompute_activations, use_distributed_optimizer
 
-    def strategy_arguments(self) -> dict[str, Any]:
-        spec = registry.strategy_class(self.strategy).spec
-        result: dict[str, Any] = {}
-        for name in self._FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                option = spec.option(self.key_prefix + name)
-                option.check(value, f"MegatronLMPlugin({name}=...)")
-                assert option.argument is not None
-                result[option.argument] = value
-        return result
+    def field_names(self) -> list[str]:
+        return list(self._FIELDS)
