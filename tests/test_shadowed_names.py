@@ -75,8 +75,9 @@ fit.fit()
 strategy = fit.accelerator.strategy
 assert isinstance(strategy, (SingleDevice, DDP)) and isinstance(counter, trainer.callbacks.Callback)
 assert isinstance(counter, Callback)
-print(f"FIT rank {fit.accelerator.process_index}: {counter.epochs} epochs, {fit.global_step} steps, "
-      f"{type(strategy).__name__}")
+sys.stdout.write(f"FIT rank {fit.accelerator.process_index}: {counter.epochs} epochs, {fit.global_step} steps, "
+                 f"{type(strategy).__name__}\\n")  # one write: the ranks share the pipe
+sys.stdout.flush()
 
 accelerator = Accelerator()
 model = torch.nn.Linear(4, 2)
@@ -86,7 +87,8 @@ for inputs, labels in loader:
     accelerator.backward(torch.nn.functional.cross_entropy(model(inputs), labels))
     optimizer.step()
     optimizer.zero_grad()
-print(f"ACCELERATOR rank {accelerator.process_index}: {accelerator.distributed_type}")
+sys.stdout.write(f"ACCELERATOR rank {accelerator.process_index}: {accelerator.distributed_type}\\n")
+sys.stdout.flush()
 accelerator.end_training()
 '''
 

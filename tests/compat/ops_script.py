@@ -4,6 +4,8 @@ Written for this project: the same functions, imported from the same module path
 in place of `accelerate`, called with the same arguments, each result checked exactly.
 """
 
+import sys
+
 import torch
 
 from trainer import PartialState
@@ -83,7 +85,8 @@ def main():
         check(state)
         state.print(f"passed {check.__name__}")
     state.wait_for_everyone()
-    print(f"OPS OK rank {state.process_index}", flush=True)
+    sys.stdout.write(f"OPS OK rank {state.process_index}\n")  # one write: the ranks share the pipe
+    sys.stdout.flush()
     state.destroy_process_group()
 
 

@@ -27,7 +27,8 @@ def main():
     logger.warning_once("once")
     logger.warning_once("once")
     accelerator.wait_for_everyone()
-    print(f"TRIGGER OK rank {accelerator.process_index}", flush=True)
+    sys.stdout.write(f"TRIGGER OK rank {accelerator.process_index}\n")  # one write: the ranks share the pipe
+    sys.stdout.flush()
     accelerator.end_training()
 
 

@@ -32,8 +32,9 @@ def main(accumulation: int) -> None:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-    print(f"LR rank {accelerator.process_index}: {scheduler.get_last_lr()[0]:.6f} after {num_training_steps} "
-          f"scheduled steps", flush=True)
+    sys.stdout.write(f"LR rank {accelerator.process_index}: {scheduler.get_last_lr()[0]:.6f} after {num_training_steps} "
+                     "scheduled steps\n")  # one write: the ranks share the pipe
+    sys.stdout.flush()
     accelerator.end_training()
 
 
