@@ -2,7 +2,7 @@
 
 ``trainer.logging`` is Accelerate's ``accelerate.logging``. Each call takes two more keyword
 arguments: ``main_process_only`` (default True: the other processes stay quiet) and ``in_order``
-(with ``main_process_only=False``, the processes log one after another, by rank).
+(every process logs, one after another by rank; ``main_process_only`` is then ignored).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ class MultiProcessAdapter(logging.LoggerAdapter):
         kwargs.setdefault("stacklevel", 2)
         if not self.isEnabledFor(level):
             return
-        if self._should_log(main_process_only):
+        if not in_order and self._should_log(main_process_only):
             self.logger.log(level, msg, *args, **kwargs)
             return
-        if in_order:
+        if in_order:  # every process, one after another (main_process_only does not apply)
             state = PartialState()
             for rank in range(state.num_processes):
                 if rank == state.process_index:
