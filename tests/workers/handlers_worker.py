@@ -28,7 +28,9 @@ from trainer.utils import (  # noqa: E402
 
 
 def ddp() -> None:
-    handler = DistributedDataParallelKwargs(bucket_cap_mb=1, find_unused_parameters=True,
+    # Not find_unused_parameters=True here: with it, DDP's used-parameter all-reduce and PowerSGD's chained
+    # all-reduces are issued from two threads on one gloo group and can pair up wrongly (a torch/gloo race).
+    handler = DistributedDataParallelKwargs(bucket_cap_mb=1, broadcast_buffers=False,
                                             comm_hook=DDPCommunicationHookType.POWER_SGD, comm_wrapper="fp16",
                                             comm_state_option={"matrix_approximation_rank": 1, "start_powerSGD_iter": 2})
     accelerator = Accelerator(kwargs_handlers=[handler])
@@ -43,7 +45,7 @@ def ddp() -> None:
         optimizer.step()
         optimizer.zero_grad()
     logged = model._get_ddp_logging_data()
-    expect((logged["bucket_cap_bytes"], bool(logged["find_unused_parameters"])), (2**20, True), "DDP's settings")
+    expect((logged["bucket_cap_bytes"], bool(logged["broadcast_buffers"])), (2**20, False), "DDP's settings")
     expect(logged["comm_hook"], "fp16_compress_wrapper.<locals>.fp16_compress_wrapper_hook", "PowerSGD in the fp16 wrapper")
     weights = accelerator.gather(model.module.weight.detach().reshape(1, -1))
     expect(torch.equal(weights[0], weights[1]), True, "replicas stay equal")
