@@ -23,14 +23,14 @@ from torch.utils.data import DataLoader
 from trainer import checkpointing, operations
 from trainer import launch_environment as variables
 from trainer.accelerator_settings import settle
+from trainer.accelerator_state import AcceleratorState, GradientState
 from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
-from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches
+from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
-from trainer.state import PartialState
 from trainer.strategies import Strategy, resolve_strategy
 from trainer.strategies.registry import check_strategy_requirements
 from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
@@ -115,7 +115,9 @@ class Accelerator(ProcessView):
                           project_dir=project_dir)
         self.accumulation = settings.accumulation
         check_strategy_requirements(settings.strategy)  # a missing backend package fails here, before any work
-        self.state = PartialState(cpu=cpu, **settings.state)
+        self.state = AcceleratorState.attach(self, cpu=cpu, plugins={
+            "fsdp": fsdp_plugin, "deepspeed": deepspeed_plugin, "megatron_lm": megatron_lm_plugin}, **settings.state)
+        self.gradient_state = GradientState()
         self.strategy = resolve_strategy(settings.strategy, self.state.num_processes,
                                          arguments=settings.strategy_arguments)
         self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
@@ -389,11 +391,7 @@ class Accelerator(ProcessView):
         The skipped batches are not loaded: the index sampler skips them. The pass belongs to the
         loader's current epoch, so the next ``for batch in dataloader`` is the following epoch.
         """
-        if not isinstance(dataloader, PreparedDataLoader):
-            if not isinstance(dataloader, DataLoader):
-                raise TypeError(f"skip_first_batches needs a DataLoader, got {type(dataloader).__name__}.")
-            dataloader = PreparedDataLoader(dataloader, None, self.accumulation)
-        return SkipFirstBatches(dataloader, num_batches)
+        return skip_first_batches(dataloader, num_batches)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def register_for_checkpointing(self, *objects: Any) -> None:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
 
-from trainer.data_sharding import IterableDatasetShard, ShardedBatchSampler
+from trainer.data_sharding import IterableDatasetShard as ItemShard
+from trainer.data_sharding import ShardedBatchSampler
 from trainer.operations import send_to_device
 
 if TYPE_CHECKING:
@@ -72,6 +73,26 @@ class SeededRandomSampler(Sampler[int]):
         self.epoch = int(state["epoch"])
 
 
+class SeedableRandomSampler(SeededRandomSampler):
+    """``RandomSampler``'s signature with a seeded order: ``seed + epoch`` draws each pass (Accelerate's name).
+
+    The seed is ``data_seed``, else the process's torch seed. Used on its own in a DataLoader, each
+    completed pass moves to the next epoch; inside a prepared loader, the loader sets the epoch.
+    """
+
+    def __init__(self, data_source: Sized, replacement: bool = False, num_samples: int | None = None,
+                 generator: torch.Generator | None = None, data_seed: int | None = None) -> None:
+        super().__init__(data_source, torch.initial_seed() if data_seed is None else data_seed, replacement, num_samples)
+        self.initial_seed = self.seed
+        self.generator = generator
+        self.advance_after_pass = True  # a prepared loader sets the epoch itself and turns this off
+
+    def __iter__(self) -> Iterator[int]:
+        yield from super().__iter__()
+        if self.advance_after_pass:
+            self.set_epoch(self.epoch + 1)
+
+
 class SkippableSampler(Sampler[Any]):
     """Wraps an index or batch sampler; the next pass starts ``skip`` items in, without loading them."""
 
@@ -116,7 +137,7 @@ def _shard_iterable(dataset: Any, batch_size: int | None, sharding: Sharding, dr
         return split_dataset_by_node(dataset, rank=sharding.rank, world_size=sharding.num_replicas)
     if batch_size is None:
         raise ValueError("Sharding an iterable dataset across processes needs a batch_size on its DataLoader.")
-    return IterableDatasetShard(dataset, batch_size, sharding.num_replicas, sharding.rank,
+    return ItemShard(dataset, batch_size, sharding.num_replicas, sharding.rank,
                                 even_batches=sharding.even_batches, drop_last=drop_last)
 
 
@@ -146,9 +167,8 @@ def _rebuild(loader: DataLoader, sharding: Sharding | None = None,
         return DataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs), None
     sampler = loader.sampler
     if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
-        sampler = SeededRandomSampler(cast(Sized, dataset), seed=torch.initial_seed() if seed is None else seed,
-                                      replacement=sampler.replacement,
-                                      num_samples=sampler._num_samples)
+        sampler = SeedableRandomSampler(cast(Sized, dataset), replacement=sampler.replacement,
+                                        num_samples=sampler._num_samples, data_seed=seed)
     if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
         index_sampler: Any = sampler
     else:
@@ -177,6 +197,8 @@ class PreparedDataLoader:
                  agree: Callable[[Any], Any] | None = None, seed: int | None = None, non_blocking: bool = False) -> None:
         self.base_dataloader, self._index_sampler = _rebuild(loader, sharding, seed)
         sampler = self.sampler
+        if isinstance(sampler, SeedableRandomSampler):
+            sampler.advance_after_pass = False
         if agree is not None and isinstance(sampler, SeededRandomSampler):
             # Every process must shuffle alike, or their shares would overlap: rank 0's seed wins.
             sampler.seed = agree(sampler.seed)
@@ -200,6 +222,13 @@ class PreparedDataLoader:
     @property
     def batch_size(self) -> int | None:
         return self.original_dataloader.batch_size
+
+    @property
+    def batch_sampler(self) -> Any:
+        """The batch sampler this process draws from (sharded when there are several), as Accelerate's."""
+        if self._index_sampler is None or self.base_dataloader.batch_sampler is None:
+            return self.base_dataloader.batch_sampler
+        return self._index_sampler.sampler
 
     @property
     def sampler(self) -> Any:
@@ -311,3 +340,81 @@ class SkipFirstBatches:
         if name == "loader":
             raise AttributeError(name)
         return getattr(self.loader, name)
+
+
+def skip_first_batches(dataloader: Any, num_batches: int = 0) -> SkipFirstBatches:
+    """One pass of ``dataloader`` that starts ``num_batches`` in, without loading the skipped batches.
+
+    ``dataloader`` is a prepared loader or a plain ``DataLoader`` (prepared here without sharding).
+    The pass belongs to the loader's current epoch, so the next ``for batch in dataloader`` is the
+    following epoch.
+    """
+    if not isinstance(dataloader, PreparedDataLoader):
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(f"skip_first_batches needs a DataLoader, got {type(dataloader).__name__}.")
+        from trainer.accelerator_state import current_accelerator
+
+        accelerator = current_accelerator()
+        dataloader = PreparedDataLoader(dataloader, None, accelerator.accumulation if accelerator else None)
+    return SkipFirstBatches(dataloader, num_batches)
+
+
+def prepare_data_loader(dataloader: DataLoader, device: torch.device | None = None, num_processes: int | None = None,
+                        process_index: int | None = None, split_batches: bool = False, put_on_device: bool = False,
+                        rng_types: list[str] | None = None, dispatch_batches: bool | None = None,
+                        even_batches: bool = True, slice_fn_for_dispatch: Callable[..., Any] | None = None,
+                        use_seedable_sampler: bool = False, data_seed: int | None = None, non_blocking: bool = False,
+                        use_stateful_dataloader: bool = False, torch_device_mesh: Any = None) -> PreparedDataLoader:
+    """``dataloader`` prepared for this process, without an Accelerator (Accelerate's module-level function).
+
+    The share is process ``process_index`` of ``num_processes`` (by default this process of the
+    job). Shuffling is always seeded here (``data_seed``, else the torch seed of process 0), so
+    ``use_seedable_sampler`` and ``rng_types`` change nothing; ``use_stateful_dataloader`` neither (a
+    prepared loader always has ``state_dict``).
+    """
+    from trainer.accelerator_state import current_accelerator
+    from trainer.state import PartialState
+    from trainer.utils.configurations import DataLoaderConfiguration
+    from trainer.utils.operations import broadcast_object_list
+
+    DataLoaderConfiguration(dispatch_batches=dispatch_batches)  # refuses dispatch_batches=True with the reason
+    if slice_fn_for_dispatch is not None:
+        raise ValueError("prepare_data_loader(slice_fn_for_dispatch=...) only applies to dispatch_batches=True, "
+                         "which is not available here; leave it unset.")
+    if torch_device_mesh is not None:
+        raise ValueError("prepare_data_loader(torch_device_mesh=...): sharding by a device mesh is the strategy's "
+                         "job here; prepare the loader with accelerator.prepare instead.")
+    state = PartialState()
+    num_processes = state.num_processes if num_processes is None else num_processes
+    process_index = state.process_index if process_index is None else process_index
+    sharding = Sharding(num_processes, process_index, even_batches, split_batches) if num_processes > 1 else None
+    accelerator = current_accelerator()
+
+    def agree(seed: Any) -> Any:
+        return broadcast_object_list([seed])[0] if state.num_processes > 1 else seed
+
+    return PreparedDataLoader(dataloader, (device or state.device) if put_on_device else None,
+                              accelerator.accumulation if accelerator is not None else None, sharding=sharding,
+                              agree=agree, seed=data_seed, non_blocking=non_blocking)
+
+
+class BatchSamplerShard(ShardedBatchSampler):
+    """``ShardedBatchSampler`` with Accelerate's argument names (``num_processes``, ``process_index``)."""
+
+    def __init__(self, batch_sampler: Any, num_processes: int = 1, process_index: int = 0, split_batches: bool = False,
+                 even_batches: bool = True) -> None:
+        super().__init__(batch_sampler, num_processes, process_index, even_batches=even_batches,
+                         split_batches=split_batches, drop_last=bool(getattr(batch_sampler, "drop_last", False)))
+
+
+class IterableDatasetShard(ItemShard):
+    """``trainer.data_sharding.IterableDatasetShard`` with Accelerate's argument names and order."""
+
+    def __init__(self, dataset: Any, batch_size: int = 1, drop_last: bool = False, num_processes: int = 1,
+                 process_index: int = 0, split_batches: bool = False) -> None:
+        if split_batches:
+            if batch_size % num_processes:
+                raise ValueError(f"IterableDatasetShard(split_batches=True) needs a batch_size ({batch_size}) "
+                                 f"divisible by num_processes ({num_processes}).")
+            batch_size //= num_processes
+        super().__init__(dataset, batch_size, num_processes, process_index, drop_last=drop_last)

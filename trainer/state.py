@@ -253,3 +253,13 @@ def split_for_process(inputs: Any, index: int, count: int, apply_padding: bool =
         f"split_between_processes cannot split a {type(inputs).__name__}; pass a list, tuple, "
         "tensor, datasets.Dataset or a dict of those."
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``AcceleratorState`` and ``GradientState`` live in trainer.accelerator_state (they subclass or read
+    ``PartialState``); they are importable from here, Accelerate's path, without a circular import."""
+    if name in ("AcceleratorState", "GradientState"):
+        from trainer import accelerator_state
+
+        return getattr(accelerator_state, name)
+    raise AttributeError(f"module 'trainer.state' has no attribute {name!r}")

@@ -11,6 +11,7 @@ is one error naming it and what to do instead.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -238,6 +239,22 @@ class DeepSpeedPlugin(StrategyPlugin):
         if name == "hf_ds_config" and not isinstance(value, (dict, str)) and hasattr(value, "config"):
             return value.config
         return value
+
+    def bind(self, strategy: Any) -> None:
+        """From now on ``deepspeed_config`` is ``strategy``'s resolved config (``AcceleratorState`` calls this)."""
+        self.__dict__["_strategy"] = strategy
+
+    @property
+    def deepspeed_config(self) -> dict[str, Any]:
+        """The DeepSpeed config: the engine's resolved one once prepared, else what ``hf_ds_config`` holds."""
+        strategy = self.__dict__.get("_strategy")
+        if strategy is not None:
+            return strategy.config
+        config = self.convert("hf_ds_config", self.hf_ds_config)
+        if isinstance(config, str):
+            with open(config) as file:
+                return dict(json.load(file))
+        return dict(config or {})
 
     def strategy_arguments(self) -> dict[str, Any]:
         if self.is_train_batch_min is False:
