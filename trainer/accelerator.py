@@ -31,16 +31,19 @@ from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, 
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
+from trainer.profiling import Profiling
 from trainer.strategies import Strategy, resolve_strategy
 from trainer.strategies.registry import check_strategy_requirements
+from trainer.tracking_view import TrackingView
 from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
-from trainer.utils.enums import DistributedType, as_distributed_type
+from trainer.utils.dynamo import TorchDynamoPlugin
+from trainer.utils.enums import DistributedType, DynamoBackend, as_distributed_type
 from trainer.utils.kwargs_handlers import KwargsHandler
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
 
-class Accelerator(ProcessView):
+class Accelerator(ProcessView, TrackingView, Profiling):
     """Make a PyTorch training loop device-, precision- and strategy-agnostic.
 
     Args:
@@ -66,7 +69,8 @@ class Accelerator(ProcessView):
             ``init_trackers``, fed by ``log``, finished by ``end_training``; files go under
             ``project_dir`` (default: the working directory).
         kwargs_handlers: ``DistributedDataParallelKwargs``, ``GradScalerKwargs``, ``AutocastKwargs``,
-            ``InitProcessGroupKwargs`` (``trainer.utils``): settings handed to the part that owns them.
+            ``InitProcessGroupKwargs``, ``ProfileKwargs`` (``trainer.utils``): settings handed to the part
+            that owns them.
         dataloader_config: a ``DataLoaderConfiguration`` (``split_batches``, ``even_batches``,
             ``data_seed``, ``non_blocking``...), instead of the arguments one by one.
         project_config: a ``ProjectConfiguration``: ``project_dir``, ``logging_dir``, automatic
@@ -74,6 +78,9 @@ class Accelerator(ProcessView):
         fsdp_plugin: a ``FullyShardedDataParallelPlugin``: the FSDP strategy with its fields as options.
         deepspeed_plugin: a ``DeepSpeedPlugin``: the DeepSpeed strategy with its fields as options.
         megatron_lm_plugin: a ``MegatronLMPlugin``: the Megatron strategy with its fields as options.
+        dynamo_backend: compile prepared models with ``torch.compile`` and this backend (``"inductor"``...);
+            by default the launch's ``dynamo_config``, else no compiling.
+        dynamo_plugin: a ``TorchDynamoPlugin`` (backend, mode, fullgraph, regional compilation...) instead.
     """
 
     def __init__(
@@ -96,6 +103,8 @@ class Accelerator(ProcessView):
         fsdp_plugin: FullyShardedDataParallelPlugin | None = None,
         deepspeed_plugin: DeepSpeedPlugin | dict[str, DeepSpeedPlugin] | None = None,
         megatron_lm_plugin: MegatronLMPlugin | None = None,
+        dynamo_backend: DynamoBackend | str | None = None,
+        dynamo_plugin: TorchDynamoPlugin | None = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -112,11 +121,12 @@ class Accelerator(ProcessView):
                           gradient_accumulation_plugin=gradient_accumulation_plugin,
                           accumulation_normalize=accumulation_normalize, dataloader_config=dataloader_config,
                           split_batches=split_batches, even_batches=even_batches, project_config=project_config,
-                          project_dir=project_dir)
+                          project_dir=project_dir, dynamo_backend=dynamo_backend, dynamo_plugin=dynamo_plugin)
         self.accumulation = settings.accumulation
         check_strategy_requirements(settings.strategy)  # a missing backend package fails here, before any work
         self.state = AcceleratorState.attach(self, cpu=cpu, plugins={
-            "fsdp": fsdp_plugin, "deepspeed": deepspeed_plugin, "megatron_lm": megatron_lm_plugin}, **settings.state)
+            "fsdp": fsdp_plugin, "deepspeed": deepspeed_plugin, "megatron_lm": megatron_lm_plugin,
+            "dynamo": settings.dynamo}, **settings.state)
         self.gradient_state = GradientState()
         self.strategy = resolve_strategy(settings.strategy, self.state.num_processes,
                                          arguments=settings.strategy_arguments)
@@ -125,6 +135,8 @@ class Accelerator(ProcessView):
         self.precision = self.strategy.setup_policies(precision, self.accumulation)
         self.project_configuration = settings.project
         self.dataloader_config = settings.loader
+        self.profile_handler = settings.profile
+        self.dynamo_plugin = settings.dynamo
         self.device_placement = device_placement
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self.save_iteration = settings.project.iteration
@@ -237,6 +249,7 @@ class Accelerator(ProcessView):
             vars(model)["forward"] = self.precision.wrap_forward(model.forward)
         placement = self.device_placement if device_placement is None else device_placement
         wrapped = self.strategy.setup_module(model) if placement else model
+        self.dynamo_plugin.compile(wrapped)  # in place: the state dict keeps its keys
         self._models.append(wrapped)
         return wrapped
 
@@ -442,30 +455,7 @@ class Accelerator(ProcessView):
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         return (self.unwrap_model(model) if unwrap else model).state_dict()
 
-    # -- trackers -------------------------------------------------------------------------------------------
-    def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
-                      init_kwargs: dict[str, Any] | None = None) -> None:
-        """Start the trackers given by ``log_with`` (on the main process) and store ``config`` with the run.
-
-        ``init_kwargs`` maps a tracker name to extra arguments for its backend's run start,
-        e.g. ``{"wandb": {"tags": ["baseline"]}}``.
-        """
-        for tracker in self.trackers:
-            tracker.start(project_name, config, self.logging_dir, **(init_kwargs or {}).get(tracker.name, {}))
-
-    def log(self, values: dict[str, Any], step: int | None = None, log_kwargs: dict[str, Any] | None = None) -> None:
-        """Send a dict of values to every tracker at ``step`` (main process only, unless a tracker says otherwise)."""
-        for tracker in self.trackers:
-            tracker.log(values, step=step, **(log_kwargs or {}).get(tracker.name, {}))
-
-    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
-        """The tracker called ``name``; with ``unwrap=True`` the backend's own run object (also ``.tracker``)."""
-        for tracker in self.trackers:
-            if tracker.name == name:
-                return tracker.tracker if unwrap else tracker
-        known = ", ".join(t.name for t in self.trackers) or "none"
-        raise ValueError(f"No tracker named {name!r} was given to log_with (trackers: {known}).")
-
+    # -- end ------------------------------------------------------------------------------------------------
     def end_training(self) -> None:
         """Finish the trackers, wait for every process, and close the process group.
 

@@ -13,22 +13,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from trainer import launch_environment as variables
 from trainer.accumulation import GradientAccumulation
 from trainer.strategies import Strategy, registry
 from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
+from trainer.utils.dynamo import TorchDynamoPlugin
 from trainer.utils.kwargs_handlers import (
     AutocastKwargs,
     DistributedDataParallelKwargs,
     GradScalerKwargs,
     InitProcessGroupKwargs,
     KwargsHandler,
+    ProfileKwargs,
 )
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin, StrategyPlugin
 
-HANDLERS = (AutocastKwargs, DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs)
+HANDLERS = (AutocastKwargs, DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs, ProfileKwargs)
 
 
 @dataclass
@@ -43,6 +45,8 @@ class Settings:
     accumulation: GradientAccumulation = field(default_factory=GradientAccumulation)
     loader: DataLoaderConfiguration = field(default_factory=DataLoaderConfiguration)
     project: ProjectConfiguration = field(default_factory=ProjectConfiguration)
+    profile: ProfileKwargs | None = None  # accelerator.profile()'s default settings
+    dynamo: TorchDynamoPlugin = field(default_factory=TorchDynamoPlugin)  # torch.compile for prepared models
 
 
 def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsHandler] | None,
@@ -50,7 +54,8 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
            megatron_lm_plugin: MegatronLMPlugin | None, gradient_accumulation_steps: int | None,
            gradient_accumulation_plugin: Any, accumulation_normalize: str,
            dataloader_config: DataLoaderConfiguration | None, split_batches: bool | None, even_batches: bool | None,
-           project_config: ProjectConfiguration | None, project_dir: str | os.PathLike | None) -> Settings:
+           project_config: ProjectConfiguration | None, project_dir: str | os.PathLike | None,
+           dynamo_backend: Any = None, dynamo_plugin: TorchDynamoPlugin | None = None) -> Settings:
     """Sort the grouped arguments; raise on conflicts, before any process group or device is touched.
 
     What ``trainer launch`` handed over (the strategy, the accumulation steps) applies where the
@@ -60,6 +65,11 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
     _handlers(settings, kwargs_handlers)
     _plugins(settings, fsdp_plugin, _one_deepspeed_plugin(deepspeed_plugin), megatron_lm_plugin)
     settings.accumulation = _accumulation(gradient_accumulation_steps, gradient_accumulation_plugin, accumulation_normalize)
+    if dynamo_plugin is not None and dynamo_backend is not None:
+        raise ValueError("dynamo_backend= and dynamo_plugin= were both given: set the backend in the TorchDynamoPlugin.")
+    if dynamo_plugin is not None and not isinstance(dynamo_plugin, TorchDynamoPlugin):
+        raise TypeError(f"dynamo_plugin= takes a TorchDynamoPlugin, got {type(dynamo_plugin).__name__}.")
+    settings.dynamo = dynamo_plugin or TorchDynamoPlugin(backend=dynamo_backend)
     if dataloader_config is not None:
         if not isinstance(dataloader_config, DataLoaderConfiguration):
             raise TypeError(f"dataloader_config= takes a DataLoaderConfiguration, got {type(dataloader_config).__name__}.")
@@ -119,6 +129,8 @@ def _handlers(settings: Settings, handlers: Iterable[KwargsHandler] | None) -> N
         settings.scaler = seen[GradScalerKwargs].to_kwargs()
     if AutocastKwargs in seen:
         settings.autocast = {k: v for k, v in seen[AutocastKwargs].to_dict().items() if v is not None}
+    if ProfileKwargs in seen:
+        settings.profile = cast(ProfileKwargs, seen[ProfileKwargs])
     if InitProcessGroupKwargs in seen:
         init = seen[InitProcessGroupKwargs]
         assert isinstance(init, InitProcessGroupKwargs)

@@ -23,6 +23,7 @@ from trainer.precision.names import precision_names
 from trainer.strategies import registry
 from trainer.strategies.base import Strategy
 from trainer.strategies.spec import StrategySpec, check_value
+from trainer.utils.enums import DynamoBackend
 
 CONFIG_ENV = "TRAINER_CONFIG_FILE"
 DEFAULT_CONFIG = Path(os.environ.get("TRAINER_HOME", Path.home() / ".cache" / "trainer")) / "default_config.yaml"
@@ -58,10 +59,10 @@ LAUNCH_KEYS: dict[str, Key] = {
     "rdzv_backend": Key(STR, "torchrun's rendezvous backend.", ("static", "c10d", "etcd", "etcd-v2")),
     "same_network": Key(BOOL, "Whether all machines are on the same network. " + COMPAT),
     "use_cpu": Key(BOOL, "Run on the CPU even where an accelerator is present (`TRAINER_USE_CPU=1`)."),
-    "gpu_ids": Key((str, int), "Which GPUs to use (`all` or a list). " + COMPAT),
+    "gpu_ids": Key((str, int), "Which GPUs to use (`all` or a list such as `0,1`): `CUDA_VISIBLE_DEVICES`."),
     "downcast_bf16": Key((bool, str), "Accelerate's XLA bf16 downcast flag. " + COMPAT),
     "enable_cpu_affinity": Key(BOOL, "CPU affinity of the processes. " + COMPAT),
-    "debug": Key(BOOL, "Accelerate's debug mode. " + COMPAT),
+    "debug": Key(BOOL, "Check collectives' arguments across processes (`TORCH_DISTRIBUTED_DEBUG=DETAIL`)."),
     "gradient_accumulation_steps": Key(INT, "Micro-batches per optimizer step (`TRAINER_GRADIENT_ACCUMULATION_STEPS`)."),
     "max_restarts": Key(INT, "How many times a failed run is restarted (default 0)."),
     "monitor_interval": Key(FLOAT, "Seconds between torchrun's checks of its workers (default 0.1)."),
@@ -71,11 +72,15 @@ LAUNCH_KEYS: dict[str, Key] = {
     "tpu_env": Key((list,), "TPU pod environment. " + COMPAT),
     "tpu_use_cluster": Key(BOOL, "TPU pod launch. " + COMPAT),
     "tpu_use_sudo": Key(BOOL, "TPU pod launch with sudo. " + COMPAT),
-    "dynamo_config": Key((dict,), "torch.compile settings. " + COMPAT, section={
-        "dynamo_backend": Key(STR, "torch.compile backend (`inductor`, ...; `no` for none)."),
-        "dynamo_mode": Key(STR, "torch.compile mode."),
+    "dynamo_config": Key((dict,), "torch.compile for the prepared models (`TRAINER_DYNAMO_CONFIG`; "
+                                  "`Accelerator(dynamo_backend=...)` in the script wins).", section={
+        "dynamo_backend": Key(STR, "torch.compile backend (`inductor`, `aot_eager`, `eager`...; `no` for none).",
+                              choices=tuple(backend.value for backend in DynamoBackend)
+                              + tuple(backend.value.lower() for backend in DynamoBackend)),
+        "dynamo_mode": Key(STR, "torch.compile mode (`default`, `reduce-overhead`, `max-autotune`...)."),
         "dynamo_use_fullgraph": Key(BOOL, "`fullgraph=True`: fail on graph breaks."),
         "dynamo_use_dynamic": Key(BOOL, "`dynamic=True`: compile for dynamic shapes."),
+        "dynamo_use_regional_compilation": Key(BOOL, "Compile each block of the model's `nn.ModuleList`s."),
     }),
 }
 DEFAULTS: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": "no",
@@ -181,6 +186,8 @@ def process_environment(config: dict[str, Any]) -> dict[str, str]:
         env[variables.ACCUMULATION] = str(config["gradient_accumulation_steps"])
     if "process_group_timeout" in config:
         env[variables.PROCESS_GROUP_TIMEOUT] = str(config["process_group_timeout"])
+    if str(config.get("dynamo_config", {}).get("dynamo_backend", "no")).lower() != "no":
+        env[variables.DYNAMO] = json.dumps(config["dynamo_config"])
     for other in registry.strategy_specs():
         if other.section is not None and other.environment_variable is not None and config.get(other.section):
             env[other.environment_variable] = json.dumps(config[other.section])

@@ -11,4 +11,5 @@ STRATEGY = "TRAINER_STRATEGY"  # "auto" or a strategy's name
 ACCUMULATION = "TRAINER_GRADIENT_ACCUMULATION_STEPS"  # micro-batches per optimizer step
 USE_CPU = "TRAINER_USE_CPU"  # "1": run on the CPU even where an accelerator is present
 PROCESS_GROUP_TIMEOUT = "TRAINER_PROCESS_GROUP_TIMEOUT"  # seconds a collective waits
+DYNAMO = "TRAINER_DYNAMO_CONFIG"  # the YAML dynamo_config section, as JSON: torch.compile for prepared models
 RESTART_COUNT = "TRAINER_RESTART_COUNT"  # 0 on a launch's first attempt, 1 after the first restart...

@@ -22,6 +22,7 @@ from typing import Any
 
 from trainer import config as launch_config
 from trainer import launch_environment as variables
+from trainer.cli import launch_compat
 from trainer.cluster import inside_srun
 from trainer.precision.names import precision_names
 from trainer.strategies import registry
@@ -49,6 +50,7 @@ def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--mixed_precision", "--mixed-precision", choices=precision_names())
     parser.add_argument("--gradient_accumulation_steps", "--gradient-accumulation-steps", type=int)
     parser.add_argument("-m", "--module", action="store_true", help="the script is a module name (python -m)")
+    launch_compat.register(parser)
     parser.add_argument("script", help="the training script (or module, with -m)")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     _strategy_arguments(parser)
@@ -149,6 +151,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     if len(chosen) > 1:
         flags = ", ".join(f"--{spec.flag}" for spec in specs if spec.flag)
         raise launch_config.ConfigError(f"Choose one of {flags}; got {', '.join(f'--{spec.flag}' for spec in chosen)}.")
+    launch_compat.apply(args, config)
     for spec in specs:
         for option in spec.options:
             value = vars(args).get(_destination(spec, option))
@@ -194,6 +197,10 @@ def _torchrun_argv(config: dict[str, Any], command: list[str]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    refused = launch_compat.refusal(args)
+    if refused:
+        print(f"trainer launch: {refused}", file=sys.stderr)
+        return 2
     try:
         config = settings(args)
     except launch_config.ConfigError as error:
@@ -209,14 +216,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"trainer launch: {error}", file=sys.stderr)
         return 2
     os.environ.update(launch_config.process_environment(config))
+    os.environ.update(launch_compat.environment(args, config))
     total = config["num_processes"] * config["num_machines"]
     if total == 1 or inside_srun(os.environ):
-        return subprocess.call([sys.executable, *command])
+        return subprocess.call(command if args.no_python else [sys.executable, *command])
     # On one machine a restart is a fresh torchrun process (new agent, new rendezvous, new ports):
     # restarting workers inside one agent can leave the new processes talking to the old ones' state.
     attempts = 1 + (config.get("max_restarts", 0) if config["num_machines"] == 1 else 0)
     try:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", *_torchrun_argv(config, command)]
+        torchrun = [sys.executable, "-m", "torch.distributed.run", *launch_compat.torchrun_arguments(args),
+                    *_torchrun_argv(config, command)]
     except launch_config.ConfigError as error:
         print(f"trainer launch: {error}", file=sys.stderr)
         return 2

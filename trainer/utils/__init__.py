@@ -5,6 +5,28 @@ accumulation policies, ``PartialState``), never a second implementation.
 """
 
 from trainer.random_state import set_seed
+from trainer.utils import availability as _availability
+from trainer.utils.availability import *  # noqa: F403 - the is_*_available functions
+from trainer.utils.constants import (
+    MITA_PROFILING_AVAILABLE_PYTORCH_VERSION,
+    MODEL_NAME,
+    OPTIMIZER_NAME,
+    PROFILE_PATTERN_NAME,
+    RNG_STATE_NAME,
+    SAFE_MODEL_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SAFE_WEIGHTS_PATTERN_NAME,
+    SAMPLER_NAME,
+    SCALER_NAME,
+    SCHEDULER_NAME,
+    TORCH_DISTRIBUTED_OPERATION_TYPES,
+    TORCH_LAUNCH_PARAMS,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    WEIGHTS_PATTERN_NAME,
+    XPU_PROFILING_AVAILABLE_PYTORCH_VERSION,
+)
 from trainer.utils.dataclasses import (
     AutocastKwargs,
     ComputeEnvironment,
@@ -27,10 +49,39 @@ from trainer.utils.dataclasses import (
     RNGType,
     SageMakerDistributedType,
 )
+from trainer.utils.dummies import DummyOptim  # noqa: E402 - after the names it builds on
+from trainer.utils.dynamo import TorchDynamoPlugin
+from trainer.utils.environment import (
+    check_os_kernel,
+    clear_environment,
+    convert_dict_to_env_variables,
+    get_cpu_distributed_information,
+    get_current_device_type,
+    get_int_from_env,
+    parse_choice_from_env,
+    parse_flag_from_env,
+    patch_environment,
+    purge_accelerate_environment,
+    str_to_bool,
+)
+from trainer.utils.kwargs_handlers import ProfileKwargs
 from trainer.utils.memory import find_executable_batch_size, release_memory, should_reduce_batch_size
+from trainer.utils.modeling import (
+    check_device_map,
+    compute_module_sizes,
+    convert_file_size_to_int,
+    dtype_byte_size,
+    find_tied_parameters,
+    get_max_memory,
+    infer_auto_device_map,
+    load_state_dict,
+    named_module_tensors,
+    set_module_tensor_to_device,
+)
 from trainer.utils.operations import (
     CannotPadNestedTensorWarning,
     DistributedOperationException,
+    TensorInformation,
     broadcast,
     broadcast_object_list,
     concatenate,
@@ -56,6 +107,36 @@ from trainer.utils.operations import (
     send_to_device,
     slice_tensors,
 )
+from trainer.utils.other import (
+    clean_state_dict_for_safetensors,
+    convert_bytes,
+    extract_model_from_parallel,
+    get_grad_scaler,
+    get_mixed_precision_context_manager,
+    get_pretty_name,
+    has_compiled_regions,
+    id_tensor_storage,
+    is_compiled_module,
+    is_peft_model,
+    load,
+    merge_dicts,
+    recursive_getattr,
+    save,
+    tqdm,
+    wait_for_everyone,
+    write_basic_config,
+)
+from trainer.utils.random import synchronize_rng_state, synchronize_rng_states
+from trainer.utils.unavailable import REASONS as _UNAVAILABLE
+from trainer.utils.unavailable import unavailable as _unavailable
+
+
+def __getattr__(name: str) -> type:
+    """Accelerate's names that cannot mean the same here: importable, refusing with the reason when used."""
+    if name in _UNAVAILABLE:
+        return _unavailable(name)
+    raise AttributeError(f"module 'trainer.utils' has no attribute {name!r}")
+
 
 __all__ = [
     "AutocastKwargs", "ComputeEnvironment", "CustomDtype", "DDPCommunicationHookType", "DataLoaderConfiguration",
@@ -68,4 +149,20 @@ __all__ = [
     "initialize_tensors", "is_namedtuple", "is_tensor_information", "is_torch_tensor", "listify", "pad_across_processes",
     "pad_input_tensors", "recursively_apply", "reduce", "release_memory", "send_to_device", "set_seed",
     "should_reduce_batch_size", "slice_tensors",
+
+    "DummyOptim", "ProfileKwargs", "TorchDynamoPlugin", "TensorInformation", "check_device_map", "check_os_kernel",
+    "clean_state_dict_for_safetensors", "clear_environment", "compute_module_sizes", "convert_bytes",
+    "convert_dict_to_env_variables", "convert_file_size_to_int", "dtype_byte_size", "extract_model_from_parallel",
+    "find_tied_parameters", "get_cpu_distributed_information", "get_current_device_type", "get_grad_scaler",
+    "get_int_from_env", "get_max_memory", "get_mixed_precision_context_manager", "get_pretty_name",
+    "has_compiled_regions", "id_tensor_storage", "infer_auto_device_map", "is_compiled_module", "is_peft_model", "load",
+    "load_state_dict", "merge_dicts", "named_module_tensors", "parse_choice_from_env", "parse_flag_from_env",
+    "patch_environment", "purge_accelerate_environment", "recursive_getattr", "save", "set_module_tensor_to_device",
+    "str_to_bool", "synchronize_rng_state", "synchronize_rng_states", "tqdm", "wait_for_everyone",
+    "write_basic_config", "MITA_PROFILING_AVAILABLE_PYTORCH_VERSION", "MODEL_NAME", "OPTIMIZER_NAME",
+    "PROFILE_PATTERN_NAME", "RNG_STATE_NAME", "SAFE_MODEL_NAME", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_PATTERN_NAME", "SAMPLER_NAME", "SCALER_NAME", "SCHEDULER_NAME", "TORCH_DISTRIBUTED_OPERATION_TYPES",
+    "TORCH_LAUNCH_PARAMS", "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "WEIGHTS_PATTERN_NAME",
+    "XPU_PROFILING_AVAILABLE_PYTORCH_VERSION",
+    *(name for name in dir(_availability) if name.startswith("is_") or name == "compare_versions"),
 ]

@@ -116,3 +116,54 @@ class InitProcessGroupKwargs(KwargsHandler):
         if self.timeout is not None:
             arguments["timeout"] = self.timeout
         return arguments
+
+
+PROFILER_ACTIVITIES = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU", "hpu": "HPU", "mtia": "MTIA"}
+
+
+@dataclass
+class ProfileKwargs(KwargsHandler):
+    """``torch.profiler`` settings for ``accelerator.profile()``.
+
+    Args:
+        activities: what to record: ``"cpu"``, ``"cuda"``, ``"xpu"``, ``"hpu"``, ``"mtia"`` (default: what
+            torch finds).
+        schedule_option: ``torch.profiler.schedule``'s arguments (``wait``, ``warmup``, ``active``,
+            ``repeat``, ``skip_first``); then call ``prof.step()`` once per step.
+        on_trace_ready: called with the profiler each time a scheduled cycle ends.
+        record_shapes, profile_memory, with_stack, with_flops, with_modules: as ``torch.profiler.profile``.
+        output_trace_dir: on exit, each process writes its Chrome trace ``profile_<rank>.json`` here.
+    """
+
+    activities: list[str] | None = None
+    schedule_option: dict[str, int] | None = None
+    on_trace_ready: Any = None
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+    with_flops: bool = False
+    with_modules: bool = False
+    output_trace_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for activity in self.activities or ():
+            if activity not in PROFILER_ACTIVITIES:
+                raise ValueError(f"ProfileKwargs(activities=[{activity!r}]): not a profiler activity; use "
+                                 f"{', '.join(map(repr, PROFILER_ACTIVITIES))}.")
+
+    def build(self) -> Any:
+        """A ``torch.profiler.profile`` with these settings (not started)."""
+        import torch.profiler
+
+        activities = None
+        if self.activities is not None:
+            kinds = torch.profiler.ProfilerActivity
+            missing = [name for name in self.activities if not hasattr(kinds, PROFILER_ACTIVITIES[name])]
+            if missing:
+                raise ValueError(f"ProfileKwargs(activities={missing}): this torch build cannot profile them.")
+            activities = [getattr(kinds, PROFILER_ACTIVITIES[name]) for name in self.activities]
+        schedule = torch.profiler.schedule(**self.schedule_option) if self.schedule_option is not None else None
+        return torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self.on_trace_ready,
+                                      record_shapes=self.record_shapes, profile_memory=self.profile_memory,
+                                      with_stack=self.with_stack, with_flops=self.with_flops,
+                                      with_modules=self.with_modules)
