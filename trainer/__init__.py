@@ -13,7 +13,7 @@ shadow (see ``trainer.siblings``).
 from trainer import siblings  # noqa: F401
 from trainer.accelerator import Accelerator
 from trainer.accumulation import GradientAccumulation
-from trainer.data_loader import PreparedDataLoader, SeededRandomSampler
+from trainer.data_loader import PreparedDataLoader, SeededRandomSampler, skip_first_batches
 from trainer.inference import (
     Inferencer,
     cpu_offload,
@@ -24,7 +24,7 @@ from trainer.inference import (
     init_on_device,
     load_checkpoint_and_dispatch,
 )
-from trainer.notebook import notebook_launcher
+from trainer.notebook import debug_launcher, notebook_launcher
 from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
 from trainer.random_state import set_seed
 from trainer.state import PartialState
@@ -39,7 +39,10 @@ from trainer.utils import (
     FullyShardedDataParallelPlugin,
     GradScalerKwargs,
     InitProcessGroupKwargs,
+    ProfileKwargs,
     find_executable_batch_size,
+    is_rich_available,
+    synchronize_rng_states,
 )
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler
 
@@ -56,6 +59,11 @@ __all__ = [
     "GradScalerKwargs",
     "InitProcessGroupKwargs",
     "find_executable_batch_size",
+    "ProfileKwargs",
+    "debug_launcher",
+    "is_rich_available",
+    "skip_first_batches",
+    "synchronize_rng_states",
     "AcceleratedOptimizer",
     "AcceleratedScheduler",
     "Accelerator",
@@ -83,9 +91,14 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """``prepare_pippy`` is imported on first use: torch's pipelining module takes a second to import."""
+    """``prepare_pippy`` is imported on first use (torch's pipelining module takes a second to import);
+    Accelerate's top-level names that cannot mean the same here refuse when used (``trainer.utils.unavailable``)."""
     if name == "prepare_pippy":
         from trainer.inference.pipeline import prepare_pippy
 
         return prepare_pippy
+    from trainer.utils.unavailable import REASONS, unavailable
+
+    if name in ("ParallelismConfig", "load_checkpoint_in_model", "cpu_offload_with_hook") and name in REASONS:
+        return unavailable(name)
     raise AttributeError(f"module 'trainer' has no attribute {name!r}")

@@ -80,3 +80,13 @@ def notebook_launcher(function: Callable[..., Any], args: tuple = (), num_proces
                           monitor_interval=monitor_interval, start_method="fork")
     with _environment(settings):
         return elastic_launch(config, entrypoint=_entry(function))(*args)
+
+
+def debug_launcher(function: Callable[..., Any], args: tuple = (), num_processes: int = 2) -> dict[int, Any]:
+    """Run ``function(*args)`` on ``num_processes`` CPU processes of this machine (to debug distributed code)."""
+    import socket
+
+    with socket.socket() as probe:  # a free local port, so debug runs never collide with a real job's 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return notebook_launcher(function, args, num_processes=num_processes, use_port=port, cpu=True)

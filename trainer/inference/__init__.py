@@ -13,3 +13,12 @@ __all__ = [
     "get_max_memory", "infer_auto_device_map", "init_empty_weights", "init_on_device", "load_checkpoint_and_dispatch",
     "module_sizes", "parse_size", "remove_dispatch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``prepare_pippy`` is imported on first use: torch's pipelining module takes a second to import."""
+    if name == "prepare_pippy":
+        from trainer.inference.pipeline import prepare_pippy
+
+        return prepare_pippy
+    raise AttributeError(f"module 'trainer.inference' has no attribute {name!r}")

@@ -57,10 +57,11 @@ REASONS: dict[str, str] = {
                      "get_module_children_bottom_up", "load_checkpoint_in_model"], _OFFLOAD),
     **dict.fromkeys(["TorchTensorParallelPlugin", "TorchTensorParallelConfig", "TorchContextParallelConfig",
                      "ParallelismConfig", "model_has_dtensor"], _PARALLEL),
+    "cpu_offload_with_hook": ("hooks that move a model back and forth between pipeline steps are not available; "
+                              "use cpu_offload(model) (weights stream to the device per forward)"),
     "compile_regions": "compile the model with Accelerator(dynamo_backend=...) or torch.compile(model)",
     "check_cuda_p2p_ib_support": "not needed: torch.distributed picks the transport itself",
     "get_gpu_info": "use torch.accelerator.device_count() and torch.cuda.get_device_name()",
-    "clear_environment_variables": "use trainer.utils.clear_environment()",
 }
 
 

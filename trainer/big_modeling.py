@@ -1,0 +1,24 @@
+"""Accelerate's ``accelerate.big_modeling`` path: big-model loading and offload, from ``trainer.inference``."""
+
+from trainer.inference import (
+    cpu_offload,
+    disk_offload,
+    dispatch_model,
+    init_empty_weights,
+    init_on_device,
+    load_checkpoint_and_dispatch,
+)
+from trainer.utils.modeling import infer_auto_device_map
+
+
+def __getattr__(name: str) -> type:
+    """``cpu_offload_with_hook`` and the other names that cannot mean the same here refuse with the reason."""
+    from trainer.utils.unavailable import REASONS, unavailable
+
+    if name in REASONS:
+        return unavailable(name)
+    raise AttributeError(f"module 'trainer.big_modeling' has no attribute {name!r}")
+
+
+__all__ = ["cpu_offload", "disk_offload", "dispatch_model", "infer_auto_device_map", "init_empty_weights",
+           "init_on_device", "load_checkpoint_and_dispatch"]
