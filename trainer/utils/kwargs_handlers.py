@@ -131,7 +131,11 @@ class ProfileKwargs(KwargsHandler):
         schedule_option: ``torch.profiler.schedule``'s arguments (``wait``, ``warmup``, ``active``,
             ``repeat``, ``skip_first``); then call ``prof.step()`` once per step.
         on_trace_ready: called with the profiler each time a scheduled cycle ends.
-        record_shapes, profile_memory, with_stack, with_flops, with_modules: as ``torch.profiler.profile``.
+        record_shapes: record the input shapes of operators (as ``torch.profiler.profile``'s).
+        profile_memory: record tensor memory allocations.
+        with_stack: record the source location of each operator.
+        with_flops: estimate the floating-point operations of matrix and convolution operators.
+        with_modules: record the module hierarchy of each operator.
         output_trace_dir: on exit, each process writes its Chrome trace ``profile_<rank>.json`` here.
     """
 
