@@ -24,6 +24,6 @@ def test_triggers_fire_on_every_process_and_the_logger_knows_its_process():
     assert code == 0, err
     lines = out.splitlines()
     assert sorted(line for line in lines if line.startswith("TRIGGER OK")) == ["TRIGGER OK rank 0", "TRIGGER OK rank 1"]
-    assert lines.count("from the main process only") == 1 and lines.count("once") == 1
-    ordered = [line for line in lines if line.startswith("in order")]
-    assert ordered == ["in order from process 0", "in order from process 1"]
+    assert lines.count("[RANK 0] from the main process only") == 1 and lines.count("[RANK 0] once") == 1
+    ordered = [line for line in lines if "in order" in line]
+    assert ordered == ["[RANK 0] in order from process 0", "[RANK 1] in order from process 1"]

@@ -1,7 +1,7 @@
 """``get_logger``: a logger that logs on the main process only, or on every process in turn.
 
-``trainer.logging`` is Accelerate's ``accelerate.logging``. Each call takes two more keyword
-arguments: ``main_process_only`` (default True: the other processes stay quiet) and ``in_order``
+``trainer.logging`` is Accelerate's ``accelerate.logging``. Messages start with ``[RANK i]``, the
+process index. Each call takes two more keyword arguments: ``main_process_only`` (default True: the other processes stay quiet) and ``in_order``
 (every process logs, one after another by rank; ``main_process_only`` is then ignored).
 """
 
@@ -20,6 +20,11 @@ LOG_LEVEL_ENV = "TRAINER_LOG_LEVEL"  # the level of loggers made without log_lev
 class MultiProcessAdapter(logging.LoggerAdapter):
     """A logger adapter that knows which process it runs on (made by ``get_logger``)."""
 
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        """Prefix the message with ``[RANK i]`` (this process's index), as Accelerate's adapter does."""
+        msg, kwargs = super().process(msg, kwargs)
+        return f"[RANK {PartialState().process_index}] {msg}", kwargs
+
     @staticmethod
     def _should_log(main_process_only: bool) -> bool:
         state = PartialState()
@@ -35,6 +40,7 @@ class MultiProcessAdapter(logging.LoggerAdapter):
         kwargs.setdefault("stacklevel", 2)
         if not self.isEnabledFor(level):
             return
+        msg, kwargs = self.process(msg, kwargs)
         if not in_order and self._should_log(main_process_only):
             self.logger.log(level, msg, *args, **kwargs)
             return
