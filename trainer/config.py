@@ -82,6 +82,21 @@ LAUNCH_KEYS: dict[str, Key] = {
         "dynamo_use_dynamic": Key(BOOL, "`dynamic=True`: compile for dynamic shapes."),
         "dynamo_use_regional_compilation": Key(BOOL, "Compile each block of the model's `nn.ModuleList`s."),
     }),
+    "fp8_config": Key((dict,), "Accelerate's fp8 recipe section. fp8 runs through torchao here "
+                               "(`mixed_precision: fp8`): `backend: AO` is used, `TE` and `MS-AMP` stop the launch.",
+                      section={"backend": Key(STR, "`AO` (torchao); `TE`, `MS-AMP` are not available.",
+                                              ("AO", "TE", "MS-AMP", "MSAMP", "ao", "te", "msamp")),
+                               **{name: Key((bool, int, float, str, list), "A TransformersEngine/MS-AMP setting. " + COMPAT)
+                                  for name in ("amax_history_len", "amax_compute_algo", "fp8_format", "interval",
+                                               "margin", "override_linear_precision", "use_autocast_during_eval",
+                                               "opt_level", "enable_fsdp_float8_all_gather", "pad_inner_dim")}}),
+    "parallelism_config": Key((dict,), "Accelerate's N-D parallelism sizes. Sizes above 1 stop the launch: N-D "
+                                       "parallelism is not available in `trainer launch` yet.",
+                              section={f"parallelism_config_{name}": Key((int, str, bool), "")
+                                       for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size",
+                                                    "cp_backend", "cp_comm_strategy", "sp_size", "sp_backend",
+                                                    "sp_seq_length", "sp_seq_length_is_variable",
+                                                    "sp_attn_implementation")}),
 }
 DEFAULTS: dict[str, Any] = {"compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "mixed_precision": "no",
                             "num_machines": 1, "num_processes": 1, "machine_rank": 0, "main_process_ip": None,
@@ -135,6 +150,19 @@ def validate(config: dict[str, Any], keys: dict[str, Key] | None = None, where: 
         if key.section is not None:
             validate(value, key.section, path)
     return config
+
+
+def check_launchable(config: dict[str, Any]) -> None:
+    """Refuse, with the reason, settings of a valid file that cannot run here (raise ConfigError)."""
+    backend = str(config.get("fp8_config", {}).get("backend", "AO")).upper().replace("-", "")
+    if backend != "AO":
+        raise ConfigError(f"fp8_config.backend: {config['fp8_config']['backend']!r} is not available: fp8 runs through "
+                          "torchao here; set backend: AO (or remove fp8_config) and keep mixed_precision: fp8.")
+    sizes = {key: value for key, value in config.get("parallelism_config", {}).items()
+             if key.endswith("_size") and isinstance(value, int) and value > 1}
+    if sizes:
+        raise ConfigError(f"parallelism_config: {', '.join(f'{k}={v}' for k, v in sizes.items())} is not available: "
+                          "N-D parallelism is not available in trainer launch; use the fsdp or megatron strategy.")
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

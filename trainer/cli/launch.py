@@ -162,6 +162,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     elif config.get("use_cpu") and config.get("num_processes", 1) > 1 and config.get("distributed_type", "NO") == "NO":
         config["distributed_type"] = "MULTI_CPU"
     launch_config.validate(config)
+    launch_config.check_launchable(config)
     return launch_config.with_defaults(config)
 
 
