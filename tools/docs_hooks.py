@@ -142,8 +142,9 @@ def error_index(root: Path = ROOT) -> str:
 
 
 def _code_safe(message: str) -> str:
-    """The message in an inline code span (backticks inside become quotes)."""
-    return "<code>" + message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'") + "</code>"
+    """The message in an inline code span (backticks inside become quotes; brackets cannot read as link references)."""
+    escaped = message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    return "<code>" + escaped.replace("[", "&#91;").replace("]", "&#93;") + "</code>"
 
 
 def _import(name: str) -> Any:
