@@ -179,6 +179,14 @@ class Strategy:
         """
         return nullcontext()
 
+    def force_backward_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
+        """Return a context in which backward synchronises gradients even inside ``no_backward_sync``.
+
+        Entered by ``accelerator.trigger_sync_in_backward``; strategies that synchronise in backward
+        (DDP) arm it, the others have nothing to do.
+        """
+        return nullcontext()
+
     def join(self, modules: list[nn.Module]) -> AbstractContextManager[Any]:
         """Return a context for loops whose processes may run different numbers of batches (``join_uneven_inputs``)."""
         return nullcontext()

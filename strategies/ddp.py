@@ -106,6 +106,20 @@ class DDP(Strategy):
         return super().no_backward_sync(module, enabled)
 
     @contextmanager
+    def force_backward_sync(self, module: nn.Module) -> Iterator[None]:
+        """DDP's reducer is told to all-reduce in the next backward, whatever ``no_sync`` said."""
+        if not isinstance(module, DistributedDataParallel):
+            yield
+            return
+        saved = module.require_backward_grad_sync, module.require_forward_param_sync
+        module.require_backward_grad_sync = module.require_forward_param_sync = True
+        module.reducer.prepare_for_backward([])
+        try:
+            yield
+        finally:
+            module.require_backward_grad_sync, module.require_forward_param_sync = saved
+
+    @contextmanager
     def join(self, modules: list[nn.Module]) -> Iterator[None]:
         """Let processes with fewer batches finish while the others still run (uneven inputs)."""
         from torch.distributed.algorithms.join import Join, Joinable

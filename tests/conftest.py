@@ -6,6 +6,9 @@ import pytest
 
 from trainer import PartialState
 
+# tests/compat holds scripts for `trainer launch` (some named like Accelerate's test_*.py scripts), not test modules.
+collect_ignore_glob = ["compat/*"]
+
 
 @pytest.fixture(autouse=True)
 def fresh_state():

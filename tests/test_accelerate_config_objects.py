@@ -138,8 +138,6 @@ def test_dataloader_configuration():
     assert sorted(order) == list(range(12)) and order != list(range(12))
     split = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True, even_batches=False))
     assert (split.split_batches, split.even_batches) == (True, False)
-    with pytest.raises(ValueError, match=r"DataLoaderConfiguration\(dispatch_batches=True\) is not available"):
-        DataLoaderConfiguration(dispatch_batches=True)
     with pytest.raises(ValueError, match="dataloader_config= and split_batches=/even_batches= were both given"):
         Accelerator(dataloader_config=DataLoaderConfiguration(), split_batches=True)
 

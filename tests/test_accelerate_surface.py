@@ -183,8 +183,8 @@ def test_module_level_prepare_data_loader_and_skip_first_batches():
     sampler = SeedableRandomSampler(list(range(8)), data_seed=3)
     passes = [list(sampler), list(sampler)]
     assert passes[0] != passes[1] and sampler.epoch == 2
-    with pytest.raises(ValueError, match="dispatch_batches=True\\) is not available"):
-        prepare_data_loader(DataLoader(list(range(4))), dispatch_batches=True)
+    with pytest.raises(ValueError, match="slice_fn_for_dispatch=...\\): dispatched batches are sliced"):
+        prepare_data_loader(DataLoader(list(range(4))), dispatch_batches=True, slice_fn_for_dispatch=lambda *a: a)
 
 
 def test_profile_writes_a_chrome_trace(tmp_path):
@@ -255,3 +255,36 @@ def test_launch_takes_accelerate_launch_flags(tmp_path):
                           (["--dynamo_backend", "indutor"], "Did you mean 'inductor'?")):
         code, _, err = run_cli("launch", *flags, str(script))
         assert code == 2 and err.startswith("trainer launch: ") and reason in err and len(err.splitlines()) == 1, err
+
+
+def test_accelerate_is_neither_a_dependency_nor_imported():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *sum(project["optional-dependencies"].values(), [])]
+    assert not [r for r in requirements if r.split("[")[0].split(">")[0].split("=")[0].strip() == "accelerate"]
+    modules = ", ".join(sorted(MODULE_PATHS) + ["trainer.local_sgd", "trainer.test_utils", "trainer.big_modeling"])
+    probe = (f"import importlib, sys\nfor m in '{modules}'.split(', '): importlib.import_module(m)\n"
+             "print([m for m in sys.modules if m == 'accelerate' or m.startswith('accelerate.')])")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
+def test_accelerate_config_files_with_fp8_and_parallelism_sections_load_and_refuse_what_cannot_run(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text("print('ran')\n")
+    fp8 = tmp_path / "fp8.yaml"
+    fp8.write_text("distributed_type: 'NO'\nmixed_precision: fp8\nfp8_config:\n  backend: TE\n  fp8_format: E4M3\n"
+                   "  amax_history_len: 1024\n  override_linear_precision: [false, false, false]\n")
+    parallel = tmp_path / "cp.yaml"
+    parallel.write_text("distributed_type: FSDP\nnum_processes: 8\nfsdp_config:\n  fsdp_version: 2\n"
+                        "parallelism_config:\n  parallelism_config_cp_size: 8\n  parallelism_config_tp_size: 1\n")
+    for path, reason in ((fp8, "fp8_config.backend: 'TE' is not available: fp8 runs through torchao"),
+                         (parallel, "parallelism_config: parallelism_config_cp_size=8 is not available")):
+        code, out, err = run_cli("config", "validate", str(path))
+        assert code == 0 and "valid" in out, err
+        code, _, err = run_cli("launch", "--config_file", str(path), str(script))
+        assert code == 2 and err == f"trainer launch: {err.split('trainer launch: ', 1)[1]}" and reason in err, err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
+from trainer.data_sharding import ShardedBatchSampler
 from trainer.devices import empty_cache
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
@@ -127,7 +129,8 @@ class Accelerator(ProcessView, TrackingView, Profiling):
         self.state = AcceleratorState.attach(self, cpu=cpu, plugins={
             "fsdp": fsdp_plugin, "deepspeed": deepspeed_plugin, "megatron_lm": megatron_lm_plugin,
             "dynamo": settings.dynamo}, **settings.state)
-        self.gradient_state = GradientState()
+        self.gradient_state = GradientState.of(self.accumulation)
+        self._state_generation = AcceleratorState.generation()
         self.strategy = resolve_strategy(settings.strategy, self.state.num_processes,
                                          arguments=settings.strategy_arguments)
         self.strategy.setup_environment(self.state.device, self.state.process_index, self.state.num_processes)
@@ -182,6 +185,8 @@ class Accelerator(ProcessView, TrackingView, Profiling):
         A ``str`` enum, so it also equals its value (``"MULTI_CPU"``); a registered strategy's own
         ``distributed_type`` outside Accelerate's list is a plain string.
         """
+        if "_distributed_type" in self.state._shared_state:  # assigned through AcceleratorState (tests do)
+            return self.state.distributed_type
         return as_distributed_type(self.strategy.distributed_type)
 
     @property
@@ -214,6 +219,10 @@ class Accelerator(ProcessView, TrackingView, Profiling):
         models are prepared first, then optimizers, then schedulers, then everything else,
         because optimizers refer to models and schedulers to optimizers.
         """
+        if self._state_generation != AcceleratorState.generation():
+            raise AttributeError("`AcceleratorState` object has no attribute `distributed_type`. This happens if "
+                                 "`AcceleratorState._reset_state()` was called and an `Accelerator` or `PartialState` "
+                                 "was not reinitialized: create a new Accelerator before preparing objects.")
         if device_placement is None:
             device_placement = [self.device_placement] * len(args)
         elif len(device_placement) != len(args):
@@ -282,7 +291,8 @@ class Accelerator(ProcessView, TrackingView, Profiling):
         placement = self.device_placement if device_placement is None else device_placement
         shard = self.strategy.distributed_sampler_kwargs
         sharding = None if shard is None else Sharding(**shard, even_batches=self.even_batches,
-                                                       split_batches=self.split_batches)
+                                                       split_batches=self.split_batches,
+                                                       dispatch_batches=bool(self.dataloader_config.dispatch_batches))
         prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation,
                                       sharding=sharding, agree=self.strategy.broadcast_object,
                                       seed=self.dataloader_config.data_seed, non_blocking=self.dataloader_config.non_blocking)
@@ -309,14 +319,43 @@ class Accelerator(ProcessView, TrackingView, Profiling):
         return MicroStep(self.accumulation, self.strategy, models)
 
     @contextmanager
-    def join_uneven_inputs(self, joinables: list[nn.Module]) -> Iterator[None]:
+    def join_uneven_inputs(self, joinables: list[nn.Module], even_batches: bool | None = None) -> Iterator[None]:
         """Train on loaders that give processes different numbers of batches (``even_batches=False``).
 
         A process that runs out keeps answering the others' gradient all-reduces (DDP's ``Join``)
-        instead of leaving them waiting forever.
+        instead of leaving them waiting forever. ``even_batches`` overrides the prepared map-style
+        loaders' setting inside the block.
         """
-        with self.strategy.join(list(joinables)):
+        if not str(self.distributed_type).startswith("MULTI_"):
+            if self.distributed_type != DistributedType.NO:
+                warnings.warn("Joining uneven inputs is only supported for multi-GPU training (and the other "
+                              "multi-device DDP layouts, MULTI_CPU included); join_uneven_inputs has no effect here.",
+                              stacklevel=3)
             yield
+            return
+        changed = []
+        if even_batches is not None:
+            for loader in self._dataloaders:
+                sampler = loader.batch_sampler
+                if isinstance(sampler, ShardedBatchSampler):
+                    changed.append((sampler, sampler.even_batches))
+                    sampler.even_batches = even_batches
+                else:
+                    warnings.warn("Overriding even_batches is only supported for map-style datasets, yet some "
+                                  "dataloaders given were iterable.", stacklevel=3)
+        try:
+            if (self.even_batches if even_batches is None else even_batches):
+                yield
+            else:
+                with self.strategy.join(list(joinables)):
+                    yield
+        finally:
+            for sampler, value in changed:
+                sampler.even_batches = value
+
+    def trigger_sync_in_backward(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """Synchronise gradients in the next backward even inside ``no_sync`` (a last micro-step written by hand)."""
+        return self.strategy.force_backward_sync(model)
 
     @contextmanager
     def no_sync(self, model: nn.Module) -> Iterator[None]:

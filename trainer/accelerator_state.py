@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from trainer import launch_environment as variables
 from trainer.state import PartialState
-from trainer.utils.enums import DistributedType
+from trainer.utils.enums import DistributedType, as_distributed_type
 
 if TYPE_CHECKING:
     from trainer.accelerator import Accelerator
@@ -26,10 +26,31 @@ if TYPE_CHECKING:
 _KEY = "_accelerator"  # where PartialState's shared dict keeps the current Accelerator (cleared with it)
 
 
+class _Current:
+    """Weak references to the process's Accelerators, newest last; pickles as empty (an Accelerator must pickle)."""
+
+    def __init__(self) -> None:
+        self.references: list[weakref.ref[Accelerator]] = []
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Current, ()
+
+    def add(self, accelerator: Accelerator) -> None:
+        self.references = [ref for ref in self.references if ref() is not None] + [weakref.ref(accelerator)]
+
+    def get(self) -> Accelerator | None:
+        """The newest Accelerator still alive (an older one again, once a newer one is gone)."""
+        for reference in reversed(self.references):
+            accelerator = reference()
+            if accelerator is not None:
+                return accelerator
+        return None
+
+
 def current_accelerator() -> Accelerator | None:
     """The last Accelerator created in this process, or None (none yet, or state reset since)."""
-    reference = PartialState._shared_state.get(_KEY)
-    return reference() if reference is not None else None
+    holder = PartialState._shared_state.get(_KEY)
+    return holder.get() if holder is not None else None
 
 
 class AcceleratorState(PartialState):
@@ -55,7 +76,7 @@ class AcceleratorState(PartialState):
         Returns the state, created with ``cpu`` and ``kwargs`` (``PartialState``'s) if it was not yet.
         """
         state = cls(cpu=cpu, **kwargs)
-        cls._shared_state[_KEY] = weakref.ref(accelerator)
+        cls._shared_state.setdefault(_KEY, _Current()).add(accelerator)
         cls._shared_state["_plugins"] = {name: plugin for name, plugin in plugins.items() if plugin is not None}
         return state
 
@@ -68,8 +89,17 @@ class AcceleratorState(PartialState):
 
     @property
     def distributed_type(self) -> DistributedType | str:
+        """The current Accelerator's (its strategy's), unless a value was assigned (tests of other layouts do)."""
+        if "_distributed_type" in self._shared_state:
+            return self._shared_state["_distributed_type"]
         accelerator = current_accelerator()
-        return accelerator.distributed_type if accelerator is not None else super().distributed_type
+        if accelerator is not None:
+            return as_distributed_type(accelerator.strategy.distributed_type)
+        return super().distributed_type
+
+    @distributed_type.setter
+    def distributed_type(self, value: DistributedType | str) -> None:
+        self._shared_state["_distributed_type"] = as_distributed_type(value)
 
     def _plugin(self, name: str) -> Any:
         return self._shared_state.get("_plugins", {}).get(name)
@@ -109,11 +139,19 @@ class AcceleratorState(PartialState):
     @classmethod
     def _reset_state(cls, reset_partial_state: bool = False, destroy_process_group: bool = False) -> None:  # type: ignore[override]
         """Forget the current Accelerator; with ``reset_partial_state`` the whole process state too."""
+        AcceleratorState._resets += 1
         if reset_partial_state:
             PartialState._reset_state(destroy_process_group=destroy_process_group)
             return
-        for key in (_KEY, "_plugins", "_mixed_precision"):
+        for key in (_KEY, "_plugins", "_mixed_precision", "_distributed_type"):
             cls._shared_state.pop(key, None)
+
+    _resets = 0
+
+    @classmethod
+    def generation(cls) -> int:
+        """How many times the state was reset (an Accelerator made before a reset cannot prepare after it)."""
+        return AcceleratorState._resets
 
     def __repr__(self) -> str:
         partial = super().__repr__().removeprefix("PartialState(")[:-1]
@@ -132,9 +170,19 @@ class GradientState:
 
     def __init__(self, gradient_accumulation_plugin: GradientAccumulationPlugin | None = None) -> None:
         self._plugin_kwargs = gradient_accumulation_plugin.to_kwargs() if gradient_accumulation_plugin else {}
+        self._bound: GradientAccumulation | None = None
+
+    @classmethod
+    def of(cls, policy: GradientAccumulation) -> GradientState:
+        """The view of one accumulation policy (``accelerator.gradient_state``), whichever Accelerator is current."""
+        state = cls()
+        state._bound = policy
+        return state
 
     @property
     def _policy(self) -> GradientAccumulation | None:
+        if self._bound is not None:
+            return self._bound
         accelerator = current_accelerator()
         return accelerator.accumulation if accelerator is not None else None
 

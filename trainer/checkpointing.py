@@ -161,7 +161,8 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
     for index, scheduler in enumerate(accelerator._schedulers[: saved["schedulers"]]):
         scheduler.load_state_dict(load_state_files(source, _name("scheduler", index)))
     for index, loader in enumerate(accelerator._dataloaders[: saved["dataloaders"]]):
-        loader.load_state_dict(load_state_files(source, _name("dataloader", index)))
+        loader.load_state_dict(load_state_files(source, _name("dataloader", index)),
+                               resume=accelerator.dataloader_config.use_stateful_dataloader)
     for index, obj in enumerate(accelerator._custom_objects[: saved["custom_objects"]]):
         obj.load_state_dict(load_state_files(source, _name("custom", index)))
     accelerator.precision.load_state_dict(load_state_files(source, "precision"))

@@ -17,11 +17,12 @@ import itertools
 import warnings
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSampler, Sampler
 
+from trainer.data_dispatch import dispatched_batches, dispatched_length
 from trainer.data_sharding import IterableDatasetShard as ItemShard
 from trainer.data_sharding import ShardedBatchSampler
 from trainer.operations import send_to_device
@@ -128,6 +129,7 @@ class Sharding:
     rank: int
     even_batches: bool = True
     split_batches: bool = False
+    dispatch_batches: bool = False  # process 0 reads, every process gets its slice (trainer.data_dispatch)
 
 
 def _shard_iterable(dataset: Any, batch_size: int | None, sharding: Sharding, drop_last: bool) -> Any:
@@ -165,16 +167,24 @@ def _rebuild(loader: DataLoader, sharding: Sharding | None = None,
                 batch_size //= sharding.num_replicas
             dataset = _shard_iterable(dataset, batch_size, sharding, loader.drop_last)
         return DataLoader(dataset, batch_size=batch_size, drop_last=loader.drop_last, **kwargs), None
-    sampler = loader.sampler
-    if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
-        sampler = SeedableRandomSampler(cast(Sized, dataset), replacement=sampler.replacement,
-                                        num_samples=sampler._num_samples, data_seed=seed)
-    if loader.batch_sampler is None:  # batch_size=None: the dataset yields whole batches
+    def seeded(sampler: Any) -> Any:
+        """An unseeded RandomSampler replaced by a seeded one (every process must draw the same order)."""
+        if type(sampler) is RandomSampler and sampler.generator is None and loader.generator is None:
+            return SeedableRandomSampler(sampler.data_source, replacement=sampler.replacement,
+                                         num_samples=sampler._num_samples, data_seed=seed)
+        if type(sampler) is BatchSampler and seeded(sampler.sampler) is not sampler.sampler:
+            return BatchSampler(seeded(sampler.sampler), sampler.batch_size, sampler.drop_last)
+        return sampler
+
+    sampler = seeded(loader.sampler)
+    if loader.batch_sampler is None:  # batch_size=None: the sampler or the dataset yields whole batches
         index_sampler: Any = sampler
     else:
         index_sampler = loader.batch_sampler
         if type(index_sampler) is BatchSampler and index_sampler.sampler is loader.sampler:
             index_sampler = BatchSampler(sampler, index_sampler.batch_size, loader.drop_last)
+        else:  # a batch sampler of the user's own: a plain BatchSampler over a RandomSampler is seeded too
+            index_sampler = seeded(index_sampler)
     if sharding is not None:
         index_sampler = ShardedBatchSampler(index_sampler, sharding.num_replicas, sharding.rank,
                                             even_batches=sharding.even_batches, split_batches=sharding.split_batches,
@@ -195,7 +205,10 @@ class PreparedDataLoader:
     def __init__(self, loader: DataLoader, device: torch.device | None = None,
                  policy: GradientAccumulation | None = None, sharding: Sharding | None = None,
                  agree: Callable[[Any], Any] | None = None, seed: int | None = None, non_blocking: bool = False) -> None:
-        self.base_dataloader, self._index_sampler = _rebuild(loader, sharding, seed)
+        self._dispatch = sharding if sharding is not None and sharding.dispatch_batches else None
+        self._agree = agree
+        self._dispatched_remainder = -1
+        self.base_dataloader, self._index_sampler = _rebuild(loader, None if self._dispatch else sharding, seed)
         sampler = self.sampler
         if isinstance(sampler, SeedableRandomSampler):
             sampler.advance_after_pass = False
@@ -210,6 +223,7 @@ class PreparedDataLoader:
         self.iteration = 0  # the epoch: completed passes, or what set_epoch said
         self.position = 0  # batches yielded (or skipped) in the current pass
         self.end_of_dataloader = False
+        self._resume_at = 0  # batches the next pass skips (set by load_state_dict)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("base_dataloader", "original_dataloader"):
@@ -217,6 +231,9 @@ class PreparedDataLoader:
         return getattr(self.base_dataloader, name)
 
     def __len__(self) -> int:
+        if self._dispatch is not None:
+            return dispatched_length(len(self.base_dataloader), self._dispatch.num_replicas,
+                                     self._dispatch.split_batches)
         return len(self.base_dataloader)
 
     @property
@@ -237,6 +254,8 @@ class PreparedDataLoader:
     @property
     def remainder(self) -> int:
         """Real samples in the last gathered round of this pass, or -1 when none were padded."""
+        if self._dispatch is not None:
+            return self._dispatched_remainder
         source = self._index_sampler.sampler if self._index_sampler is not None else self.base_dataloader.dataset
         return getattr(source, "remainder", -1)
 
@@ -244,7 +263,7 @@ class PreparedDataLoader:
     def remaining(self) -> int | None:
         """Batches still to come in this pass after the current one, or None when unknown."""
         try:
-            return len(self.base_dataloader) - self.position
+            return len(self) - self.position
         except TypeError:
             return None
 
@@ -252,25 +271,19 @@ class PreparedDataLoader:
         self.iteration = int(epoch)
 
     def __iter__(self) -> Iterator[Any]:
-        return self._iterate(skip=0)
+        skip, self._resume_at = self._resume_at, 0
+        return self._iterate(skip=skip)
 
     def _iterate(self, skip: int) -> Iterator[Any]:
         self._set_sampler_epoch(self.iteration)
         self.end_of_dataloader = False
         self.position = skip
         if self._index_sampler is not None:
-            self._index_sampler.skip = skip
+            self._index_sampler.skip = skip * (self._batches_per_step() if self._dispatch else 1)
         if self._policy is not None:
             self._policy.push_dataloader(self)
         try:
-            if skip:
-                # Creating an iterator draws the workers' base seed from the global RNG. The run
-                # being resumed drew it at the start of this epoch, before the checkpoint saved
-                # the RNG state, so drawing it again here would shift every later random number.
-                with torch.random.fork_rng(devices=[]):
-                    iterator = iter(self.base_dataloader)
-            else:
-                iterator = iter(self.base_dataloader)
+            iterator = self._open(skip)
             if self._index_sampler is None and skip:
                 warnings.warn(
                     f"Resuming {skip} batches into an iterable dataset: its batches cannot be skipped "
@@ -301,6 +314,35 @@ class PreparedDataLoader:
             if self._policy is not None:
                 self._policy.pop_dataloader(self)
 
+    def _batches_per_step(self) -> int:
+        assert self._dispatch is not None
+        return 1 if self._dispatch.split_batches else self._dispatch.num_replicas
+
+    def _open(self, skip: int) -> Iterator[Any]:
+        """An iterator over this process's batches of one pass (process 0 reads for all when dispatching)."""
+        source: Iterator[Any] | None = None
+        if self._dispatch is None or self._dispatch.rank == 0:
+            if skip:
+                # Creating an iterator draws the workers' base seed from the global RNG. The run
+                # being resumed drew it at the start of this epoch, before the checkpoint saved
+                # the RNG state, so drawing it again here would shift every later random number.
+                with torch.random.fork_rng(devices=[]):
+                    source = iter(self.base_dataloader)
+            else:
+                source = iter(self.base_dataloader)
+        if self._dispatch is None:
+            assert source is not None
+            return source
+        if self._agree is None:
+            raise ValueError("dispatch_batches=True needs a way to send batches from process 0 (agree=).")
+        self._dispatched_remainder = -1
+
+        def remember(real: int) -> None:
+            self._dispatched_remainder = real
+
+        return dispatched_batches(source, self._dispatch.num_replicas, self._dispatch.rank,
+                                  self._dispatch.split_batches, self._dispatch.even_batches, self._agree, remember)
+
     def _set_sampler_epoch(self, epoch: int) -> None:
         if self._index_sampler is not None:
             self._index_sampler.set_epoch(epoch)
@@ -315,9 +357,17 @@ class PreparedDataLoader:
             state["sampler"] = sampler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], resume: bool = True) -> None:
+        """Go back to ``state``: its epoch, its shuffle and (with ``resume``) its place in the epoch.
+
+        With ``resume`` the next pass starts where the state was taken, as a stateful loader does;
+        ``accelerator.load_state`` resumes so only with ``use_stateful_dataloader=True`` (otherwise the
+        loop skips the done batches itself with ``skip_first_batches``). An explicit
+        ``skip_first_batches`` always wins.
+        """
         self.iteration = int(state["iteration"])
         self.position = int(state.get("position", 0))
+        self._resume_at = self.position if resume else 0
         sampler = self.sampler
         if "sampler" in state and hasattr(sampler, "load_state_dict"):
             sampler.load_state_dict(state["sampler"])
@@ -331,6 +381,7 @@ class SkipFirstBatches:
         self.num_batches = num_batches
 
     def __iter__(self) -> Iterator[Any]:
+        self.loader._resume_at = 0  # an explicit skip replaces a pending resume
         return self.loader._iterate(skip=self.num_batches)
 
     def __len__(self) -> int:
@@ -374,20 +425,19 @@ def prepare_data_loader(dataloader: DataLoader, device: torch.device | None = No
     """
     from trainer.accelerator_state import current_accelerator
     from trainer.state import PartialState
-    from trainer.utils.configurations import DataLoaderConfiguration
     from trainer.utils.operations import broadcast_object_list
 
-    DataLoaderConfiguration(dispatch_batches=dispatch_batches)  # refuses dispatch_batches=True with the reason
     if slice_fn_for_dispatch is not None:
-        raise ValueError("prepare_data_loader(slice_fn_for_dispatch=...) only applies to dispatch_batches=True, "
-                         "which is not available here; leave it unset.")
+        raise ValueError("prepare_data_loader(slice_fn_for_dispatch=...): dispatched batches are sliced along their "
+                         "first dimension here; leave it unset.")
     if torch_device_mesh is not None:
         raise ValueError("prepare_data_loader(torch_device_mesh=...): sharding by a device mesh is the strategy's "
                          "job here; prepare the loader with accelerator.prepare instead.")
     state = PartialState()
     num_processes = state.num_processes if num_processes is None else num_processes
     process_index = state.process_index if process_index is None else process_index
-    sharding = Sharding(num_processes, process_index, even_batches, split_batches) if num_processes > 1 else None
+    sharding = Sharding(num_processes, process_index, even_batches, split_batches,
+                        bool(dispatch_batches)) if num_processes > 1 else None
     accelerator = current_accelerator()
 
     def agree(seed: Any) -> Any:

@@ -1,8 +1,9 @@
 """``get_logger``: a logger that logs on the main process only, or on every process in turn.
 
 ``trainer.logging`` is Accelerate's ``accelerate.logging``. Messages start with ``[RANK i]``, the
-process index. Each call takes two more keyword arguments: ``main_process_only`` (default True: the other processes stay quiet) and ``in_order``
-(every process logs, one after another by rank; ``main_process_only`` is then ignored).
+process index. Each call takes two more keyword arguments: ``main_process_only`` (default True: the
+other processes stay quiet) and ``in_order`` (every process logs, one after another by rank;
+``main_process_only`` is then ignored).
 """
 
 from __future__ import annotations

@@ -189,6 +189,10 @@ class PartialState:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        """Pickled, the state is "this process's state": unpickling gives the shared one of where it is loaded."""
+        return type(self), ()
+
     @classmethod
     def _reset_state(cls, destroy_process_group: bool = False) -> None:
         """Forget the shared state (tests; a notebook that re-launches)."""

@@ -19,8 +19,10 @@ class DataLoaderConfiguration:
 
     Args:
         split_batches: the loader's batch size is the global one, cut among the processes.
-        dispatch_batches: read each batch on process 0 and send slices to the others. Not available:
-            every process reads its own share here (the same samples reach the same processes).
+        dispatch_batches: process 0 reads each batch and sends every process its slice (see
+            ``trainer.data_dispatch``). Unset or False: every process reads its own share, an
+            ``IterableDataset`` too (Accelerate dispatches those by default; the same samples reach
+            the same processes either way when the data is deterministic).
         even_batches: complete the last round with samples from the start so every process steps
             equally often.
         use_seedable_sampler: shuffle with a seeded sampler. Shuffling here is always seeded (exact
@@ -37,12 +39,6 @@ class DataLoaderConfiguration:
     data_seed: int | None = None
     non_blocking: bool = False
     use_stateful_dataloader: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dispatch_batches:
-            raise ValueError("DataLoaderConfiguration(dispatch_batches=True) is not available: every process reads its "
-                             "own share of the data here, so leave dispatch_batches unset (an IterableDataset is sharded "
-                             "by process too).")
 
 
 @dataclass
