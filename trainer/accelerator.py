@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import gc
 import os
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,8 @@ from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
-from trainer.data_sharding import ShardedBatchSampler
 from trainer.devices import empty_cache
+from trainer.gradient_sync import GradientSync
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
 from trainer.profiling import Profiling
@@ -45,7 +44,7 @@ from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugi
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
 
-class Accelerator(ProcessView, TrackingView, Profiling):
+class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
     """Make a PyTorch training loop device-, precision- and strategy-agnostic.
 
     Args:
@@ -317,51 +316,6 @@ class Accelerator(ProcessView, TrackingView, Profiling):
     def accumulate(self, *models: nn.Module) -> AbstractContextManager[None]:
         """One micro-step: gradients synchronise and the optimizer steps only at group boundaries."""
         return MicroStep(self.accumulation, self.strategy, models)
-
-    @contextmanager
-    def join_uneven_inputs(self, joinables: list[nn.Module], even_batches: bool | None = None) -> Iterator[None]:
-        """Train on loaders that give processes different numbers of batches (``even_batches=False``).
-
-        A process that runs out keeps answering the others' gradient all-reduces (DDP's ``Join``)
-        instead of leaving them waiting forever. ``even_batches`` overrides the prepared map-style
-        loaders' setting inside the block.
-        """
-        if not str(self.distributed_type).startswith("MULTI_"):
-            if self.distributed_type != DistributedType.NO:
-                warnings.warn("Joining uneven inputs is only supported for multi-GPU training (and the other "
-                              "multi-device DDP layouts, MULTI_CPU included); join_uneven_inputs has no effect here.",
-                              stacklevel=3)
-            yield
-            return
-        changed = []
-        if even_batches is not None:
-            for loader in self._dataloaders:
-                sampler = loader.batch_sampler
-                if isinstance(sampler, ShardedBatchSampler):
-                    changed.append((sampler, sampler.even_batches))
-                    sampler.even_batches = even_batches
-                else:
-                    warnings.warn("Overriding even_batches is only supported for map-style datasets, yet some "
-                                  "dataloaders given were iterable.", stacklevel=3)
-        try:
-            if (self.even_batches if even_batches is None else even_batches):
-                yield
-            else:
-                with self.strategy.join(list(joinables)):
-                    yield
-        finally:
-            for sampler, value in changed:
-                sampler.even_batches = value
-
-    def trigger_sync_in_backward(self, model: nn.Module) -> AbstractContextManager[Any]:
-        """Synchronise gradients in the next backward even inside ``no_sync`` (a last micro-step written by hand)."""
-        return self.strategy.force_backward_sync(model)
-
-    @contextmanager
-    def no_sync(self, model: nn.Module) -> Iterator[None]:
-        """Backward without gradient synchronisation (for hand-written accumulation)."""
-        with self.strategy.no_backward_sync(model):
-            yield
 
     def backward(self, loss: torch.Tensor, num_tokens: Any = None, **kwargs: Any) -> None:
         """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once."""
