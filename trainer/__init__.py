@@ -97,8 +97,6 @@ def __getattr__(name: str) -> object:
         from trainer.inference.pipeline import prepare_pippy
 
         return prepare_pippy
-    from trainer.utils.unavailable import REASONS, unavailable
+    from trainer.utils.unavailable import refusing_getattr
 
-    if name in ("ParallelismConfig", "load_checkpoint_in_model", "cpu_offload_with_hook") and name in REASONS:
-        return unavailable(name)
-    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+    return refusing_getattr("trainer", ("ParallelismConfig", "load_checkpoint_in_model", "cpu_offload_with_hook"))(name)

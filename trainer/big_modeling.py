@@ -9,15 +9,10 @@ from trainer.inference import (
     load_checkpoint_and_dispatch,
 )
 from trainer.utils.modeling import infer_auto_device_map
+from trainer.utils.unavailable import refusing_getattr
 
-
-def __getattr__(name: str) -> type:
-    """``cpu_offload_with_hook`` and the other names that cannot mean the same here refuse with the reason."""
-    from trainer.utils.unavailable import REASONS, unavailable
-
-    if name in REASONS:
-        return unavailable(name)
-    raise AttributeError(f"module 'trainer.big_modeling' has no attribute {name!r}")
+# cpu_offload_with_hook and the other names that cannot mean the same here refuse with the reason.
+__getattr__ = refusing_getattr("trainer.big_modeling")
 
 
 __all__ = ["cpu_offload", "disk_offload", "dispatch_model", "infer_auto_device_map", "init_empty_weights",

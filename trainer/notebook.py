@@ -9,10 +9,8 @@ process whose CUDA is initialised breaks CUDA in the children, so that is refuse
 from __future__ import annotations
 
 import functools
-import os
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,6 +19,7 @@ import torch.distributed as dist
 from trainer import launch_environment as variables
 from trainer.precision import canonical_precision
 from trainer.state import PartialState
+from trainer.utils.environment import patch_environment
 
 
 def _entry(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,20 +33,6 @@ def _entry(function: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def notebook_launcher(function: Callable[..., Any], args: tuple = (), num_processes: int | None = None,
                       mixed_precision: str = "no", use_port: str | int = "29500", master_addr: str = "127.0.0.1",
                       node_rank: int = 0, num_nodes: int = 1, rdzv_backend: str = "static", max_restarts: int = 0,
@@ -59,7 +44,7 @@ def notebook_launcher(function: Callable[..., Any], args: tuple = (), num_proces
     """
     settings = {variables.PRECISION: canonical_precision(mixed_precision), variables.USE_CPU: "1" if cpu else "0"}
     if num_processes in (None, 1) and num_nodes == 1:
-        with _environment(settings):
+        with patch_environment(**settings):
             return {0: function(*args)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         raise RuntimeError(
@@ -78,7 +63,7 @@ def notebook_launcher(function: Callable[..., Any], args: tuple = (), num_proces
                           run_id=uuid.uuid4().hex, rdzv_endpoint=f"{master_addr}:{use_port}",
                           rdzv_backend=rdzv_backend, rdzv_configs={"rank": node_rank}, max_restarts=max_restarts,
                           monitor_interval=monitor_interval, start_method="fork")
-    with _environment(settings):
+    with patch_environment(**settings):
         return elastic_launch(config, entrypoint=_entry(function))(*args)
 
 

@@ -127,15 +127,10 @@ from trainer.utils.other import (
     write_basic_config,
 )
 from trainer.utils.random import synchronize_rng_state, synchronize_rng_states
-from trainer.utils.unavailable import REASONS as _UNAVAILABLE
-from trainer.utils.unavailable import unavailable as _unavailable
+from trainer.utils.unavailable import refusing_getattr
 
-
-def __getattr__(name: str) -> type:
-    """Accelerate's names that cannot mean the same here: importable, refusing with the reason when used."""
-    if name in _UNAVAILABLE:
-        return _unavailable(name)
-    raise AttributeError(f"module 'trainer.utils' has no attribute {name!r}")
+# Accelerate's names that cannot mean the same here: importable, refusing with the reason when used.
+__getattr__ = refusing_getattr("trainer.utils")
 
 
 __all__ = [

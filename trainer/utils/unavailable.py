@@ -7,6 +7,7 @@ that ``trainer launch`` replaces, or features of packages the project does not d
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
 
 _DEEPSPEED = ("the DeepSpeed strategy owns the engine: use Accelerator(deepspeed_plugin=DeepSpeedPlugin(...)) or "
@@ -74,3 +75,15 @@ def unavailable(name: str) -> type:
 
     return type(name, (), {"__init__": refuse, "__doc__": f"Not available: {reason}.",
                            "__module__": "trainer.utils"})
+
+
+def refusing_getattr(module: str, names: Iterable[str] | None = None) -> Callable[[str], type]:
+    """A module ``__getattr__`` that answers ``names`` (default: every name above) with a refusing class."""
+    allowed = set(REASONS if names is None else names)
+
+    def __getattr__(name: str) -> type:
+        if name in allowed and name in REASONS:
+            return unavailable(name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__
