@@ -168,6 +168,14 @@ class Strategy:
         """Adapt an optimizer to the prepared models (called by ``prepare``, after the models); return it."""
         return optimizer
 
+    def setup_scheduler(self, scheduler: Any, split_batches: bool = False) -> Any:
+        """Adapt an LR scheduler (called by ``prepare``, after the optimizers); return it.
+
+        ``split_batches`` says whether the loaders' batches are global (cut among the processes).
+        Strategies whose engine steps the scheduler itself (DeepSpeed's config section) check it here.
+        """
+        return scheduler
+
     def unwrap_module(self, module: nn.Module) -> nn.Module:
         """Return the user's module inside whatever wrapper ``setup_module`` added (``unwrap_model``, checkpoints)."""
         return module

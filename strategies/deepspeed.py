@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,16 @@ from . import deepspeed_checkpoint as checkpoint_files
 from .base import Strategy
 from .deepspeed_config import (
     ConfigOptimizer,
+    ConfigScheduler,
     build_config,
     check_accumulation,
     check_clipping,
+    check_scheduler,
     resolve_config,
     uses_nvme,
     zero_init_config,
 )
+from .deepspeed_wrappers import DeepSpeedModule, EngineScaledPrecision
 from .policies import AccumulationPolicy, PrecisionPolicy
 from .spec import Option, Package, StrategySpec
 
@@ -64,84 +67,6 @@ def _import_deepspeed() -> Any:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
                             r"is deprecated", category=FutureWarning)
     return deepspeed
-
-
-class DeepSpeedModule(nn.Module):
-    """What ``prepare`` returns for a model under DeepSpeed: the user's module, run through the engine.
-
-    The engine is built at the first forward; ``parameters()``, ``train()``, ``eval()`` and
-    ``state_dict()`` are the user's module's, so code written for the plain model keeps working.
-    """
-
-    _strategy: DeepSpeed  # kept out of the module's attributes: the strategy is no part of the model
-
-    def __init__(self, module: nn.Module, strategy: DeepSpeed) -> None:
-        super().__init__()
-        self.module = module
-        self.__dict__["_strategy"] = strategy
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._strategy.engine(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> DeepSpeedModule:
-        super().train(mode)
-        engine = self._strategy._engine
-        if engine is not None:
-            engine.train(mode)
-        return self
-
-
-class EngineScaledPrecision:
-    """The Accelerator's precision policy with loss scaling and the optimizer step left to the engine.
-
-    Autocast and the forward's output casting stay the policy's; the engine scales fp16 losses,
-    unscales the gradients and skips overflowing steps itself, so the loss passes through
-    unscaled and the step is the engine's. ``optimizer_step`` reports a skipped step, so the
-    prepared scheduler does not advance on it.
-    """
-
-    scaler = None
-
-    def __init__(self, precision: PrecisionPolicy, strategy: DeepSpeed) -> None:
-        self.precision = precision
-        self._strategy = strategy
-
-    @property
-    def name(self) -> str:
-        return self.precision.name
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return self.precision.dtype
-
-    @property
-    def is_mixed(self) -> bool:
-        return self.precision.is_mixed
-
-    def autocast(self, **kwargs: Any) -> AbstractContextManager[Any]:
-        return self.precision.autocast(**kwargs)
-
-    def wrap_forward(self, forward: Callable[..., Any]) -> Callable[..., Any]:
-        return self.precision.wrap_forward(forward)
-
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        return self.precision.convert_module(module)
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss
-
-    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        pass
-
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, step: Callable[..., Any], **kwargs: Any) -> bool:
-        step(**kwargs)
-        return self._strategy.last_step_applied
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}  # the engine's loss scale is part of the strategy's checkpoint files
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 class DeepSpeed(Strategy):
@@ -221,6 +146,8 @@ class DeepSpeed(Strategy):
         self._engine: Any = None
         self._wrapper: DeepSpeedModule | None = None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: Any = None  # the prepared LR scheduler (a ConfigScheduler stands for the config's)
+        self._split_batches = False
         self._precision: PrecisionPolicy | None = None
         self._accumulation: AccumulationPolicy | None = None
         self._batch_size: int | None = None
@@ -248,7 +175,9 @@ class DeepSpeed(Strategy):
             self.config, steps=self._accumulation.steps if self._accumulation is not None else 1,
             batch_size=self._batch_size, num_processes=self.num_processes, precision_sections=self._precision_sections(),
             precision_name=self._precision.name if self._precision is not None else "no", clip=self._clip,
-            optimizer_defaults=self._optimizer.defaults if isinstance(self._optimizer, ConfigOptimizer) else {})
+            optimizer_defaults=self._optimizer.defaults if isinstance(self._optimizer, ConfigOptimizer) else {},
+            scheduler_values=self._scheduler.auto_values(self.num_processes, self._split_batches)
+            if isinstance(self._scheduler, ConfigScheduler) else None)
 
     # -- environment and the run's policies ---------------------------------------------------------------
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
@@ -300,6 +229,13 @@ class DeepSpeed(Strategy):
         self._optimizer = optimizer
         return optimizer
 
+    def setup_scheduler(self, scheduler: Any, split_batches: bool = False) -> Any:
+        if self._engine is not None:
+            raise ValueError("Prepare the scheduler before the model's first forward: the DeepSpeed engine is built then.")
+        check_scheduler(self.config, scheduler)
+        self._scheduler, self._split_batches = scheduler, split_batches
+        return scheduler
+
     def unwrap_module(self, module: nn.Module) -> nn.Module:
         return module.module if isinstance(module, DeepSpeedModule) else module
 
@@ -325,7 +261,12 @@ class DeepSpeed(Strategy):
             kwargs["model_parameters"] = [p for p in module.parameters() if p.requires_grad]
         else:
             kwargs["optimizer"] = optimizer
-        engine, _, _, _ = deepspeed.initialize(**kwargs)
+        scheduler = self._scheduler if isinstance(self._scheduler, ConfigScheduler) else None
+        if scheduler is not None and scheduler.lr_scheduler_callable is not None:
+            kwargs["lr_scheduler"] = scheduler.lr_scheduler_callable
+        engine, _, _, engine_scheduler = deepspeed.initialize(**kwargs)
+        if scheduler is not None:
+            scheduler.attach(engine_scheduler)
         if isinstance(optimizer, ConfigOptimizer):
             # The placeholder shows the real optimizer's groups and state (a scheduler made on it drives them).
             real = getattr(engine.optimizer, "optimizer", engine.optimizer)
@@ -478,7 +419,7 @@ class DeepSpeed(Strategy):
         if engine is not None:
             engine.destroy()
             del engine
-        self._wrapper, self._optimizer = None, None
+        self._wrapper, self._optimizer, self._scheduler = None, None, None
         import gc
 
         gc.collect()

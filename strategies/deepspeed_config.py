@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -40,6 +41,67 @@ class ConfigOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         raise RuntimeError("ConfigOptimizer only stands for the DeepSpeed config's optimizer: prepare it with the "
                            "Accelerator, whose optimizer.step() steps the engine.")
+
+
+class ConfigScheduler:
+    """Stands for the LR scheduler that the DeepSpeed config's ``scheduler`` section describes.
+
+    Prepare it like a scheduler; DeepSpeed builds the real one with the engine and steps it at each
+    optimizer step, so ``step()`` here does nothing. ``warmup_num_steps`` and ``total_num_steps``
+    (counted over all processes, as for a scheduler sized from the unprepared loader) fill the
+    section's ``"auto"`` values; ``lr_scheduler_callable(optimizer)`` builds a scheduler instead.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_num_steps: int | None = None, warmup_num_steps: int = 0,
+                 lr_scheduler_callable: Callable[[Any], Any] | None = None, **kwargs: Any) -> None:
+        self.optimizer = optimizer
+        self.total_num_steps, self.warmup_num_steps = total_num_steps, warmup_num_steps
+        self.lr_scheduler_callable, self.kwargs = lr_scheduler_callable, kwargs
+        self.engine_scheduler: Any = None  # set when the engine is built
+        self._pending: dict[str, Any] | None = None
+
+    def auto_values(self, num_processes: int, split_batches: bool) -> dict[str, Any]:
+        """The section's ``"auto"`` parameters this scheduler fills (steps per process)."""
+        values: dict[str, Any] = {"warmup_num_steps": self.warmup_num_steps}
+        if self.total_num_steps is not None:
+            values["total_num_steps"] = self.total_num_steps if split_batches else \
+                math.ceil(self.total_num_steps / num_processes)
+        return values
+
+    def attach(self, engine_scheduler: Any) -> None:
+        self.engine_scheduler = engine_scheduler
+        if self._pending is not None and engine_scheduler is not None:
+            engine_scheduler.load_state_dict(self._pending)
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing: the engine steps the real scheduler with the optimizer."""
+
+    def get_last_lr(self) -> list[float]:
+        if self.engine_scheduler is not None and hasattr(self.engine_scheduler, "get_last_lr"):
+            return list(self.engine_scheduler.get_last_lr())
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.engine_scheduler.state_dict()) if self.engine_scheduler is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.engine_scheduler is not None:
+            self.engine_scheduler.load_state_dict(state)
+        else:
+            self._pending = state
+
+
+def check_scheduler(config: dict[str, Any], scheduler: Any) -> None:
+    """Refuse a scheduler that would be stepped twice, or a stand-in for a section the config lacks."""
+    in_config = "scheduler" in config
+    if isinstance(scheduler, ConfigScheduler):
+        if not in_config and scheduler.lr_scheduler_callable is None:
+            raise ValueError("DummyScheduler stands for the DeepSpeed config's scheduler, and the config has no "
+                             "'scheduler' section: add one, pass lr_scheduler_callable=, or prepare a torch scheduler.")
+    elif in_config:
+        raise ValueError(f"The DeepSpeed config has a 'scheduler' section, which the engine steps, and a "
+                         f"{type(scheduler).__name__} was prepared too: prepare DummyScheduler(optimizer, ...) to use "
+                         "the config's, or remove the section to use yours.")
 
 
 def is_auto(value: Any) -> bool:
@@ -114,7 +176,7 @@ def check_clipping(config: dict[str, Any], max_norm: float) -> None:
 
 def resolve_config(config: dict[str, Any], *, steps: int, batch_size: int | None, num_processes: int,
                    precision_sections: dict[str, bool], precision_name: str, clip: float | None,
-                   optimizer_defaults: dict[str, Any]) -> dict[str, Any]:
+                   optimizer_defaults: dict[str, Any], scheduler_values: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config the engine is built with: every ``"auto"`` filled from the run, every clash an error.
 
     ``precision_sections`` says which of DeepSpeed's ``fp16``/``bf16`` sections the run's precision
@@ -150,6 +212,10 @@ def resolve_config(config: dict[str, Any], *, steps: int, batch_size: int | None
     config["managed_gradient_accumulation"] = False
     config.setdefault("zero_allow_untested_optimizer", True)
     _fill_optimizer_autos(config, optimizer_defaults)
+    section = (config.get("scheduler") or {}).get("params", {})
+    for key, value in (scheduler_values or {}).items():
+        if is_auto(section.get(key)):
+            section[key] = value
     _drop_auto_zero_sizes(config["zero_optimization"])
     left = _auto_paths(config)
     if left:

@@ -289,3 +289,45 @@ def test_find_executable_batch_size_shrinks_on_real_out_of_memory_errors():
 
     with pytest.raises(ValueError, match="not about memory"):
         wrong()
+
+
+def test_fsdp_state_dict_configs_set_the_state_dict_type_and_must_agree_with_it():
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, ShardedStateDictConfig
+
+    full = FullyShardedDataParallelPlugin(state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=False),
+                                          optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False))
+    assert Accelerator(cpu=True, fsdp_plugin=full).strategy.state_dict_type == "FULL_STATE_DICT"
+    PartialState._reset_state()
+    sharded = FullyShardedDataParallelPlugin(state_dict_config=ShardedStateDictConfig())
+    assert Accelerator(cpu=True, fsdp_plugin=sharded).strategy.state_dict_type == "SHARDED_STATE_DICT"
+    PartialState._reset_state()
+    with pytest.raises(ValueError, match=r"state_dict_config=FullStateDictConfig\(\.\.\.\)\) asks for a FULL_STATE_DICT "
+                                         r"but state_dict_type is 'SHARDED_STATE_DICT'"):
+        Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(
+            state_dict_type="SHARDED_STATE_DICT", state_dict_config=FullStateDictConfig()))
+
+
+def test_prepared_optimizers_pass_train_and_eval_on_and_save_writes_once(tmp_path):
+    class ModalSGD(torch.optim.SGD):  # an optimizer with modes, as schedule-free ones have
+        mode = "train"
+
+        def train(self):
+            self.mode = "train"
+
+        def eval(self):
+            self.mode = "eval"
+
+    accelerator = Accelerator(cpu=True)
+    parameter = torch.nn.Parameter(torch.ones(2))
+    modal, plain = accelerator.prepare(ModalSGD([parameter], lr=0.1), torch.optim.SGD([parameter], lr=0.1))
+    modal.eval()
+    assert modal.optimizer.mode == "eval"
+    modal.train()
+    plain.eval()  # no modes: nothing to do
+    assert modal.optimizer.mode == "train"
+    accelerator.save({"weight": torch.arange(3.0)}, tmp_path / "state.safetensors", safe_serialization=True)
+    accelerator.save({"step": 3}, tmp_path / "state.pt")
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(tmp_path / "state.safetensors")["weight"], torch.arange(3.0))
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {"step": 3}

@@ -116,11 +116,11 @@ def test_every_accelerate_name_imports_from_the_trainer_path(module, names):
 
 
 def test_names_that_cannot_mean_the_same_refuse_with_what_to_use_instead():
-    from trainer.utils import DummyScheduler, MegatronEngine, save_fsdp_model
+    from trainer.utils import MegatronEngine, MegatronLMDummyScheduler, save_fsdp_model
 
     for refusing, expected in ((MegatronEngine, "megatron_lm_plugin=MegatronLMPlugin"),
                                (save_fsdp_model, "accelerator.save_state()"),
-                               (DummyScheduler, "scheduler section")):
+                               (MegatronLMDummyScheduler, "strategy='megatron'")):
         with pytest.raises(NotImplementedError, match="is not available here: ") as error:
             refusing()
         assert expected in str(error.value)

@@ -40,6 +40,7 @@ from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumu
 from trainer.utils.dynamo import TorchDynamoPlugin
 from trainer.utils.enums import DistributedType, DynamoBackend, as_distributed_type
 from trainer.utils.kwargs_handlers import KwargsHandler
+from trainer.utils.other import save
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
@@ -274,6 +275,7 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         (the processes that read different data), as Accelerate does, so a schedule sized from the
         unprepared loader ends with the data; once with ``split_batches`` (the batch is global).
         """
+        scheduler = self.strategy.setup_scheduler(scheduler, self.split_batches)
         owners = [opt for opt in self._optimizers if opt.optimizer is getattr(scheduler, "optimizer", None)]
         if steps_per_update is None:
             shards = (self.strategy.distributed_sampler_kwargs or {}).get("num_replicas", 1)
@@ -444,6 +446,11 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self.strategy.save_module(model, path)
         self.wait_for_everyone()
         return path
+
+    def save(self, obj: Any, f: str | os.PathLike, safe_serialization: bool = False) -> None:
+        """Save ``obj`` once, from the main process (``torch.save``; safetensors for a dict of tensors if asked)."""
+        save(obj, f, save_on_each_node=self.project_configuration.save_on_each_node,
+             safe_serialization=safe_serialization)
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         return (self.unwrap_model(model) if unwrap else model).state_dict()

@@ -68,6 +68,16 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._strategy.load_optimizer_state_dict(self.optimizer, state_dict)
 
+    def train(self) -> None:
+        """Put an optimizer with modes (schedule-free optimizers) in training mode; others have none."""
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()
+
+    def eval(self) -> None:
+        """Put an optimizer with modes (schedule-free optimizers) in evaluation mode; others have none."""
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._policy.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -141,8 +151,12 @@ class AcceleratedScheduler:
 
 
 def is_scheduler(obj: Any) -> bool:
-    """Whether ``obj`` is a torch learning-rate scheduler (``prepare`` wraps those in AcceleratedScheduler)."""
-    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
+    """Whether ``obj`` is a learning-rate scheduler (``prepare`` wraps those in AcceleratedScheduler): a torch one,
+    or a stand-in for one an engine builds (``DummyScheduler``)."""
+    from trainer.strategies.deepspeed_config import ConfigScheduler
+
+    return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau,
+                            ConfigScheduler))
 
 
 def prepare_order(obj: Any) -> int:

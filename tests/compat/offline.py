@@ -84,7 +84,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
+                                   sep_token="[SEP]", mask_token="[MASK]", eos_token="[SEP]", model_max_length=128,
                                    model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 

@@ -49,7 +49,7 @@ from trainer.utils.dataclasses import (
     RNGType,
     SageMakerDistributedType,
 )
-from trainer.utils.dummies import DummyOptim  # noqa: E402 - after the names it builds on
+from trainer.utils.dummies import DummyOptim, DummyScheduler  # noqa: E402 - after the names it builds on
 from trainer.utils.dynamo import TorchDynamoPlugin
 from trainer.utils.environment import (
     check_os_kernel,
@@ -145,7 +145,8 @@ __all__ = [
     "pad_input_tensors", "recursively_apply", "reduce", "release_memory", "send_to_device", "set_seed",
     "should_reduce_batch_size", "slice_tensors",
 
-    "DummyOptim", "ProfileKwargs", "TorchDynamoPlugin", "TensorInformation", "check_device_map", "check_os_kernel",
+    "DummyOptim", "DummyScheduler", "ProfileKwargs", "TorchDynamoPlugin", "TensorInformation", "check_device_map",
+    "check_os_kernel",
     "clean_state_dict_for_safetensors", "clear_environment", "compute_module_sizes", "convert_bytes",
     "convert_dict_to_env_variables", "convert_file_size_to_int", "dtype_byte_size", "extract_model_from_parallel",
     "find_tied_parameters", "get_cpu_distributed_information", "get_current_device_type", "get_grad_scaler",

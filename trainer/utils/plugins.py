@@ -89,8 +89,10 @@ class FullyShardedDataParallelPlugin(StrategyPlugin):
         cpu_offload: keep sharded parameters on the CPU (a bool, or torch's ``CPUOffload``/``CPUOffloadPolicy``).
         ignored_modules: not available (every module is sharded).
         state_dict_type: ``"FULL_STATE_DICT"``, ``"SHARDED_STATE_DICT"`` or ``"LOCAL_STATE_DICT"``, any case.
-        state_dict_config: not available (state dicts are full or sharded as ``state_dict_type`` says).
-        optim_state_dict_config: not available (as ``state_dict_config``).
+        state_dict_config: torch's ``FullStateDictConfig`` or ``ShardedStateDictConfig``: sets
+            ``state_dict_type`` (they must agree when both are given). Its ``offload_to_cpu`` and
+            ``rank0_only`` have no effect: full state dicts are gathered to the CPU of every process.
+        optim_state_dict_config: the optimizer's (``FullOptimStateDictConfig``...): must agree with it.
         limit_all_gathers: accepted, with no effect (FSDP 1's rate limiter).
         use_orig_params: accepted, with no effect (``fully_shard`` keeps the original parameters).
         param_init_fn: not available: build on the meta device and use ``cpu_ram_efficient_loading``.
@@ -128,14 +130,27 @@ class FullyShardedDataParallelPlugin(StrategyPlugin):
     keys: ClassVar[dict[str, str]] = {"cpu_offload": "fsdp_offload_params",
                                       "transformer_cls_names_to_wrap": "fsdp_transformer_layer_cls_to_wrap"}
     arguments: ClassVar[dict[str, str]] = {"mixed_precision_policy": "mixed_precision"}
-    no_effect: ClassVar[tuple[str, ...]] = ("fsdp_version", "limit_all_gathers", "use_orig_params")
+    no_effect: ClassVar[tuple[str, ...]] = ("fsdp_version", "limit_all_gathers", "use_orig_params", "state_dict_config",
+                                            "optim_state_dict_config")  # the last two: by strategy_arguments
     unsupported: ClassVar[dict[str, str]] = {
         "ignored_modules": "fully_shard shards every module here; leave the modules out of the model, or freeze them.",
-        "state_dict_config": "state dicts are full or sharded as state_dict_type says; leave it unset.",
-        "optim_state_dict_config": "optimizer state follows state_dict_type; leave it unset.",
         "param_init_fn": "build the model on the meta device where process_index != 0 and set "
                          "cpu_ram_efficient_loading=True: process 0's weights are sent to the others.",
     }
+
+    def strategy_arguments(self) -> dict[str, Any]:
+        kinds = {name: _state_dict_kind(name, getattr(self, name))
+                 for name in ("state_dict_config", "optim_state_dict_config") if getattr(self, name) is not None}
+        given = _name_of(self.state_dict_type) if self.state_dict_type is not None else None
+        for name, kind in kinds.items():
+            if (given or kind) != kind:
+                raise ValueError(f"FullyShardedDataParallelPlugin({name}={type(getattr(self, name)).__name__}(...)) "
+                                 f"asks for a {kind} but state_dict_type is {given!r}: make them agree.")
+            given = kind
+        arguments = super().strategy_arguments()
+        if given is not None:
+            arguments["state_dict_type"] = given
+        return arguments
 
     def convert(self, name: str, value: Any) -> Any:
         if name in ("sharding_strategy", "backward_prefetch", "state_dict_type"):
@@ -150,6 +165,17 @@ class FullyShardedDataParallelPlugin(StrategyPlugin):
         if name == "mixed_precision_policy":
             return _param_dtype(value)
         return value
+
+
+def _state_dict_kind(name: str, config: Any) -> str:
+    """``FULL_STATE_DICT``/``SHARDED_STATE_DICT``/``LOCAL_STATE_DICT`` from torch's (optimizer) state-dict config."""
+    kind = type(config).__name__.replace("Optim", "")
+    for prefix, state_dict_type in (("Full", "FULL_STATE_DICT"), ("Sharded", "SHARDED_STATE_DICT"),
+                                    ("Local", "LOCAL_STATE_DICT")):
+        if kind.startswith(prefix):
+            return state_dict_type
+    raise ValueError(f"FullyShardedDataParallelPlugin({name}={config!r}): give torch's FullStateDictConfig or "
+                     "ShardedStateDictConfig (or their Optim versions), or set state_dict_type instead.")
 
 
 def _wrap_policy(policy: Any) -> Any:

@@ -28,8 +28,6 @@ REASONS: dict[str, str] = {
                      "HfDeepSpeedConfig", "DeepSpeedSequenceParallelConfig", "get_active_deepspeed_plugin",
                      "map_pytorch_optim_to_deepspeed", "deepspeed_required", "compile_regions_deepspeed"], _DEEPSPEED),
     "GatheredParameters": "use deepspeed.zero.GatheredParameters from the deepspeed package itself",
-    "DummyScheduler": ("the DeepSpeed config's scheduler section is not driven here: remove it and prepare a torch LR "
-                       "scheduler built on the prepared DummyOptim (it shows the real optimizer's param_groups)"),
     **dict.fromkeys(["AbstractTrainStep", "BertTrainStep", "GPTTrainStep", "T5TrainStep", "MegatronEngine",
                      "MegatronLMDummyDataLoader", "MegatronLMDummyScheduler", "MegatronLMOptimizerWrapper",
                      "MegatronLMSchedulerWrapper", "add_model_config_to_megatron_parser",
