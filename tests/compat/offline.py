@@ -127,4 +127,6 @@ class evaluate:  # noqa: N801 - stands where the module name stands in the upstr
         """``evaluate.load`` of the local metric script for ``("glue", "mrpc")``."""
         if path != "glue":
             raise ValueError(f"offline.evaluate has no local metric {path!r}")
+        # In memory: on disk the processes' metric files share one lock, and evaluate waits a second for it.
+        kwargs.setdefault("keep_in_memory", True)
         return _evaluate.load(str(HERE / "metrics" / "glue" / "glue.py"), config_name, **kwargs)
