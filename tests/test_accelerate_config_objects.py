@@ -331,3 +331,22 @@ def test_prepared_optimizers_pass_train_and_eval_on_and_save_writes_once(tmp_pat
 
     assert torch.equal(load_file(tmp_path / "state.safetensors")["weight"], torch.arange(3.0))
     assert torch.load(tmp_path / "state.pt", weights_only=True) == {"step": 3}
+
+
+def test_the_constructor_takes_every_argument_of_accelerates():
+    import inspect
+
+    upstream = ["device_placement", "split_batches", "mixed_precision", "gradient_accumulation_steps", "cpu",
+                "dataloader_config", "deepspeed_plugin", "fsdp_plugin", "torch_tp_plugin", "megatron_lm_plugin",
+                "rng_types", "log_with", "project_dir", "project_config", "gradient_accumulation_plugin",
+                "step_scheduler_with_optimizer", "kwargs_handlers", "dynamo_backend", "dynamo_plugin",
+                "deepspeed_plugins", "parallelism_config"]
+    assert not set(upstream) - set(inspect.signature(Accelerator).parameters)
+    Accelerator(cpu=True, rng_types=["torch", "generator"])  # accepted: shuffling is seeded, nothing to sync
+    for arguments, message in (({"rng_types": ["torhc"]}, r"rng_types=\['torhc'\]: not a random number generator"),
+                               ({"parallelism_config": object()}, "parallelism_config= is not available"),
+                               ({"torch_tp_plugin": object()}, "torch_tp_plugin= is not available"),
+                               ({"deepspeed_plugin": DeepSpeedPlugin(), "deepspeed_plugins": DeepSpeedPlugin()},
+                                "deepspeed_plugin= and deepspeed_plugins= were both given")):
+        with pytest.raises(ValueError, match=message):
+            Accelerator(cpu=True, **arguments)

@@ -83,6 +83,10 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         dynamo_backend: compile prepared models with ``torch.compile`` and this backend (``"inductor"``...);
             by default the launch's ``dynamo_config``, else no compiling.
         dynamo_plugin: a ``TorchDynamoPlugin`` (backend, mode, fullgraph, regional compilation...) instead.
+        deepspeed_plugins: Accelerate's other name for ``deepspeed_plugin``.
+        rng_types: checked and accepted: shuffling is seeded here, so no random state needs syncing.
+        torch_tp_plugin: not available (tensor parallelism is a strategy option here).
+        parallelism_config: not available (N-D parallelism is a strategy option here).
     """
 
     def __init__(
@@ -107,6 +111,10 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         megatron_lm_plugin: MegatronLMPlugin | None = None,
         dynamo_backend: DynamoBackend | str | None = None,
         dynamo_plugin: TorchDynamoPlugin | None = None,
+        deepspeed_plugins: DeepSpeedPlugin | dict[str, DeepSpeedPlugin] | None = None,
+        rng_types: list[str] | None = None,
+        torch_tp_plugin: Any = None,
+        parallelism_config: Any = None,
         **unknown: Any,
     ) -> None:
         if unknown:
@@ -123,7 +131,9 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
                           gradient_accumulation_plugin=gradient_accumulation_plugin,
                           accumulation_normalize=accumulation_normalize, dataloader_config=dataloader_config,
                           split_batches=split_batches, even_batches=even_batches, project_config=project_config,
-                          project_dir=project_dir, dynamo_backend=dynamo_backend, dynamo_plugin=dynamo_plugin)
+                          project_dir=project_dir, dynamo_backend=dynamo_backend, dynamo_plugin=dynamo_plugin,
+                          deepspeed_plugins=deepspeed_plugins, rng_types=rng_types, torch_tp_plugin=torch_tp_plugin,
+                          parallelism_config=parallelism_config)
         self.accumulation = settings.accumulation
         check_strategy_requirements(settings.strategy)  # a missing backend package fails here, before any work
         self.state = AcceleratorState.attach(self, cpu=cpu, plugins={

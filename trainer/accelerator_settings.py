@@ -55,7 +55,8 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
            gradient_accumulation_plugin: Any, accumulation_normalize: str,
            dataloader_config: DataLoaderConfiguration | None, split_batches: bool | None, even_batches: bool | None,
            project_config: ProjectConfiguration | None, project_dir: str | os.PathLike | None,
-           dynamo_backend: Any = None, dynamo_plugin: TorchDynamoPlugin | None = None) -> Settings:
+           dynamo_backend: Any = None, dynamo_plugin: TorchDynamoPlugin | None = None, deepspeed_plugins: Any = None,
+           rng_types: Any = None, torch_tp_plugin: Any = None, parallelism_config: Any = None) -> Settings:
     """Sort the grouped arguments; raise on conflicts, before any process group or device is touched.
 
     What ``trainer launch`` handed over (the strategy, the accumulation steps) applies where the
@@ -63,6 +64,15 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
     """
     settings = Settings(strategy=strategy or os.environ.get(variables.STRATEGY))
     _handlers(settings, kwargs_handlers)
+    if deepspeed_plugins is not None:
+        if deepspeed_plugin is not None:
+            raise ValueError("deepspeed_plugin= and deepspeed_plugins= were both given: they are one argument; give one.")
+        deepspeed_plugin = deepspeed_plugins
+    for name, value in (("torch_tp_plugin", torch_tp_plugin), ("parallelism_config", parallelism_config)):
+        if value is not None:
+            raise ValueError(f"{name}= is not available: tensor, context and data parallel sizes are strategy options "
+                             "here (strategy='megatron' for tensor parallelism, 'fsdp' for sharding).")
+    _check_rng_types(rng_types)
     _plugins(settings, fsdp_plugin, _one_deepspeed_plugin(deepspeed_plugin), megatron_lm_plugin)
     settings.accumulation = _accumulation(gradient_accumulation_steps, gradient_accumulation_plugin, accumulation_normalize)
     if dynamo_plugin is not None and dynamo_backend is not None:
@@ -135,6 +145,17 @@ def _handlers(settings: Settings, handlers: Iterable[KwargsHandler] | None) -> N
         init = seen[InitProcessGroupKwargs]
         assert isinstance(init, InitProcessGroupKwargs)
         settings.state = init.state_arguments()
+
+
+RNG_TYPES = ("torch", "cuda", "mlu", "sdaa", "musa", "npu", "xla", "xpu", "hpu", "generator")
+
+
+def _check_rng_types(rng_types: Any) -> None:
+    """Accelerate syncs these random states at each epoch; seeded shuffling makes that unnecessary, names are checked."""
+    for rng_type in rng_types or ():
+        name = str(getattr(rng_type, "value", rng_type))
+        if name not in RNG_TYPES:
+            raise ValueError(f"rng_types=[{name!r}]: not a random number generator type; use {', '.join(RNG_TYPES)}.")
 
 
 def _one_deepspeed_plugin(plugin: Any) -> DeepSpeedPlugin | None:
