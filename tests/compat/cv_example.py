@@ -17,6 +17,10 @@ on this CPU build of torch with ``RuntimeError: operator torchvision::nms does n
 Changed values: image_size 224 -> 32, batch_size 64 -> 16; the data: 3 classes x 81 images (the
 eval split, 49 images, is odd, so on 2 processes the last round is padded).
 
+``--num_workers`` (default 4, upstream's value) exists for the 2-process test, which passes 0: on
+2 processes with 4 forked workers each, one run in about twenty hung in the third epoch (on this
+2-core machine, cause not found yet); the one-process test keeps upstream's 4 workers.
+
 Checks: the eval accuracy of the last epoch is at least 90 % (chance is 33 %), and every epoch
 ``gather_for_metrics`` returns exactly one prediction per validation image, in data set order.
 """
@@ -185,8 +189,8 @@ def training_function(config, args):
     eval_tfm = Compose([Resize(image_size), ToTensor()])
     eval_dataset = PetsDataset([file_names[i] for i in eval_split], image_transform=eval_tfm, label_to_id=label_to_id)
 
-    train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=batch_size, num_workers=4)
-    eval_dataloader = DataLoader(eval_dataset, shuffle=False, batch_size=batch_size, num_workers=4)
+    train_dataloader = DataLoader(train_dataset, shuffle=True, batch_size=batch_size, num_workers=args.num_workers)
+    eval_dataloader = DataLoader(eval_dataset, shuffle=False, batch_size=batch_size, num_workers=args.num_workers)
 
     model = create_model("resnet50d", pretrained=True, num_classes=len(label_to_id))
     model = model.to(accelerator.device)
@@ -252,6 +256,7 @@ def main():
     parser.add_argument("--data_dir", required=True, help="Only names the synthetic images.")
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16", "fp8"])
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--num_workers", type=int, default=4, help="Upstream's 4; the 2-process test passes 0.")
     args = parser.parse_args()
     config = {"lr": 3e-2, "num_epochs": 3, "seed": 42, "batch_size": 16, "image_size": 32}
     training_function(config, args)
