@@ -114,7 +114,7 @@ def build_config(config: dict[str, Any] | str | os.PathLike | None, *, zero_stag
                  gradient_clipping: float | None, gradient_accumulation_steps: int | None,
                  zero3_save_16bit_model: bool | None) -> dict[str, Any]:
     """The config with the constructor's arguments put in; a concrete value that disagrees is an error."""
-    config = _load_config(config)
+    config = load_config(config)
     zero = config.setdefault("zero_optimization", {})
     if zero_stage is not None:
         if zero_stage not in (0, 1, 2, 3):
@@ -251,7 +251,8 @@ def _fill_optimizer_autos(config: dict[str, Any], defaults: dict[str, Any]) -> N
         scheduler["warmup_min_lr"] = 0.0
 
 
-def _load_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+def load_config(config: dict[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+    """A DeepSpeed config from a dict (copied), a JSON file's path, or None (empty)."""
     if config is None:
         return {}
     if isinstance(config, dict):

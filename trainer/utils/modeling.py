@@ -12,11 +12,12 @@ from torch import nn
 from trainer.inference import find_tied_parameters, get_max_memory, infer_auto_device_map
 from trainer.inference.device_map import check_device_map
 from trainer.inference.hooks import set_tensor
-from trainer.inference.sizes import dtype_size, module_sizes, parse_size
+from trainer.inference.sizes import as_dtype, dtype_size, module_sizes, parse_size
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    return getattr(torch, dtype.replace("torch.", "")) if isinstance(dtype, str) else dtype
+    """``inference.sizes.as_dtype``, also for Accelerate's ``"torch.float16"`` spelling."""
+    return as_dtype(dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype)
 
 
 def dtype_byte_size(dtype: torch.dtype) -> float:

@@ -11,7 +11,6 @@ is one error naming it and what to do instead.
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -276,11 +275,9 @@ class DeepSpeedPlugin(StrategyPlugin):
         strategy = self.__dict__.get("_strategy")
         if strategy is not None:
             return strategy.config
-        config = self.convert("hf_ds_config", self.hf_ds_config)
-        if isinstance(config, str):
-            with open(config) as file:
-                return dict(json.load(file))
-        return dict(config or {})
+        from trainer.strategies.deepspeed_config import load_config
+
+        return load_config(self.convert("hf_ds_config", self.hf_ds_config))
 
     def strategy_arguments(self) -> dict[str, Any]:
         if self.is_train_batch_min is False:
