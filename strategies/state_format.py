@@ -73,10 +73,12 @@ def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON."""
     path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
+    """Parse a JSON file."""
     return json.loads(path.read_text())
 
 
@@ -89,15 +91,29 @@ def save_state_files(state: Any, directory: Path, name: str) -> None:
 
 
 def load_state_files(directory: Path, name: str, device: torch.device | str = "cpu") -> Any:
+    """Read what ``save_state_files`` wrote; a missing file or tensor is one error naming the file."""
     json_path = directory / f"{name}.json"
     if not json_path.is_file():
         raise FileNotFoundError(
             f"The checkpoint {directory} has no {json_path.name}: it is incomplete or was written by a "
             "different setup (another number of models, optimizers or processes)."
         )
+    try:
+        skeleton = read_json(json_path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"The checkpoint {directory} has a damaged {json_path.name}: it is not valid JSON ({error}). "
+                         "Load an earlier checkpoint, or save this one again.") from None
+    wanted = tensor_keys(skeleton)
     tensor_path = directory / f"{name}.safetensors"
-    tensors = load_file(str(tensor_path), device=str(device)) if tensor_path.is_file() else {}
-    return join_state(read_json(json_path), tensors)
+    if wanted and not tensor_path.is_file():
+        raise FileNotFoundError(f"The checkpoint {directory} has no {tensor_path.name}, which holds the tensors of "
+                                f"{json_path.name}: it is incomplete. Load an earlier checkpoint.")
+    tensors = load_file(str(tensor_path), device=str(device)) if wanted else {}
+    absent = [key for key in wanted if key not in tensors]
+    if absent:
+        raise ValueError(f"The checkpoint {directory} is inconsistent: {json_path.name} refers to tensors that "
+                         f"{tensor_path.name} does not hold ({absent[:10]}). Load an earlier checkpoint.")
+    return join_state(skeleton, tensors)
 
 
 def tensor_keys(skeleton: Any) -> list[str]:

@@ -90,7 +90,7 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     train_batches(accelerator, model, optimizer, loader, scheduler, loader)
     path = accelerator.save_state(tmp_path / "ckpt")
     names = sorted(p.name for p in path.iterdir())
-    assert names == ["accelerator.json", "dataloader.json", "model.safetensors", "optimizer.json",
+    assert names == ["accelerator.json", "dataloader.json", "manifest.json", "model.safetensors", "optimizer.json",
                      "optimizer.safetensors", "precision.json", "random_states_0.json",
                      "random_states_0.safetensors", "scheduler.json"]
     info = json.loads((path / "accelerator.json").read_text())

@@ -11,36 +11,72 @@ Layout of a checkpoint directory (``_<i>`` suffixes for the second and later obj
     gradients_<rank>.safetensors  each process's gradients accumulated so far, when saved inside a group
     custom.json/.safetensors    objects given to register_for_checkpointing
     random_states_<rank>.json/.safetensors   python, numpy, torch and device RNG states per process
+    manifest.json               every other file's size and checksum, written last
+
+A save fails before writing anything when the disk lacks the space, and every process raises the
+same error when one of them fails. A load checks everything (``checkpoint_manifest`` and
+``checkpoint_checks``) before it restores the first object.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from trainer.checkpoint_checks import (
+    check_gradients_file,
+    check_model_file,
+    check_optimizer_file,
+    check_rng_file,
+    check_strategy,
+    check_tensor_refs,
+    load_checked_state,
+    missing_file,
+    read_info,
+    read_state_json,
+    restoring,
+)
+from trainer.checkpoint_errors import (
+    CheckpointError,
+    CheckpointFileNotFoundError,
+    agree_on_error,
+    error_report,
+    not_writable,
+    out_of_space,
+    raise_agreed,
+)
 from trainer.checkpoint_io import (
+    check_free_space,
     commit_directory,
-    load_state_files,
+    find_intact_copy,
+    leftovers,
     new_scratch_directory,
-    read_json,
+    remove_leftovers,
     save_state_files,
+    write_error,
     write_json,
+)
+from trainer.checkpoint_manifest import verification_enabled, verify_checkpoint, write_manifest
+from trainer.checkpoint_numbering import (  # noqa: F401  (their home before; the Accelerator calls them from here)
+    latest_checkpoint,
+    numbered_checkpoint,
+    prune_checkpoints,
+    save_target,
 )
 from trainer.random_state import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
     from trainer.accelerator import Accelerator
-    from trainer.utils.configurations import ProjectConfiguration
 
 FORMAT_VERSION = 1
+SAFE_SUFFIXES = (".json", ".safetensors")
+_SMALL_FILES = 2**20  # JSON, headers and RNG states, on top of the tensors
 
 
 def _name(kind: str, index: int) -> str:
@@ -71,84 +107,216 @@ def _counts(accelerator: Accelerator) -> dict[str, int]:
             "custom_objects": len(accelerator._custom_objects)}
 
 
+# -- save -----------------------------------------------------------------------------------------------------------
+def estimated_bytes(accelerator: Accelerator) -> int:
+    """About what a checkpoint of ``accelerator`` takes on disk: its tensors (whole, however sharded) and a margin."""
+    seen: set[tuple[int, int]] = set()
+    total = _SMALL_FILES + 2**14 * accelerator.num_processes  # each process's RNG states
+
+    def add(tensor: Any, copies: int = 1) -> None:
+        nonlocal total
+        if torch.is_tensor(tensor):
+            local = _local(tensor)
+            key = (local.untyped_storage().data_ptr(), int(local.storage_offset())) if local.device.type != "meta" else None
+            if key is None or key not in seen:
+                total += tensor.numel() * tensor.element_size() * copies
+                if key is not None:
+                    seen.add(key)
+
+    for model in accelerator._models:
+        for value in accelerator.unwrap_model(model).state_dict().values():
+            add(value)
+        if accelerator.accumulation.micro_step:  # every process writes its own gradients
+            for parameter in accelerator.unwrap_model(model).parameters():
+                add(parameter.grad, accelerator.num_processes if parameter.grad is not None and
+                    not hasattr(parameter.grad, "to_local") else 1)
+    for optimizer in accelerator._optimizers:
+        for state in getattr(optimizer.optimizer, "state", {}).values():
+            for value in state.values():
+                add(value)
+    return total
+
+
+def _write_state(accelerator: Accelerator, scratch: Path, before_commit: Callable[[Path], None] | None) -> None:
+    """Every process writes its part of the state into ``scratch``; the main process writes the shared files."""
+    strategy = accelerator.strategy
+    optimizers = [opt.optimizer for opt in accelerator._optimizers]
+    own_format = strategy.save_training_state(accelerator._models, optimizers, scratch)
+    for index, model in enumerate(accelerator._models):
+        if not own_format:
+            strategy.save_module(model, scratch / f"{_name('model', index)}.safetensors")
+        if accelerator.accumulation.micro_step:
+            # Inside an accumulation group the gradients are part of the state: without them
+            # the resumed group would miss the micro-batches already done. Each process has its
+            # own (they are not synchronised until the group ends).
+            grads = {name: _local(p.grad).detach().contiguous().cpu()
+                     for name, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
+            if grads:
+                save_file(grads, str(scratch / _gradients_file(index, accelerator.process_index)))
+    meta, tensors = capture_rng_state()
+    save_state_files({"meta": meta, "tensors": tensors}, scratch, f"random_states_{accelerator.process_index}")
+    # Optimizer state may be sharded, so every process asks the strategy for it.
+    optimizer_states = [] if own_format else [strategy.optimizer_state_dict(opt) for opt in optimizers]
+    if accelerator.is_main_process:
+        for index, state in enumerate(optimizer_states):
+            save_state_files(state, scratch, _name("optimizer", index))
+        for index, scheduler in enumerate(accelerator._schedulers):
+            save_state_files(scheduler.state_dict(), scratch, _name("scheduler", index))
+        for index, loader in enumerate(accelerator._dataloaders):
+            save_state_files(loader.state_dict(), scratch, _name("dataloader", index))
+        for index, obj in enumerate(accelerator._custom_objects):
+            save_state_files(obj.state_dict(), scratch, _name("custom", index))
+        save_state_files(accelerator.precision.state_dict(), scratch, "precision")
+        write_json(scratch / "accelerator.json", {
+            "format_version": FORMAT_VERSION,
+            "counts": _counts(accelerator),
+            "mixed_precision": accelerator.mixed_precision,
+            "num_processes": accelerator.num_processes,
+            "strategy": accelerator.strategy.name,
+            "accumulation": accelerator.accumulation.state_dict(),
+            "save_iteration": accelerator.save_iteration,
+        })
+    if before_commit is not None:
+        before_commit(scratch)
+
+
+def _as_write_error(error: Exception, target: Path, needed: int, free: int | None) -> Exception:
+    return write_error(error, target, needed, free) if out_of_space(error) or not_writable(error) else error
+
+
 def save_accelerator_state(accelerator: Accelerator, target: Path,
                            before_commit: Callable[[Path], None] | None = None) -> None:
-    """Write every piece into a scratch directory on the main process, then swap it in.
+    """Write every piece into a scratch directory, then (main process) add the manifest and swap it in.
 
     ``before_commit`` runs with the scratch directory once everything is written and before it
-    replaces ``target`` (a place for callbacks to add files of their own).
+    replaces ``target`` (a place for callbacks to add files of their own). Whatever fails (a full
+    disk, a read-only folder, a state that cannot be stored) fails on every process, the scratch
+    directory is removed and ``target`` keeps its previous checkpoint.
     """
-    strategy = accelerator.strategy
-    main = accelerator.is_main_process
-    scratch = strategy.broadcast_object(str(new_scratch_directory(target)) if main else None)
-    scratch_path = Path(scratch)
+    strategy, main, target = accelerator.strategy, accelerator.is_main_process, Path(target)
+    needed = estimated_bytes(accelerator)
+    scratch: Path | None = None
+    error: Exception | None = None
+    free = 0
+    if main:
+        try:
+            remove_leftovers(target, "tmp")  # what saves that crashed left, before the space is counted
+            scratch = new_scratch_directory(target)
+            free = check_free_space(target, needed)
+        except Exception as caught:
+            error = caught
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+    shared = strategy.broadcast_object((str(scratch), error_report(error), free) if main else None)
+    raise_agreed(error, [shared[1]])
+    scratch, free = Path(shared[0]), shared[2]
     try:
-        optimizers = [opt.optimizer for opt in accelerator._optimizers]
-        own_format = strategy.save_training_state(accelerator._models, optimizers, scratch_path)
-        for index, model in enumerate(accelerator._models):
-            if not own_format:
-                strategy.save_module(model, scratch_path / f"{_name('model', index)}.safetensors")
-            if accelerator.accumulation.micro_step:
-                # Inside an accumulation group the gradients are part of the state: without them
-                # the resumed group would miss the micro-batches already done. Each process has its
-                # own (they are not synchronised until the group ends).
-                grads = {name: _local(p.grad).detach().contiguous().cpu()
-                         for name, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
-                if grads:
-                    save_file(grads, str(scratch_path / _gradients_file(index, accelerator.process_index)))
-        meta, tensors = capture_rng_state()
-        save_state_files({"meta": meta, "tensors": tensors}, scratch_path, f"random_states_{accelerator.process_index}")
-        # Optimizer state may be sharded, so every process asks the strategy for it.
-        optimizer_states = [] if own_format else [strategy.optimizer_state_dict(opt) for opt in optimizers]
+        try:
+            _write_state(accelerator, scratch, before_commit)
+        except Exception as caught:
+            error = _as_write_error(caught, target, needed, free)
+        agree_on_error(error, strategy.all_gather_object)  # in place of a barrier: all files are written
         if main:
-            for index, state in enumerate(optimizer_states):
-                save_state_files(state, scratch_path, _name("optimizer", index))
-            for index, scheduler in enumerate(accelerator._schedulers):
-                save_state_files(scheduler.state_dict(), scratch_path, _name("scheduler", index))
-            for index, loader in enumerate(accelerator._dataloaders):
-                save_state_files(loader.state_dict(), scratch_path, _name("dataloader", index))
-            for index, obj in enumerate(accelerator._custom_objects):
-                save_state_files(obj.state_dict(), scratch_path, _name("custom", index))
-            save_state_files(accelerator.precision.state_dict(), scratch_path, "precision")
-            write_json(scratch_path / "accelerator.json", {
-                "format_version": FORMAT_VERSION,
-                "counts": _counts(accelerator),
-                "mixed_precision": accelerator.mixed_precision,
-                "num_processes": accelerator.num_processes,
-                "strategy": accelerator.strategy.name,
-                "accumulation": accelerator.accumulation.state_dict(),
-                "save_iteration": accelerator.save_iteration,
-            })
-        if before_commit is not None:
-            before_commit(scratch_path)
-        strategy.barrier()
+            try:
+                write_manifest(scratch)
+                commit_directory(scratch, target)
+            except Exception as caught:
+                error = _as_write_error(caught, target, needed, free)
     except BaseException:
         if main:
-            shutil.rmtree(scratch_path, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if main:
-        commit_directory(scratch_path, target)
-    strategy.barrier()
+    if main and error is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    elif main:
+        remove_leftovers(target, "old")  # the new checkpoint is in place: copies crashed saves left are no longer needed
+    raise_agreed(error, [strategy.broadcast_object(error_report(error) if main else None)])
 
 
-def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool = True) -> None:
-    """Check the checkpoint matches what was prepared, then restore it; RNG states come last."""
-    info_path = source / "accelerator.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(
-            f"{source} is not a checkpoint written by save_state(): it has no accelerator.json."
+# -- load -----------------------------------------------------------------------------------------------------------
+def resolve_checkpoint(source: Path) -> Path:
+    """``source``, or the complete previous checkpoint a save interrupted between its two renames left beside it.
+
+    Loading that copy is loading what ``source`` held before the unfinished save (a save that did
+    not return counts as not having happened); a warning names it.
+    """
+    if (source / "accelerator.json").is_file():
+        return source
+    copy = find_intact_copy(source)
+    if copy is not None and not source.exists():
+        warnings.warn(f"{source} does not exist: a save_state() replacing it was interrupted after it moved the previous "
+                      f"checkpoint aside. Loading that complete previous checkpoint from {copy}; the next "
+                      f"save_state({str(source)!r}) puts a new one in place and removes the copy.", UserWarning, stacklevel=4)
+        return copy
+    hints = [f"A save interrupted while replacing it left the previous checkpoint, complete, at {copy}: load that path."
+             if copy else "Check the path: save_state() writes the folder it is given."]
+    unfinished = [str(path) for path, _ in leftovers(source, "tmp")]
+    if unfinished:
+        hints.append(f"An unfinished save left {', '.join(unfinished)} (never put in place; the next save removes it).")
+    where = "" if source.exists() else " (the folder does not exist)"
+    raise CheckpointFileNotFoundError(f"{source} is not a checkpoint written by save_state(): it has no accelerator.json"
+                                      f"{where}. {' '.join(hints)}")
+
+
+def _refuse_foreign_files(source: Path) -> None:
+    """Refuse a checkpoint holding anything but JSON and safetensors (a pickle could run code)."""
+    foreign = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix not in SAFE_SUFFIXES)
+    if foreign:
+        raise CheckpointError(
+            f"Refusing to load {source}: it contains {foreign}, which are neither JSON nor safetensors. "
+            "Checkpoints written by save_state() hold only those two formats; a file such as a pickle can "
+            "run code when read. Remove the file(s) if the checkpoint is otherwise yours."
         )
-    _refuse_foreign_files(source)
-    info = read_json(info_path)
+
+
+def _check(accelerator: Accelerator, source: Path, strict: bool) -> dict[str, Any]:
+    """Everything the restore will read, checked (and its JSON parsed) before any state changes."""
+    info = read_info(source)
     saved, current = info["counts"], _counts(accelerator)
-    if strict and saved != current:
-        raise ValueError(
+    if strict and {kind: saved[kind] for kind in current} != current:
+        raise CheckpointError(
             f"The checkpoint {source} holds {saved} but this Accelerator has prepared {current}. "
             "Prepare (and register) the same objects in the same order before load_state(), or pass strict=False."
         )
-    device = accelerator.device
+    models = accelerator._models[: saved["models"]]
+    own_format = check_strategy(source, info, accelerator.strategy.name, len(models))
+    for index, model in enumerate(models):
+        module = accelerator.unwrap_model(model)
+        if not own_format:
+            check_model_file(source, f"{_name('model', index)}.safetensors", module, strict)
+        if (source / _gradients_file(index, accelerator.process_index)).is_file():
+            check_gradients_file(source, _gradients_file(index, accelerator.process_index), module)
+
+    def states(kind: str, counted: str, objects: list[Any], required: tuple[str, ...] = ()) -> list[Any]:
+        found = []
+        for index in range(min(saved[counted], len(objects))):
+            skeleton = read_state_json(source, f"{_name(kind, index)}.json", required)
+            check_tensor_refs(source, _name(kind, index), skeleton)
+            found.append(skeleton)
+        return found
+
+    optimizers = accelerator._optimizers[: saved["optimizers"]]
+    precision = read_state_json(source, "precision.json")
+    check_tensor_refs(source, "precision", precision)
+    return {
+        "info": info, "own_format": own_format, "precision": precision,
+        "optimizers": [] if own_format else [check_optimizer_file(source, _name("optimizer", index), opt.optimizer)
+                                             for index, opt in enumerate(optimizers)],
+        "scheduler": states("scheduler", "schedulers", accelerator._schedulers),
+        "dataloader": states("dataloader", "dataloaders", accelerator._dataloaders, ("iteration",)),
+        "custom": states("custom", "custom_objects", accelerator._custom_objects),
+        "rng": check_rng_file(source, f"random_states_{accelerator.process_index}"),
+    }
+
+
+def _restore(accelerator: Accelerator, source: Path, plan: dict[str, Any], strict: bool) -> None:
+    """Put the checked state into the prepared objects, in order; RNG states last."""
+    info, device = plan["info"], accelerator.device
+    saved = info["counts"]
     models, optimizers = accelerator._models[: saved["models"]], accelerator._optimizers[: saved["optimizers"]]
     own_format = accelerator.strategy.load_training_state(models, [opt.optimizer for opt in optimizers], source)
+    if plan["own_format"] and not own_format:  # its own folder is there, yet the strategy did not read it
+        raise missing_file(source, "model.safetensors")
     for index, model in enumerate(models):
         if not own_format:
             accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
@@ -156,87 +324,52 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
         grads = load_file(str(grads_path), device=str(device)) if grads_path.is_file() else {}
         for name, p in accelerator.unwrap_model(model).named_parameters():
             p.grad = _like_parameter(grads[name], p) if name in grads else None
-    for index, optimizer in enumerate([] if own_format else optimizers):
-        optimizer.load_state_dict(load_state_files(source, _name("optimizer", index), device))
-    for index, scheduler in enumerate(accelerator._schedulers[: saved["schedulers"]]):
-        scheduler.load_state_dict(load_state_files(source, _name("scheduler", index)))
-    for index, loader in enumerate(accelerator._dataloaders[: saved["dataloaders"]]):
-        loader.load_state_dict(load_state_files(source, _name("dataloader", index)),
-                               resume=accelerator.dataloader_config.use_stateful_dataloader)
-    for index, obj in enumerate(accelerator._custom_objects[: saved["custom_objects"]]):
-        obj.load_state_dict(load_state_files(source, _name("custom", index)))
-    accelerator.precision.load_state_dict(load_state_files(source, "precision"))
-    accelerator.accumulation.load_state_dict(info.get("accumulation", {}))
+    for index, (optimizer, skeleton) in enumerate(zip(optimizers, plan["optimizers"])):
+        with restoring(source, f"{_name('optimizer', index)}.json", "optimizer"):
+            optimizer.load_state_dict(load_checked_state(source, _name("optimizer", index), skeleton, device))
+    for kind, objects in (("scheduler", accelerator._schedulers), ("dataloader", accelerator._dataloaders),
+                          ("custom", accelerator._custom_objects)):
+        for index, (obj, skeleton) in enumerate(zip(objects, plan[kind])):
+            with restoring(source, f"{_name(kind, index)}.json", type(obj).__name__):
+                state = load_checked_state(source, _name(kind, index), skeleton)
+                if kind == "dataloader":
+                    obj.load_state_dict(state, resume=accelerator.dataloader_config.use_stateful_dataloader)
+                else:
+                    obj.load_state_dict(state)
+    with restoring(source, "precision.json", "precision policy"):
+        accelerator.precision.load_state_dict(load_checked_state(source, "precision", plan["precision"]))
+    with restoring(source, "accelerator.json", "gradient accumulation"):
+        accelerator.accumulation.load_state_dict(info.get("accumulation", {}))
     accelerator.save_iteration = int(info.get("save_iteration", 0)) + 1
-    rng_name = f"random_states_{accelerator.process_index}"
-    if (source / f"{rng_name}.json").is_file():
-        rng = load_state_files(source, rng_name)
-        restore_rng_state(rng["meta"], rng["tensors"])
+    if plan["rng"] is not None:
+        rng_name = f"random_states_{accelerator.process_index}"
+        with restoring(source, f"{rng_name}.json", "random number generators"):
+            rng = load_checked_state(source, rng_name, plan["rng"])
+            restore_rng_state(rng["meta"], rng["tensors"])
 
 
-SAFE_SUFFIXES = (".json", ".safetensors")
+def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool = True, verify: bool = True) -> Path:
+    """Check the checkpoint (its manifest, then every file against what was prepared), then restore it.
 
-
-def _refuse_foreign_files(source: Path) -> None:
-    """Refuse a checkpoint holding anything but JSON and safetensors (a pickle could run code)."""
-    foreign = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix not in SAFE_SUFFIXES)
-    if foreign:
-        raise ValueError(
-            f"Refusing to load {source}: it contains {foreign}, which are neither JSON nor safetensors. "
-            "Checkpoints written by save_state() hold only those two formats; a file such as a pickle can "
-            "run code when read. Remove the file(s) if the checkpoint is otherwise yours."
-        )
-
-
-def save_target(project: ProjectConfiguration, output_dir: str | os.PathLike | None, iteration: int) -> Path:
-    """Where ``save_state`` writes: ``output_dir``, or (no folder, or automatic naming) the next numbered checkpoint."""
-    if output_dir is not None and not project.automatic_checkpoint_naming:
-        return Path(output_dir)
-    if output_dir is not None:
-        warnings.warn(f"save_state({os.fspath(output_dir)!r}) writes to project_dir/checkpoints/checkpoint_{iteration}: "
-                      "ProjectConfiguration(automatic_checkpoint_naming=True) names the checkpoints.", UserWarning,
-                      stacklevel=3)
-    project_dir = Path(project.project_dir) if project.project_dir is not None else None
-    target = numbered_checkpoint(project_dir, iteration, "save_state")
-    if project.automatic_checkpoint_naming and target.exists():
-        raise ValueError(f"The checkpoint {target} exists already: this run would write over it. Start numbering after "
-                         "it (ProjectConfiguration(iteration=...) or accelerator.save_iteration), or use another "
-                         "project_dir.")
-    return target
-
-
-def numbered_checkpoint(project_dir: Path | None, iteration: int | None, caller: str) -> Path:
-    """``project_dir/checkpoints/checkpoint_<iteration>`` to save; with no iteration, the latest one there to load."""
-    if project_dir is None:
-        raise ValueError(f"{caller}() needs a directory: pass one, or create the Accelerator with project_dir= to "
-                         "use numbered checkpoints.")
-    root = project_dir / "checkpoints"
-    if iteration is not None:
-        return root / f"checkpoint_{iteration}"
-    latest = latest_checkpoint(root)
-    if latest is None:
-        raise FileNotFoundError(f"{caller}(): no checkpoint_<n> directory under {root}.")
-    return latest
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The ``checkpoint_<n>`` directory with the largest n under ``root``."""
-    numbered = _numbered(root)
-    return numbered[-1] if numbered else None
-
-
-def prune_checkpoints(root: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` highest-numbered ``checkpoint_<n>`` directories under ``root``; return the deleted."""
-    doomed = _numbered(root)[:-keep] if keep > 0 else _numbered(root)
-    for folder in doomed:
-        shutil.rmtree(folder)
-    return doomed
-
-
-def _numbered(root: Path) -> list[Path]:
-    """The ``checkpoint_<n>`` directories under ``root``, lowest n first."""
-    if not root.is_dir():
-        return []
-    numbered = [(int(m.group(1)), p) for p in root.iterdir()
-                if p.is_dir() and (m := re.fullmatch(r"checkpoint_(\d+)", p.name))]
-    return [path for _, path in sorted(numbered)]
+    Returns the folder loaded: ``source``, or the intact copy an interrupted save left beside it.
+    Every process raises the same error when any process finds one, before any state changes.
+    """
+    strategy = accelerator.strategy
+    check_files = verification_enabled(verify)
+    source = resolve_checkpoint(Path(source))
+    error: Exception | None = None
+    try:
+        _refuse_foreign_files(source)
+    except Exception as caught:
+        error = caught
+    agree_on_error(error, strategy.all_gather_object)
+    if check_files:
+        verify_checkpoint(source, accelerator.process_index, accelerator.num_processes, strategy.all_gather_object)
+    plan: dict[str, Any] = {}
+    try:
+        plan = _check(accelerator, source, strict)
+    except Exception as caught:
+        error = caught
+    agree_on_error(error, strategy.all_gather_object)
+    _restore(accelerator, source, plan, strict)
+    return source

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.checkpoint_io import read_json
+from trainer.checkpoint_io import find_intact_copy, read_json
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -55,25 +56,38 @@ def write_latest(root: Path, checkpoint: Path) -> None:
 
 
 def is_complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is a checkpoint folder (``save_state`` renames it into place only once complete)."""
     return (checkpoint / "accelerator.json").is_file()
 
 
 def saved_step(checkpoint: Path) -> int:
     """The global step a complete checkpoint was taken at."""
     for path in sorted(checkpoint.glob("custom*.json")):
-        state = read_json(path)
+        try:
+            state = read_json(path)
+        except (OSError, ValueError):  # damaged: loading it says so
+            continue
         if isinstance(state, dict) and "progress" in state:
             return int(state["progress"]["global_step"])
     return -1
 
 
 def find_latest(root: Path) -> Path | None:
-    """The checkpoint ``latest`` names; if it is missing or incomplete, the newest complete one."""
+    """The checkpoint ``latest`` names; if it is missing or incomplete, the newest complete one.
+
+    Where a save over the named checkpoint was interrupted between its two renames, the complete
+    previous checkpoint it left (``.<name>.old-<pid>``) is returned, with a warning.
+    """
     pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
         if candidate.name and is_complete(candidate):
             return candidate
+        copy = find_intact_copy(candidate) if candidate.name and not candidate.exists() else None
+        if copy is not None:  # a save over it stopped between its two renames
+            warnings.warn(f"{candidate}, which {pointer} names, does not exist: a save replacing it was interrupted. "
+                          f"Resuming from the complete previous checkpoint it left at {copy}.", UserWarning, stacklevel=2)
+            return copy
     complete = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)] \
         if root.is_dir() else []
     if not complete:
