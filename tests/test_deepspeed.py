@@ -209,6 +209,38 @@ def test_a_real_mismatch_is_one_clear_error(monkeypatch):
         strategy.clip_grad_norm_([], 0.5)
 
 
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """A process started with plain ``python``: none of the variables a launcher sets; DeepSpeed on the CPU."""
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the run sets is removed again afterwards
+        monkeypatch.delenv(name)
+
+
+@needs_deepspeed
+def test_zero3_init_flag_on_one_process_without_a_launcher(no_launcher):
+    strategy = DeepSpeed(zero_stage=3, zero3_init_flag=True)
+    accelerator = Accelerator(strategy=strategy, cpu=True)
+    try:
+        with strategy.module_sharded_context():
+            model = make_model()
+        assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters())  # built partitioned
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        x, y = dataset().tensors
+        losses = []
+        for _ in range(3):
+            loss = torch.nn.functional.cross_entropy(model(x[:16]), y[:16])
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], losses  # the steps trained the partitioned model
+    finally:
+        accelerator.end_training()
+
+
 @needs_deepspeed
 def test_launch_config_section_keys(tmp_path):
     path = tmp_path / "ds.json"

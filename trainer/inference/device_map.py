@@ -81,7 +81,14 @@ def get_max_memory(max_memory: Mapping[Device, int | str] | None = None) -> dict
             budget[index] = int(free * MEMORY_HEADROOM)
         budget["cpu"] = int(psutil.virtual_memory().available * MEMORY_HEADROOM)
         return budget
-    budget = {check_device(device): parse_size(size) for device, size in max_memory.items()}
+    if not isinstance(max_memory, Mapping):
+        raise DeviceMapError(f"max_memory={max_memory!r}: give a dict {{device: size}}, such as {{0: '10GiB', 'cpu': '30GiB'}}.")
+    budget = {}
+    for device, size in max_memory.items():
+        try:
+            budget[check_device(device)] = parse_size(size)
+        except ValueError as error:
+            raise DeviceMapError(f"max_memory[{device!r}]: {error}") from None
     budget.setdefault("cpu", int(psutil.virtual_memory().available * MEMORY_HEADROOM))
     return budget
 
@@ -291,9 +298,14 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, Device | torch.d
         if name not in modules and name not in tensors:
             close = difflib.get_close_matches(name, list(modules) + sorted(tensors), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
+            top = [n for n in modules if n and "." not in n][:6]
             raise DeviceMapError(f"The device map names {name!r}, which is not a module or weight of "
-                                 f"{type(model).__name__}.{hint}")
-        checked[name] = check_device(device)
+                                 f"{type(model).__name__}.{hint} Use names from model.named_modules() (at the top: "
+                                 f"{', '.join(map(repr, top))}).")
+        try:
+            checked[name] = check_device(device)
+        except DeviceMapError as error:
+            raise DeviceMapError(f"device_map[{name!r}]: {error}") from None
     uncovered = []
     for name in sorted(tensors):
         try:
@@ -312,12 +324,21 @@ def check_device_map(model: nn.Module, device_map: Mapping[str, Device | torch.d
     return checked
 
 
+def _looks_like_a_device(name: str) -> bool:
+    return name in ("cpu", "disk", "mps", "cuda") or name.isdigit() or name.startswith(("cuda:", "mps:", "xpu", "npu"))
+
+
 def resolve_device_map(model: nn.Module, device_map: Any, max_memory: Mapping[Device, int | str] | None = None,
                        no_split_module_classes: Iterable[str] | None = None,
                        dtype: torch.dtype | None = None) -> OrderedDict[str, Device]:
     """A checked device map from a strategy name, a device (everything there), or a dict."""
     if isinstance(device_map, str) and device_map in STRATEGIES:
         return infer_auto_device_map(model, max_memory, no_split_module_classes, dtype, strategy=device_map)
+    if isinstance(device_map, str) and not _looks_like_a_device(device_map):
+        close = difflib.get_close_matches(device_map, STRATEGIES, n=1, cutoff=0.6)
+        if close:
+            raise DeviceMapError(f"device_map={device_map!r} is neither a strategy nor a device. Did you mean {close[0]!r}? "
+                                 f"Use one of {', '.join(map(repr, STRATEGIES))}, a device, or a dict {{module name: device}}.")
     if isinstance(device_map, (int, str, torch.device)):
         return check_device_map(model, {"": device_map})
     if isinstance(device_map, Mapping):

@@ -88,8 +88,15 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, aliases: Mapping[s
         set_tensor(model, target, value)
 
 
-def _convert(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+def loaded_dtype(stored: torch.dtype, model: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a checkpoint tensor is loaded as: the model's own, or ``dtype`` for floating weights when given.
+
+    A checkpoint saved in another dtype never changes the model's dtypes on its own (as torch's
+    ``load_state_dict`` copies into the existing tensors); ``dtype=`` is the one way to ask for that.
+    """
+    if dtype is not None and stored.is_floating_point and model.is_floating_point:
+        return dtype
+    return model
 
 
 def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: OffloadedWeights | None = None,
@@ -221,35 +228,76 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
         from trainer.inference.quantization import check_quantized_placement
 
         check_quantized_placement(model, device_map, main)
-    weights = OffloadedWeights(offload_folder, pin=main.type == "cuda")
     wanted = set(expected)
     stored_names = {name: aliases.get(name, name) for name in present if name in wanted}  # tied: the group's first name
+    # A weight a bitsandbytes layer quantizes is read as stored (or as dtype=): the layer's own dtype is the packed one.
+    targets = {name: loaded_dtype(files.dtype(name), files.dtype(name) if _quantized(model, name) else expected[name][1],
+                                  dtype) for name in stored_names}
+    buffers = {name for name, _ in model.named_buffers()}
+    _check_offload_folder(files, [name for name in stored_names if name not in buffers], device_map, offload_folder)
+    weights = OffloadedWeights(offload_folder, pin=main.type == "cuda")
     reader = TensorReader()
     try:
         for shard in files.shards:
-            _load_shard(model, files, shard, device_map, main, weights, reader, dtype, stored_names, aliases)
+            _load_shard(model, files, shard, device_map, main, weights, reader, targets, stored_names, aliases)
     finally:
         reader.close()
     return dispatch_model(model, device_map, weights=weights, prefetch=prefetch, no_split_module_classes=no_split_module_classes)
 
 
+def _check_offload_folder(files: CheckpointFiles, names: Iterable[str], device_map: Mapping[str, Device],
+                          offload_folder: str | os.PathLike | None) -> None:
+    """Disk weights of a torch file are written once to a folder (they cannot be read in place): one error before loading."""
+    if offload_folder is not None:
+        return
+    written = sorted(name for name in names if device_for(name, device_map) == "disk"
+                     and not files.is_safetensors(files.weight_map[name]))
+    if written:
+        raise ValueError(f"The device map puts {len(written)} weight(s) on disk ({written[0]}, ...) and checkpoint "
+                         f"{files.path} is a torch file, which cannot be read in place: pass offload_folder= (a directory "
+                         "they are written to once), convert the checkpoint to safetensors, or give the CPU more max_memory.")
+
+
+def _write_converted(stored: torch.dtype, target: torch.dtype, weights: OffloadedWeights) -> bool:
+    """Whether a disk weight is converted once into the offload folder rather than as each read needs it.
+
+    Only a narrower dtype is worth writing (later reads are smaller), and only where a folder was given.
+    """
+    return target.itemsize < stored.itemsize and weights.offload_folder is not None
+
+
+def _quantized(model: nn.Module, name: str) -> bool:
+    """A weight that a bitsandbytes layer quantizes as it is read (its own dtype is the packed one)."""
+    if not getattr(model, "is_quantized", False) or not name.endswith(".weight"):
+        return False
+    from trainer.inference.quantization import is_quantized_layer
+
+    return is_quantized_layer(model.get_submodule(name.rpartition(".")[0]))
+
+
 def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_map: Mapping[str, Device],
-                main: torch.device, weights: OffloadedWeights, reader: TensorReader, dtype: torch.dtype | None,
+                main: torch.device, weights: OffloadedWeights, reader: TensorReader, targets: Mapping[str, torch.dtype],
                 stored_names: Mapping[str, str], aliases: Mapping[str, str]) -> None:
-    """Place one shard's tensors: resident ones read and put on their device, offloaded ones located or written."""
+    """Place one shard's tensors as ``targets`` dtypes: resident ones read and put on their device, offloaded ones
+    located or written (their meta placeholders take the same dtype)."""
     names = [name for name, path in files.weight_map.items() if path == shard and name in stored_names]
     to_write: OrderedDict[str, torch.Tensor] = OrderedDict()
     in_place = files.is_safetensors(shard)  # its tensors can be read one by one where they lie
+    buffers = {name for name, _ in model.named_buffers()}
     for name in names:
         device = device_for(name, device_map)
-        stored = stored_names[name]
+        if name in buffers and offloaded(device, main):
+            device = _device_key(main)  # buffers are not offloaded: they stay where their layer runs
+        stored, target = stored_names[name], targets[name]
         if stored in weights:
             continue  # a tied weight the checkpoint holds twice
-        needs_conversion = dtype is not None and files.dtype(name).is_floating_point and files.dtype(name) != dtype
-        if device == "disk" and in_place and not needs_conversion:
-            weights.locate(stored, files.location(name))  # read from the checkpoint itself when needed: no copy
+        if offloaded(device, main) and get_tensor(model, name).dtype != target:
+            _place(model, name, torch.empty(files.shape(name), dtype=target, device="meta"), aliases)
+        if device == "disk" and in_place and not _write_converted(files.dtype(name), target, weights):
+            weights.locate(stored, files.location(name), target)  # read from the checkpoint itself when needed: no copy
             continue
-        tensor = _convert(reader.read(files.location(name)) if in_place else _from_bin(files, shard, name), dtype)
+        tensor = reader.read(files.location(name)) if in_place else _from_bin(files, shard, name)
+        tensor = tensor.to(target)
         if device == "disk":
             to_write[stored] = tensor
         elif offloaded(device, main):

@@ -23,10 +23,13 @@ class OffloadedWeights:
     """Tensors by name, each held in CPU memory or located in a safetensors file."""
 
     def __init__(self, offload_folder: str | os.PathLike | None = None, pin: bool = False) -> None:
-        self.offload_folder = Path(offload_folder) if offload_folder is not None else None
+        self.offload_folder = Path(offload_folder).expanduser() if offload_folder is not None else None
+        if self.offload_folder is not None:
+            _check_folder(self.offload_folder)
         self.pin = pin  # pinned CPU copies make copies to an accelerator asynchronous
         self._in_memory: dict[str, torch.Tensor] = {}
         self._on_disk: dict[str, TensorLocation] = {}
+        self._convert: dict[str, torch.dtype] = {}  # located tensors read as another dtype than the file's
         self._reader = TensorReader()
         self._written = 0
         # Buffers that disk reads go into, reused: a fresh 64 MB tensor per read would cost more in
@@ -41,9 +44,13 @@ class OffloadedWeights:
         tensor = tensor.detach().to("cpu")
         self._in_memory[name] = tensor.pin_memory() if self.pin else tensor
 
-    def locate(self, name: str, location: TensorLocation) -> None:
-        """Read ``name`` from an existing file when needed (the checkpoint's own safetensors)."""
+    def locate(self, name: str, location: TensorLocation, dtype: torch.dtype | None = None) -> None:
+        """Read ``name`` from an existing file when needed (the checkpoint's own safetensors), as ``dtype`` if given."""
         self._on_disk[name] = location
+        if dtype is not None and dtype != location.dtype:
+            self._convert[name] = dtype
+        else:
+            self._convert.pop(name, None)
 
     def write(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Write tensors to the offload folder once (one file), then read them from there."""
@@ -67,11 +74,20 @@ class OffloadedWeights:
         with self._free_lock:
             free = self._free.get((location.shape, location.dtype))
             buffer = free.pop() if free else None
-        return self._reader.read(location, pin=self.pin, out=buffer)
+        dtype = self._convert.get(name)
+        if dtype is None:
+            return self._reader.read(location, pin=self.pin, out=buffer)
+        read = self._reader.read(location, out=buffer)
+        converted = read.to(dtype)
+        converted = converted.pin_memory() if self.pin else converted
+        self.recycle(name, read, converted=False)  # the read buffer is free again at once
+        return converted
 
-    def recycle(self, name: str, tensor: torch.Tensor) -> None:
-        """Take back a buffer ``load`` filled for ``name`` once nothing uses it any more."""
-        if name in self._on_disk:
+    def recycle(self, name: str, tensor: torch.Tensor, converted: bool | None = None) -> None:
+        """Take back a buffer ``load`` filled for ``name`` once nothing uses it any more (converted copies are dropped)."""
+        if converted is None:
+            converted = name in self._convert
+        if name in self._on_disk and not converted:
             with self._free_lock:
                 self._free[(tuple(tensor.shape), tensor.dtype)].append(tensor)
 
@@ -81,3 +97,14 @@ class OffloadedWeights:
     def close(self) -> None:
         self._reader.close()
         self._free.clear()
+
+
+def _check_folder(folder: Path) -> None:
+    """An offload folder must be a folder, or a path where one can be made: one clear error before any work."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        where = "is a file" if probe == folder else f"is inside {probe}, which is a file"
+        raise ValueError(f"offload_folder={str(folder)!r} {where}; give a directory (it is created if missing) where "
+                         "offloaded weights can be written.")

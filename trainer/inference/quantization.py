@@ -23,6 +23,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from trainer.inference.sizes import as_dtype
+
 INSTALL_HINT = "pip install 'trainer-kit[quantization]'"
 
 
@@ -72,8 +74,8 @@ class QuantizationConfig:
             raise ValueError("QuantizationConfig: set exactly one of load_in_8bit=True or load_in_4bit=True.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}.")
-        self.bnb_4bit_compute_dtype = _dtype(self.bnb_4bit_compute_dtype) or torch.float32
-        self.bnb_4bit_quant_storage = _dtype(self.bnb_4bit_quant_storage) or torch.uint8
+        self.bnb_4bit_compute_dtype = as_dtype(self.bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype") or torch.float32
+        self.bnb_4bit_quant_storage = as_dtype(self.bnb_4bit_quant_storage, "bnb_4bit_quant_storage") or torch.uint8
 
     @property
     def bits(self) -> int:
@@ -98,12 +100,6 @@ class QuantizationConfig:
             raise TypeError(f"quantization must be a QuantizationConfig, a dict or a BitsAndBytesConfig, "
                             f"got {type(value).__name__}.")
         return cls(**{name: getattr(value, name) for name in names if hasattr(value, name)})
-
-
-def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    if isinstance(value, str):
-        return getattr(torch, value.removeprefix("torch."))
-    return value
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

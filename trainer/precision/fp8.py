@@ -15,6 +15,7 @@ the original ``nn.Linear`` layers.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fnmatch
 import importlib.util
 import warnings
@@ -51,12 +52,15 @@ def fp8_unavailable_reason(device: torch.device | None = None, backend: str = "t
     With no device the check stays fork-safe (it never initialises CUDA), so it can run in a launcher
     or notebook before the worker processes start; the device's capability is read once the device is known.
     """
+    reasons = []  # everything to fix, at once
     if device is not None and device.type != "cuda":
-        return f"this run is on the {device.type.upper()}, which has no fp8 matmuls"
-    if device is None and torch.version.cuda is None and torch.version.hip is None:
-        return "this PyTorch is built without CUDA, so there is no GPU to run fp8 on"
+        reasons.append(f"this run is on the {device.type.upper()}, which has no fp8 matmuls")
+    elif device is None and torch.version.cuda is None and torch.version.hip is None:
+        reasons.append("this PyTorch is built without CUDA, so there is no GPU to run fp8 on")
     if importlib.util.find_spec(_PACKAGE[backend]) is None:
-        return f"the {backend} backend is not installed: {_INSTALL[backend]}"
+        reasons.append(f"the {backend} backend is not installed: {_INSTALL[backend]}")
+    if reasons:
+        return ", and ".join(reasons)
     if device is None:
         return None
     if not torch.cuda.is_available():
@@ -74,6 +78,11 @@ def check_fp8_available(device: torch.device | None = None, backend: str = "torc
     if reason is not None:
         raise Fp8UnavailableError(f"mixed_precision={label}: {_NEEDS}; {reason}. "
                                   "Use mixed_precision='bf16' instead (fp16 on GPUs without bf16).")
+
+
+def _did_you_mean(name: str, names: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(name), list(names), n=1, cutoff=0.5)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _matches(fqn: str, patterns: Iterable[str]) -> bool:
@@ -163,12 +172,14 @@ class Float8Precision(MixedPrecision):
                  skip_modules: Iterable[str] = (), keep_first_and_last: bool = True,
                  module_filter: ModuleFilter | None = None) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"Float8Precision(backend={backend!r}): use one of {list(BACKENDS)}.")
+            raise ValueError(f"Float8Precision(backend={backend!r}): use one of {list(BACKENDS)}."
+                             f"{_did_you_mean(backend, BACKENDS)}")
         names = TORCHAO_RECIPES if backend == "torchao" else TE_RECIPES
         if recipe is None:
             recipe = names[0]
         if isinstance(recipe, str) and recipe not in names:
-            raise ValueError(f"Float8Precision(recipe={recipe!r}): the {backend} backend knows {list(names)}.")
+            raise ValueError(f"Float8Precision(recipe={recipe!r}): the {backend} backend knows {list(names)}."
+                             f"{_did_you_mean(recipe, names)}")
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         device = torch.device(device)

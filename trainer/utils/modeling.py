@@ -11,13 +11,14 @@ from torch import nn
 
 from trainer.inference import find_tied_parameters, get_max_memory, infer_auto_device_map
 from trainer.inference.device_map import check_device_map
+from trainer.inference.dispatch import loaded_dtype
 from trainer.inference.hooks import set_tensor
 from trainer.inference.sizes import as_dtype, dtype_size, module_sizes, parse_size
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``inference.sizes.as_dtype``, also for Accelerate's ``"torch.float16"`` spelling."""
-    return as_dtype(dtype.removeprefix("torch.") if isinstance(dtype, str) else dtype)
+    """``inference.sizes.as_dtype``: a dtype, its name or Accelerate's ``"torch.float16"`` spelling."""
+    return as_dtype(dtype)
 
 
 def dtype_byte_size(dtype: torch.dtype) -> float:
@@ -57,14 +58,20 @@ def named_module_tensors(module: nn.Module, include_buffers: bool = True, recurs
 def set_module_tensor_to_device(module: nn.Module, tensor_name: str, device: int | str | torch.device,
                                 value: torch.Tensor | None = None, dtype: torch.dtype | str | None = None,
                                 **kwargs: Any) -> None:
-    """Put ``value`` (or the tensor already there) under ``tensor_name`` on ``device``, cast to ``dtype`` if given."""
+    """Put ``value`` (or the tensor already there) under ``tensor_name`` on ``device``.
+
+    The value takes the tensor's own dtype, or ``dtype`` when given (floating values only), as Accelerate's does.
+    """
     current = module.get_parameter(tensor_name) if tensor_name in dict(module.named_parameters()) else \
         module.get_buffer(tensor_name)
     if value is None:
         if current.device.type == "meta":
             raise ValueError(f"set_module_tensor_to_device: {tensor_name!r} is on the meta device; pass its value=.")
         value = current
-    moved = value.to(device=device, dtype=_dtype(dtype) or (value.dtype if not value.is_floating_point() else current.dtype))
+    if tuple(value.shape) != tuple(current.shape):
+        raise ValueError(f"set_module_tensor_to_device: {tensor_name!r} has shape {tuple(current.shape)} and the value "
+                         f"given has {tuple(value.shape)}; pass a value of the tensor's shape (from the matching checkpoint).")
+    moved = value.to(device=device, dtype=loaded_dtype(value.dtype, current.dtype, _dtype(dtype)))
     if isinstance(current, nn.Parameter):
         set_tensor(module, tensor_name, nn.Parameter(moved, requires_grad=current.requires_grad))
     else:
