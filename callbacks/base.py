@@ -24,6 +24,9 @@ EVENTS = (
 
 EVENT_ORDER = """\
 fit(resume=None)
+    check: train_data has batches; callback.check_fit for each callback (e.g. EarlyStopping needs
+           validation); output and checkpoint folders writable, with room for a checkpoint;
+           take the output folder's lock (another live run there is refused)
     if resume is not None:                            # "latest" or a checkpoint path
         load_state(checkpoint)                        # weights, optimizer, scheduler, loaders, scaler,
                                                       # accumulation (gradients too), loop position,
@@ -42,15 +45,18 @@ fit(resume=None)
                 on_train_batch_start(batch, batch_idx)
                 with accelerator.accumulate(model):   # one micro-step
                     outputs = training_step(batch)
+                    note whether the loss is finite       # no synchronisation here
                     on_before_backward(loss)
                     accelerator.backward(loss, num_tokens)
                     on_after_backward
                     if sync_gradients:                # the last micro-batch of a group: a boundary
                         if grad_clip is not None:
-                            accelerator.clip_grad_norm_(parameters, grad_clip)
-                        on_before_optimizer_step(optimizer)
-                        optimizer.step()
-                        scheduler.step()              # if there is one
+                            norm = accelerator.clip_grad_norm_(parameters, grad_clip)
+                        if the group's losses (and norm) are finite on every process, or on_nonfinite="warn":
+                            on_before_optimizer_step(optimizer)
+                            optimizer.step()
+                            scheduler.step()          # if there is one
+                        elif on_nonfinite == "error": raise NonFiniteLossError   # "skip": no step
                         optimizer.zero_grad()
                         global_step += 1              # train_loss recorded every log_every_n_steps
                 batch_in_epoch += 1
@@ -71,6 +77,8 @@ fit(resume=None)
     except BaseException as exception:                # KeyboardInterrupt included
         on_exception(exception)
         raise
+    finally:
+        release the output folder's lock
 
 validate(eval_data=None)                              # from fit, or called directly
     loader = the eval loader, or a one-off loader over eval_data (not registered for checkpoints)
@@ -104,6 +112,7 @@ save_checkpoint(path)                                 # ModelCheckpoint calls it
     write the whole state into a scratch directory beside path
     on_save_checkpoint(scratch_dir)                   # every process; add files of your own
     rename the scratch directory to path; write path's name to the file latest beside it
+                                                      # (only when the weights are all finite)
 """
 
 
@@ -141,6 +150,13 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned: called when a checkpoint is loaded, before ``on_load_checkpoint``."""
+
+    def check_fit(self, trainer: TrainerView) -> None:
+        """Called once when ``fit`` begins, before a checkpoint is loaded or any event runs.
+
+        Raise an error (naming the setting to change) if this callback can never do its job in
+        this run, e.g. it watches a validation metric and the run never validates. Return nothing.
+        """
 
     def on_fit_start(self, trainer: TrainerView) -> None:
         """``fit`` begins (after a resume's checkpoint is loaded), before the first epoch."""

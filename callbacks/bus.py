@@ -62,6 +62,13 @@ class CallbackBus:
         for handler in self.handlers[event]:
             handler(trainer, *args)
 
+    def check_fit(self, trainer: TrainerView) -> None:
+        """Ask every callback whether it can act in this run (``Callback.check_fit``); the first refusal raises."""
+        for callback in self.callbacks:
+            check = getattr(callback, "check_fit", None)
+            if check is not None:
+                check(trainer)
+
     def state_dict(self) -> dict[str, Any]:
         return {self.state_key(cb): cb.state_dict() for cb in self.callbacks if hasattr(cb, "state_dict")}
 

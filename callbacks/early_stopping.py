@@ -49,6 +49,14 @@ class EarlyStopping(Callback):
             return value < self.best - self.min_delta
         return value > self.best + self.min_delta
 
+    def check_fit(self, trainer: TrainerView) -> None:
+        if not trainer.validates:
+            raise ValueError(
+                f"EarlyStopping(monitor={self.monitor!r}) can never stop the run: it watches a validation metric and "
+                "this run does not validate (it has no eval_data, or eval_every_n_steps and eval_every_n_epochs are "
+                "both None). Pass eval_data to the Trainer, or remove EarlyStopping."
+            )
+
     def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if not trainer.fitting:
             return

@@ -68,9 +68,17 @@ class ModelCheckpoint(Callback):
 
     @property
     def best(self) -> dict[str, Any] | None:
-        """The saved checkpoint with the best ``monitor`` value."""
-        scored = [r for r in self.saved if r["score"] is not None]
+        """The saved checkpoint with the best ``monitor`` value (among those whose weights are finite)."""
+        scored = [r for r in self.saved if r["score"] is not None and r.get("finite", True)]
         return min(scored, key=self._rank) if scored else None
+
+    def check_fit(self, trainer: TrainerView) -> None:
+        if self.monitor is not None and not trainer.validates:
+            raise ValueError(
+                f"ModelCheckpoint(monitor={self.monitor!r}) can never save: this run does not validate (it has no "
+                "eval_data, or eval_every_n_steps and eval_every_n_epochs are both None). Pass eval_data to the "
+                "Trainer, or use ModelCheckpoint(every_n_steps=...) / every_n_epochs without monitor."
+            )
 
     def root(self, trainer: TrainerView) -> Path:
         return self.dirpath if self.dirpath is not None else trainer.checkpoint_dir
@@ -107,8 +115,9 @@ class ModelCheckpoint(Callback):
             self.saved.remove(previous)
             if score is None:
                 score = previous["score"]
-        self.saved.append({"name": name, "step": trainer.global_step, "score": score})
-        path = trainer.save_checkpoint(root / name)
+        finite = trainer.weights_are_finite()
+        self.saved.append({"name": name, "step": trainer.global_step, "score": score, **({} if finite else {"finite": False})})
+        path = trainer.save_checkpoint(root / name, point_latest=finite)
         self._prune(trainer, root)
         return path
 
@@ -128,13 +137,17 @@ class ModelCheckpoint(Callback):
         keep = {r["name"] for r in kept}
         if self.save_last and self.saved:
             keep.add(self.saved[-1]["name"])
+        finite = [r for r in self.saved if r.get("finite", True)]
+        if finite:  # the newest checkpoint with finite weights is never deleted: it is where to resume from
+            keep.add(finite[-1]["name"])
         dropped = [r for r in self.saved if r["name"] not in keep]
         self.saved = [r for r in self.saved if r["name"] in keep]
         if trainer.is_main_process:
             for record in dropped:
                 shutil.rmtree(root / record["name"], ignore_errors=True)
-            if dropped and self.saved:
-                trainer.point_latest_to(root / self.saved[-1]["name"])
+            usable = [r for r in self.saved if r.get("finite", True)]
+            if dropped and usable:
+                trainer.point_latest_to(root / usable[-1]["name"])
         trainer.accelerator.wait_for_everyone()
 
     def state_dict(self) -> dict[str, Any]:

@@ -104,6 +104,11 @@ class TrainerView(Protocol):
         ...
 
     @property
+    def validates(self) -> bool:
+        """Whether ``fit`` validates: there is validation data and a schedule (steps or epochs) to run it."""
+        ...
+
+    @property
     def global_step(self) -> int:
         """Optimizer steps taken."""
         ...
@@ -164,8 +169,12 @@ class TrainerView(Protocol):
         """The run's configuration, as trackers store it."""
         ...
 
-    def save_checkpoint(self, path: str | Path) -> Path:
-        """Write the whole training state to ``path``."""
+    def save_checkpoint(self, path: str | Path, point_latest: bool | None = None) -> Path:
+        """Write the whole training state to ``path``; ``latest`` names it if its weights are finite."""
+        ...
+
+    def weights_are_finite(self) -> bool:
+        """Whether every weight of the model is finite (on every process)."""
         ...
 
     def point_latest_to(self, checkpoint: Path) -> None:

@@ -220,6 +220,14 @@ class Strategy:
             return optimizer.step
         return functools.partial(self.optimizer_step, optimizer)
 
+    def gradients_present(self, optimizer: torch.optim.Optimizer) -> bool | None:
+        """Called at each optimizer step: whether any parameter of ``optimizer`` holds a gradient.
+
+        Return None where an engine keeps the gradients away from the parameters (the check that
+        a step has gradients to apply is then left out).
+        """
+        return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float,
                         norm_type: float = 2.0) -> torch.Tensor | None:
         """Clip the total gradient norm to ``max_norm``; return the norm before clipping (None where it is not known yet).

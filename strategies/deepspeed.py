@@ -249,11 +249,7 @@ class DeepSpeed(Strategy):
     def _build_engine(self) -> None:
         if self._wrapper is None:
             raise RuntimeError("The DeepSpeed engine is built from the prepared model: prepare one first.")
-        deepspeed = _import_deepspeed()
-        self.ensure_process_group()
-        # The engine reads its device from LOCAL_RANK, which torchrun sets; other launches (one process,
-        # SLURM tasks) may not have it.
-        os.environ.setdefault("LOCAL_RANK", str(self.root_device.index or 0))
+        deepspeed = self._ready_deepspeed()
         config = self.resolved_config()
         module, optimizer = self._wrapper.module, self._optimizer
         kwargs: dict[str, Any] = {"model": module, "config": config, "dist_init_required": False}
@@ -275,6 +271,17 @@ class DeepSpeed(Strategy):
         if self._clip:
             self._set_engine_clip(self._clip)
 
+    def _ready_deepspeed(self) -> Any:
+        """Import DeepSpeed with what it reads from a launcher in place: a process group and ``LOCAL_RANK``.
+
+        The engine and ``deepspeed.zero.Init`` read their device from ``LOCAL_RANK``, which torchrun
+        sets; other launches (one process started with ``python``, SLURM tasks) may not have it.
+        """
+        deepspeed = _import_deepspeed()
+        self.ensure_process_group()
+        os.environ.setdefault("LOCAL_RANK", str(self.root_device.index or 0))
+        return deepspeed
+
     def no_backward_sync(self, module: nn.Module, enabled: bool = True) -> Any:
         # The engine reduces at the step (ZeRO-0/1) or reduce-scatters every backward into the
         # partitions (ZeRO-2/3, which is how gradients are partitioned): nothing to switch off.
@@ -287,6 +294,9 @@ class DeepSpeed(Strategy):
         # The accumulation policy divided the loss already: the engine must not divide it again.
         self.engine.backward(loss, retain_graph=retain_graph, scale_wrt_gas=False)
         self._pending_backwards += 1
+
+    def gradients_present(self, optimizer: torch.optim.Optimizer) -> bool | None:
+        return None  # the engine keeps the gradients in its own partitions
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
         if kwargs:
@@ -331,8 +341,7 @@ class DeepSpeed(Strategy):
         if not (self.zero3_init_flag and self.zero_stage == 3):
             yield
             return
-        deepspeed = _import_deepspeed()
-        self.ensure_process_group()
+        deepspeed = self._ready_deepspeed()
         with deepspeed.zero.Init(config_dict_or_path=zero_init_config(self.config, self._precision_sections())):
             yield
 

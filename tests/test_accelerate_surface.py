@@ -157,7 +157,8 @@ def test_accelerator_state_and_gradient_state_read_the_current_accelerator():
     state = AcceleratorState()
     assert state.mixed_precision == "no" and state.distributed_type == "NO" and state.num_processes == 1
     assert accelerator.state is not None and isinstance(accelerator.state, AcceleratorState)
-    model, optimizer = accelerator.prepare(torch.nn.Linear(1, 1), torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]))
+    linear = torch.nn.Linear(1, 1)
+    model, optimizer = accelerator.prepare(linear, torch.optim.SGD(linear.parameters()))
     loader = accelerator.prepare(DataLoader(torch.arange(6.0).reshape(6, 1), batch_size=2))
     seen = []
     for batch in loader:

@@ -198,3 +198,15 @@ def test_the_trainer_console_script_is_installed():
     script = Path(sys.executable).parent / "trainer"
     result = subprocess.run([str(script), "env"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("- trainer: ")
+
+
+def test_prompt_tuning_optimizer_outside_a_frozen_model_is_fine():
+    """An optimizer over parameters kept outside a frozen model trains them."""
+    accelerator = Accelerator(cpu=True)
+    model = mlp().requires_grad_(False)
+    prompt = torch.nn.Parameter(torch.zeros(6))
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD([prompt], lr=0.1))
+    x, y = classification_data(4)
+    accelerator.backward(F.cross_entropy(model(x + prompt), y))
+    optimizer.step()
+    assert prompt.abs().sum() > 0

@@ -65,3 +65,16 @@ def test_built_configuration_page_follows_the_schema(tmp_path):
     html = (tmp_path / "site" / "configuration" / "index.html").read_text()
     assert 'id="rdzv-backend"' in html and "<code>LOCAL_MACHINE</code>" in html
     assert "generated: config-keys" not in html
+
+
+def test_troubleshooting_lists_every_fault_case():
+    """Each case of the fault catalogue (every test in tests/test_faults_*.py) has its row in troubleshooting.md."""
+    files = sorted(str(path) for path in (ROOT / "tests").glob("test_faults_*.py"))
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *files],
+                               capture_output=True, text=True, cwd=ROOT, timeout=300)
+    cases = [line.split("::", 1)[1] for line in collected.stdout.splitlines() if "::" in line]
+    assert collected.returncode == 0, collected.stdout + collected.stderr
+    page = (ROOT / "docs" / "troubleshooting.md").read_text()
+    missing = [case for case in cases if f"| `{case}` |" not in page]
+    assert not missing, f"troubleshooting.md has no row for {missing}"
+    assert len(cases) >= 80, f"the fault catalogue holds {len(cases)} cases"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -381,3 +382,10 @@ def test_validating_other_data_does_not_replace_the_runs_own_validation(tmp_path
     make_trainer(tmp_path, max_epochs=2, eval_every_n_steps=None, checkpoint=False,
                  callbacks=[ExtraValidation(), recorder]).fit()
     assert recorder.events.count("on_validation_end") == 4  # two extra, two of the run's own
+
+
+def test_no_warning_on_a_healthy_run(tmp_path):
+    """A normal run passes the fault checks (non-finite values, folders, lock) without a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_trainer(tmp_path, max_epochs=1).fit()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainer import checkpointing, operations
+from trainer import checkpointing, operations, wrappers
 from trainer import launch_environment as variables
 from trainer.accelerator_settings import settle
 from trainer.accelerator_state import AcceleratorState, GradientState
@@ -273,8 +273,9 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         return wrapped
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> AcceleratedOptimizer:
-        prepared = AcceleratedOptimizer(self.strategy.setup_optimizer(optimizer), self.strategy,
-                                        self.precision, self.accumulation, self._finalize_gradients)
+        optimizer = wrappers.check_optimizer_parameters(self.strategy.setup_optimizer(optimizer), self._models, self._optimizers)
+        prepared = AcceleratedOptimizer(optimizer, self.strategy, self.precision, self.accumulation,
+                                        self._finalize_gradients)
         self._optimizers.append(prepared)
         return prepared
 
@@ -331,6 +332,7 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
 
     def backward(self, loss: torch.Tensor, num_tokens: Any = None, **kwargs: Any) -> None:
         """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once."""
+        wrappers.check_loss_has_graph(loss)
         loss = self.accumulation.scale_loss(loss, num_tokens)
         loss = self.precision.scale_loss(loss)
         self.strategy.backward(loss, self._models[0] if len(self._models) == 1 else None, **kwargs)
@@ -439,12 +441,11 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self.wait_for_everyone()
         return target
 
-    def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True) -> Path:
-        """Restore what ``save_state`` wrote, into the objects prepared so far, RNG states last."""
+    def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True, verify: bool = True) -> Path:
+        """Restore what ``save_state`` wrote (checked against its manifest unless ``verify=False``), RNG states last."""
         source = Path(input_dir) if input_dir is not None else checkpointing.numbered_checkpoint(
             self.project_dir, None, "load_state")
-        checkpointing.load_accelerator_state(self, source, strict=strict)
-        return source
+        return checkpointing.load_accelerator_state(self, source, strict=strict, verify=verify)
 
     def save_model(self, model: nn.Module, save_directory: str | os.PathLike) -> Path:
         """Write the unwrapped model's weights to ``save_directory/model.safetensors``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,12 +26,57 @@ def loss_of(output: Any) -> Any:
 
 
 def unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
-    """(loss, num_tokens) from what training_step returned."""
-    if torch.is_tensor(outputs):
-        return outputs, None
+    """(loss, num_tokens) from what training_step returned; anything else is one error naming training_step."""
     if isinstance(outputs, Mapping):
         if "loss" not in outputs:
-            raise KeyError(f"training_step returned a dict without 'loss' (keys: {sorted(outputs)}).")
-        return outputs["loss"], outputs.get("num_tokens")
-    raise TypeError(f"training_step must return the loss tensor or a dict with 'loss', got {type(outputs).__name__}.")
+            raise ValueError(f"training_step returned a dict without 'loss' (keys: {sorted(map(str, outputs))}): put "
+                             "the loss to minimise under 'loss' (and, for token-normalised losses, 'num_tokens').")
+        loss, num_tokens = outputs["loss"], outputs.get("num_tokens")
+    else:
+        loss, num_tokens = outputs, None
+    if not torch.is_tensor(loss):
+        raise TypeError(f"training_step must return the loss tensor or a dict with 'loss', got "
+                        f"{type(loss).__name__}{' (did it forget to return the loss?)' if loss is None else ''}: "
+                        "return the scalar tensor that backward() should start from.")
+    if loss.numel() != 1:
+        raise ValueError(f"training_step returned a loss of shape {tuple(loss.shape)}; backward() needs a single "
+                         "number: reduce it first (loss.mean(), or reduction='mean' in the loss function).")
+    return loss, num_tokens
 
+
+def optimizers_of(configured: Any, scheduler: Any) -> tuple[torch.optim.Optimizer, Any]:
+    """(optimizer, scheduler) from what ``configure_optimizers`` (or ``optimizer=``) gave."""
+    if isinstance(configured, Mapping):
+        optimizer, scheduler = configured["optimizer"], configured.get("lr_scheduler", scheduler)
+    elif isinstance(configured, (tuple, list)):
+        optimizer, scheduler = configured[0], configured[1] if len(configured) > 1 else scheduler
+    else:
+        optimizer = configured
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"configure_optimizers must return an optimizer or (optimizer, scheduler), "
+                        f"got {type(optimizer).__name__}.")
+    return optimizer, scheduler
+
+
+def call_model(model: torch.nn.Module, inner: torch.nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a batch: a dict as keyword arguments, a tuple or list as positional ones.
+
+    When the call fails because ``inner.forward`` does not take such arguments, the error says
+    so and names ``training_step`` (the place to unpack the batch yourself).
+    """
+    args, kwargs = ((), dict(batch)) if isinstance(batch, Mapping) else \
+        (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((batch,), {})
+    try:
+        return model(*args, **kwargs)
+    except TypeError as error:
+        try:
+            inspect.signature(inner.forward).bind(*args, **kwargs)
+        except TypeError as mismatch:
+            given = f"keys {sorted(kwargs)}" if kwargs else f"{len(args)} positional value(s)"
+            raise TypeError(
+                f"The Trainer's default training_step called {type(inner).__name__}.forward with the batch's "
+                f"{given}, and forward{inspect.signature(inner.forward)} does not take them ({mismatch}). Subclass "
+                "Trainer and define training_step(self, batch) (and validation_step) to unpack the batch and compute "
+                "the loss yourself."
+            ) from error
+        raise

@@ -22,19 +22,22 @@ from trainer.accelerator import Accelerator
 from trainer.callbacks import Callback, ModelCheckpoint, ProgressBar
 from trainer.callbacks.bus import CallbackBus
 from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
+from trainer.fit_checks import fit_session, refuse_empty
 from trainer.inference.inferencer import Inferencer
 from trainer.inference.outputs import save_outputs
 from trainer.metrics import LogRecord, MetricAccumulator
+from trainer.nonfinite import NonFiniteGuard
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
 from trainer.random_state import forked_rng, set_seed
-from trainer.step_outputs import loss_of, unpack_loss
+from trainer.step_outputs import call_model, loss_of, optimizers_of, unpack_loss
 from trainer.strategies import Strategy
-from trainer.trainer_checkpoint import TrainerCheckpointState, find_latest, saved_step, write_latest
+from trainer.trainer_checkpoint import TrainerCheckpointState
+from trainer.trainer_checkpoints import TrainerCheckpoints
 from trainer.trainer_data import build_dataloader, pad_token_id
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Train, validate and predict with a model.
 
     Args:
@@ -60,6 +63,8 @@ class Trainer:
         accumulation_normalize: ``"mean"``, or ``"tokens"`` for losses summed over tokens
             (``training_step`` then returns ``{"loss", "num_tokens"}``).
         grad_clip: max total gradient norm, or None.
+        on_nonfinite: a NaN or infinite loss (or gradient norm, when clipping): ``"error"`` stops the
+            run before the weights take the step, ``"skip"`` drops the step, ``"warn"`` steps anyway.
         eval_every_n_steps: validate every this many optimizer steps (if ``eval_data`` is given).
         eval_every_n_epochs: validate at the end of every this many epochs (if ``eval_data`` is given).
         log_every_n_steps: how often the training loss is logged.
@@ -100,6 +105,7 @@ class Trainer:
         accumulate: int | None = None,
         accumulation_normalize: str = "mean",
         grad_clip: float | None = None,
+        on_nonfinite: str = "error",
         eval_every_n_steps: int | None = None,
         eval_every_n_epochs: int | None = 1,
         log_every_n_steps: int = 10,
@@ -145,11 +151,14 @@ class Trainer:
                           "accumulate": self.accelerator.gradient_accumulation_steps, "grad_clip": grad_clip,
                           "precision": self.accelerator.mixed_precision, "seed": seed,
                           "num_processes": self.accelerator.num_processes}
+        self._nonfinite = NonFiniteGuard(on_nonfinite, lambda flag: bool(self.accelerator.reduce(flag.int()) > 0))
         self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *trackers], progress_bar, checkpoint))
 
         self.model = self.accelerator.prepare(model)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
                                  "pad_token_id": pad_token_id(model, tokenizer)}
+        for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+            refuse_empty(data, name)
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
         self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
@@ -184,10 +193,8 @@ class Trainer:
         """
         if isinstance(batch, Mapping):
             accepted = self._accepted_keys()
-            return self.model(**(batch if accepted is None else {k: v for k, v in batch.items() if k in accepted}))
-        if isinstance(batch, (tuple, list)):
-            return self.model(*batch)
-        return self.model(batch)
+            batch = batch if accepted is None else {k: v for k, v in batch.items() if k in accepted}
+        return call_model(self.model, self.accelerator.unwrap_model(self.model), batch)
 
     def _accepted_keys(self) -> frozenset[str] | None:
         """The keyword arguments the model's forward takes (None: it takes any)."""
@@ -209,6 +216,11 @@ class Trainer:
     @property
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def validates(self) -> bool:
+        """Whether ``fit`` validates: there is validation data and a schedule to run it."""
+        return self.eval_loader is not None and (self.eval_every_n_steps or self.eval_every_n_epochs) is not None
 
     @property
     def estimated_stepping_batches(self) -> int:
@@ -267,21 +279,20 @@ class Trainer:
         ``resume="latest"`` continues from the newest complete checkpoint in ``output_dir`` (and
         starts afresh when there is none); a path resumes from that checkpoint.
         """
-        if self.train_loader is None:
-            raise ValueError("fit() needs train_data: pass it to the Trainer.")
-        if resume is not None:
-            self._resume(resume)
-        self.fitting = True
-        try:
-            self.call("on_fit_start")
-            while not self._finished():
-                self._train_epoch()
-            self.call("on_fit_end")
-        except BaseException as exception:
-            self.call("on_exception", exception)
-            raise
-        finally:
-            self.fitting = False
+        with fit_session(self):  # checks that would fail later fail now; one run per output folder
+            if resume is not None:
+                self._resume(resume)
+            self.fitting = True
+            try:
+                self.call("on_fit_start")
+                while not self._finished():
+                    self._train_epoch()
+                self.call("on_fit_end")
+            except BaseException as exception:
+                self.call("on_exception", exception)
+                raise
+            finally:
+                self.fitting = False
         return dict(self.metrics)
 
     def _train_epoch(self) -> None:
@@ -310,17 +321,21 @@ class Trainer:
         with accelerator.accumulate(self.model):
             outputs = self.training_step(batch)
             loss, num_tokens = unpack_loss(outputs)
+            self._nonfinite.observe(loss)
             self.call("on_before_backward", loss)
             accelerator.backward(loss, num_tokens=num_tokens)
             self.call("on_after_backward")
             self._track_loss(loss)
             if accelerator.sync_gradients:
-                if self.grad_clip is not None:
-                    accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                self.call("on_before_optimizer_step", self.optimizer)
-                self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
+                norm = accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip else None
+                if self._nonfinite.step_allowed(None if accelerator.scaler else norm, self.progress.global_step + 1,
+                                                self._recovery_hint):
+                    self.call("on_before_optimizer_step", self.optimizer)
+                    self.optimizer.step()
+                    if self.scheduler is not None:
+                        self.scheduler.step()
+                else:
+                    self._group_losses.clear()  # a skipped step's losses are not logged
                 self.optimizer.zero_grad()
                 self.progress.global_step += 1
                 self._log_training_loss()
@@ -409,36 +424,6 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
-    # -- checkpoints ------------------------------------------------------------------------------------
-    def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Write the whole training state to ``path`` (atomically) and point ``latest`` at it."""
-        path = Path(path)
-        saved = self.accelerator.save_state(path, before_commit=lambda scratch: self.call("on_save_checkpoint", scratch))
-        if self.is_main_process:
-            self.point_latest_to(saved)
-        self.accelerator.wait_for_everyone()
-        return saved
-
-    def point_latest_to(self, checkpoint: Path) -> None:
-        """Make ``fit(resume="latest")`` resume from ``checkpoint`` (a file ``latest`` beside it)."""
-        write_latest(checkpoint.parent, checkpoint)
-
-    def _resume(self, resume: str | os.PathLike) -> None:
-        if str(resume) == "latest":
-            roots = {self.checkpoint_dir, *(cb.root(self) for cb in self.callbacks.find(ModelCheckpoint))}
-            found = [path for path in map(find_latest, sorted(roots)) if path is not None]
-            if not found:
-                places = ", ".join(str(root) for root in sorted(roots))
-                self.accelerator.print(f"No checkpoint in {places}: starting from the beginning.")
-                return
-            path = max(found, key=lambda checkpoint: (saved_step(checkpoint), checkpoint.stat().st_mtime))
-        else:
-            path = Path(resume)
-        self.accelerator.load_state(path)
-        if self.progress.epoch_end_done:  # saved at the very end of an epoch
-            self.progress.start_next_epoch()
-        self.call("on_load_checkpoint", path)
-
     # -- small helpers ------------------------------------------------------------------------------------
     def _finished(self) -> bool:
         return self.should_stop or self.progress.epoch >= self.max_epochs or self._reached_max_steps()
@@ -468,16 +453,8 @@ class Trainer:
         self._group_losses.clear()
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
-        configured = optimizer if optimizer is not None else self.configure_optimizers()
-        if isinstance(configured, Mapping):
-            optimizer, scheduler = configured["optimizer"], configured.get("lr_scheduler", scheduler)
-        elif isinstance(configured, (tuple, list)):
-            optimizer, scheduler = configured[0], configured[1] if len(configured) > 1 else scheduler
-        else:
-            optimizer = configured
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"configure_optimizers must return an optimizer or (optimizer, scheduler), "
-                            f"got {type(optimizer).__name__}.")
+        optimizer, scheduler = optimizers_of(optimizer if optimizer is not None else self.configure_optimizers(),
+                                             scheduler)
         optimizer = self.accelerator.prepare(optimizer)
         # One scheduler step per optimizer step: the Trainer's schedules are sized in optimizer steps
         # (estimated_stepping_batches), whatever the number of processes.

@@ -21,6 +21,20 @@ if TYPE_CHECKING:
     from trainer.strategies.policies import PrecisionPolicy
 
 
+class NoGradientError(RuntimeError):
+    """An optimizer step found no gradient on any of its parameters."""
+
+
+def check_loss_has_graph(loss: Any) -> None:
+    """Refuse a backward from a loss that no parameter contributed to (torch's own error names no cause)."""
+    if torch.is_tensor(loss) and not loss.requires_grad:
+        raise NoGradientError(
+            "backward() was given a loss that does not depend on any parameter (requires_grad=False), so no "
+            "parameter would get a gradient. Compute the loss from the prepared model's output, outside "
+            "torch.no_grad() and without .detach() or .item() on the way."
+        )
+
+
 class AcceleratedOptimizer(torch.optim.Optimizer):
     """The user's optimizer, stepping on accumulation boundaries through the precision policy."""
 
@@ -85,6 +99,14 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         if not self._policy.sync_gradients:
             return
+        if closure is None and self._strategy.gradients_present(self.optimizer) is False:
+            count = sum(len(group["params"]) for group in self.optimizer.param_groups)
+            raise NoGradientError(
+                f"optimizer.step(): none of the optimizer's {count} parameters has a gradient, so this step would "
+                "change nothing: the loss is not connected to them. Call backward() before step() on a loss computed "
+                "from the prepared model's output (not under torch.no_grad(), not from .detach()ed tensors or "
+                ".item() values), and build the optimizer from that model's parameters()."
+            )
         self._before_step()
         if closure is None:
             stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step)
@@ -168,3 +190,28 @@ def prepare_order(obj: Any) -> int:
     if is_scheduler(obj):
         return 2
     return 3
+
+
+def check_optimizer_parameters(optimizer: torch.optim.Optimizer, models: list[nn.Module],
+                               optimizers: list[Any]) -> torch.optim.Optimizer:
+    """Refuse an optimizer over none of the prepared models' parameters while their trainable ones have no optimizer.
+
+    That is an optimizer built from an earlier or another copy of the model: it would train nothing.
+    (An optimizer over parameters kept outside a frozen model, as in prompt tuning, is fine.)
+    """
+    known = {id(p) for model in models for p in model.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not known or not params or any(id(p) in known for p in params):
+        return optimizer
+    optimized = {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    orphans = [name for model in models for name, p in model.named_parameters()
+               if p.requires_grad and id(p) not in optimized]
+    if orphans:
+        raise ValueError(
+            f"The {type(optimizer).__name__} being prepared holds {len(params)} parameters and none of them belongs to "
+            f"the prepared model{'s' if len(models) > 1 else ''}, whose trainable parameters ({', '.join(orphans[:3])}"
+            f"{', ...' if len(orphans) > 3 else ''}) no optimizer holds: training would never change the model. Build "
+            "the optimizer from the parameters of the model you prepare (AdamW(model.parameters())) after creating "
+            "that model, not from an earlier or another copy."
+        )
+    return optimizer

@@ -1,0 +1,86 @@
+"""What the Trainer does when a loss (or the gradient norm) is NaN or infinite.
+
+Each micro-batch's loss is noted on the device (no synchronisation); at the accumulation
+boundary, before the optimizer step, one check decides for the whole group, agreed by every
+process: ``"error"`` (the default) stops the run before the weights take the step, naming the
+step, the value and the newest checkpoint with finite weights; ``"skip"`` drops the group's
+step; ``"warn"`` warns and steps anyway.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+
+ACTIONS = ("error", "skip", "warn")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss or gradient norm was NaN or infinite (``Trainer(on_nonfinite="error")``)."""
+
+
+def check_action(action: str) -> str:
+    if action not in ACTIONS:
+        raise ValueError(f"on_nonfinite={action!r} is not one of {list(ACTIONS)}: 'error' stops the run, 'skip' drops "
+                         "the step, 'warn' steps anyway.")
+    return action
+
+
+class NonFiniteGuard:
+    """Watches one accumulation group's losses and, at its boundary, the gradient norm.
+
+    ``any_true(flag)`` says whether a flag is set on any process (one collective; the flag itself
+    on one process).
+    """
+
+    def __init__(self, action: str, any_true: Callable[[torch.Tensor], bool]) -> None:
+        self.action = check_action(action)
+        self._any_true = any_true
+        self._losses: list[torch.Tensor] = []
+        self.skipped_steps = 0
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """Note a micro-batch's loss (kept on its device until the boundary)."""
+        self._losses.append(loss.detach().float().reshape(-1)[:1])
+
+    def step_allowed(self, grad_norm: torch.Tensor | None, step: int, recovery: Callable[[], str]) -> bool:
+        """At a boundary: True to step. Raises in ``"error"`` mode; False in ``"skip"`` mode when non-finite.
+
+        ``step`` is the step about to be taken; ``recovery()`` describes the newest usable checkpoint.
+        """
+        values = torch.cat(self._losses) if self._losses else torch.zeros(1)
+        self._losses = []
+        checked = values if grad_norm is None else torch.cat([values, grad_norm.detach().float().reshape(1).to(values)])
+        if not self._any_true((~torch.isfinite(checked)).any()):
+            return True
+        bad_loss = next((v for v in values.tolist() if not math.isfinite(v)), None)
+        if bad_loss is not None:
+            what = f"the training loss is {bad_loss}"
+        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
+            what = f"the gradient norm is {float(grad_norm)}"
+        else:
+            what = "the training loss or gradient norm is not finite on another process"
+        if self.action == "error":
+            raise NonFiniteLossError(
+                f"At step {step} {what}; the run stopped before the optimizer step, so the weights are still finite. "
+                f"{recovery()} Usual causes: a learning rate too high, a division by zero or log(0) in the loss, "
+                "bad input values, fp16 overflow (try bf16). Trainer(on_nonfinite='skip') skips such steps instead, "
+                "'warn' only warns."
+            )
+        if self.action == "warn":
+            warnings.warn(f"At step {step} {what}; stepping anyway (on_nonfinite='warn').", RuntimeWarning, stacklevel=3)
+            return True
+        self.skipped_steps += 1
+        warnings.warn(f"At step {step} {what}; this step is skipped (on_nonfinite='skip'; {self.skipped_steps} skipped "
+                      "so far).", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def has_nonfinite_parameters(module: torch.nn.Module) -> torch.Tensor:
+    """A device flag: whether any of this process's parameter values (its shards) is NaN or infinite."""
+    flags = [(~torch.isfinite(p.to_local() if hasattr(p, "to_local") else p)).any()
+             for p in module.parameters() if not p.is_meta and p.numel()]
+    return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool)

@@ -1,0 +1,87 @@
+"""The Trainer's checkpoint methods: save (``latest`` only for finite weights), find the newest, resume."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from torch import nn
+
+from trainer.callbacks import ModelCheckpoint
+from trainer.nonfinite import has_nonfinite_parameters
+from trainer.trainer_checkpoint import find_latest, saved_step, write_latest
+
+if TYPE_CHECKING:
+    from trainer.accelerator import Accelerator
+    from trainer.callbacks.bus import CallbackBus
+    from trainer.callbacks.protocols import TrainerView
+    from trainer.progress import TrainerProgress
+
+
+class TrainerCheckpoints:
+    """Mixed into ``Trainer``: everything about writing and finding its checkpoints."""
+
+    accelerator: Accelerator
+    model: nn.Module
+    callbacks: CallbackBus
+    checkpoint_dir: Path
+    progress: TrainerProgress
+
+    def call(self, event: str, *args: Any) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: str | os.PathLike, point_latest: bool | None = None) -> Path:
+        """Write the whole training state to ``path`` (atomically) and point ``latest`` at it.
+
+        ``latest`` is left alone when the weights are not finite (or ``point_latest=False``), so
+        that ``fit(resume="latest")`` resumes from the newest checkpoint that can train on.
+        """
+        path = Path(path)
+        if point_latest is None:
+            point_latest = self.weights_are_finite()
+        saved = self.accelerator.save_state(path, before_commit=lambda scratch: self.call("on_save_checkpoint", scratch))
+        if self.accelerator.is_main_process and point_latest:
+            self.point_latest_to(saved)
+        elif not point_latest:
+            self.accelerator.print(f"The weights saved in {saved} are not all finite: 'latest' still names the "
+                                   "previous checkpoint.")
+        self.accelerator.wait_for_everyone()
+        return saved
+
+    def weights_are_finite(self) -> bool:
+        """Whether every weight of the model is finite (on every process)."""
+        flag = has_nonfinite_parameters(self.accelerator.unwrap_model(self.model))
+        return not bool(self.accelerator.reduce(flag.int()) > 0)
+
+    def point_latest_to(self, checkpoint: Path) -> None:
+        """Make ``fit(resume="latest")`` resume from ``checkpoint`` (a file ``latest`` beside it)."""
+        write_latest(checkpoint.parent, checkpoint)
+
+    def _checkpoint_roots(self) -> list[Path]:
+        return sorted({self.checkpoint_dir, *(cb.root(cast("TrainerView", self)) for cb in self.callbacks.find(ModelCheckpoint))})
+
+    def _newest_checkpoint(self) -> Path | None:
+        found = [path for path in map(find_latest, self._checkpoint_roots()) if path is not None]
+        return max(found, key=lambda checkpoint: (saved_step(checkpoint), checkpoint.stat().st_mtime)) if found else None
+
+    def _recovery_hint(self) -> str:
+        newest = self._newest_checkpoint()
+        if newest is None:
+            return "No checkpoint with finite weights was saved yet."
+        return f"The newest checkpoint with finite weights is {newest}: fit(resume='latest') continues from it."
+
+    def _resume(self, resume: str | os.PathLike) -> None:
+        if str(resume) == "latest":
+            newest = self._newest_checkpoint()
+            if newest is None:
+                places = ", ".join(str(root) for root in self._checkpoint_roots())
+                self.accelerator.print(f"No checkpoint in {places}: starting from the beginning.")
+                return
+            path = newest
+        else:
+            path = Path(resume)
+        self.accelerator.load_state(path)
+        if self.progress.epoch_end_done:  # saved at the very end of an epoch
+            self.progress.start_next_epoch()
+        self.call("on_load_checkpoint", path)
