@@ -185,3 +185,33 @@ def test_output_dir_without_room_for_a_checkpoint(run_dir, tmp_path):
         assert trainer.global_step == 0
         assert not (folder / "out" / LOCK_NAME).exists() and not any((folder / "out" / "checkpoints").iterdir())
     assert_resumable(run_dir)
+
+
+def test_disk_fills_up_during_training(tmp_path):
+    """Room for one checkpoint at the start, none for the second: the save fails, the first stays latest."""
+    from trainer_setup import datasets
+
+    from trainer import Trainer
+    from trainer.checkpoint_errors import CheckpointWriteError
+
+    class Step(Trainer):
+        def training_step(self, batch):
+            return self.model(batch[0]).pow(2).mean()
+
+    def build(out):
+        return Step(mlp(hidden=4096), train_data=datasets()[0], output_dir=out, progress_bar=False, trackers=[],
+                    max_steps=3, callbacks=[ModelCheckpoint(every_n_steps=1, save_top_k=-1)])
+
+    with tmpfs(tmp_path / "small", "1m") as folder:
+        trainer = build(folder / "out")
+        with pytest.raises(CheckpointWriteError, match=r"No space left to save the checkpoint .*epoch=0-step=2: it needs "
+                                                       r"about [\d,]+ bytes, and [\d,]+ bytes are free.*previous "
+                                                       r"checkpoint there is untouched"):
+            trainer.fit()
+        root = folder / "out" / "checkpoints"
+        assert (root / "latest").read_text().strip() == "epoch=0-step=1"
+        assert sorted(p.name for p in root.iterdir()) == ["epoch=0-step=1", "latest"]
+        PartialState._reset_state()
+        resumed = build(folder / "out")
+        resumed._resume("latest")
+        assert resumed.global_step == 1

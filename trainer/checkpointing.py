@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 1
 SAFE_SUFFIXES = (".json", ".safetensors")
-_SMALL_FILES = 2**20  # JSON, headers and RNG states, on top of the tensors
+_SMALL_FILES = 2**16  # JSON and RNG states, on top of the tensors (and a header entry per tensor)
 
 
 def _name(kind: str, index: int) -> str:
@@ -119,7 +119,7 @@ def estimated_bytes(accelerator: Accelerator) -> int:
             local = _local(tensor)
             key = (local.untyped_storage().data_ptr(), int(local.storage_offset())) if local.device.type != "meta" else None
             if key is None or key not in seen:
-                total += tensor.numel() * tensor.element_size() * copies
+                total += (tensor.numel() * tensor.element_size() + 256) * copies
                 if key is not None:
                     seen.add(key)
 

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer import checkpointing
 from trainer.run_lock import OutputDirLockedError, RunLock
 
 if TYPE_CHECKING:
@@ -41,11 +42,17 @@ def _unwritable(folder: Path) -> str | None:
 
 
 def checkpoint_bytes(trainer: Trainer) -> int:
-    """About what one checkpoint of this run takes: the weights, plus the optimizer's per-weight state."""
+    """About what one checkpoint of this run takes: what a save would write now, plus the optimizer state to come.
+
+    Before the first step an optimizer holds no state yet; Adam-like ones (``betas``) then keep two
+    tensors per weight, momentum ones one.
+    """
+    now = checkpointing.estimated_bytes(trainer.accelerator)
+    if getattr(trainer.optimizer, "state", None):
+        return now
     weights = sum(p.numel() * p.element_size() for p in trainer.accelerator.unwrap_model(trainer.model).parameters())
     defaults = getattr(trainer.optimizer, "defaults", {}) or {}
-    per_weight = 2 if "betas" in defaults else 1 if defaults.get("momentum") else 0
-    return weights * (1 + per_weight)
+    return now + weights * (2 if "betas" in defaults else 1 if defaults.get("momentum") else 0)
 
 
 def _no_room(folder: Path, needed: int) -> str | None:
