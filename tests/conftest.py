@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 
 from trainer import PartialState
@@ -29,3 +32,26 @@ def csv_only_by_default(monkeypatch):
     for name in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "COMET_API_KEY", "CLEARML_API_ACCESS_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+# -- for the fault catalogue (tests/test_faults_*.py) -----------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """An output folder holding one epoch's checkpoint ``epoch=0-step=5`` (and ``latest``), made once per module."""
+    from trainer_setup import make_trainer
+
+    from trainer import PartialState
+    from trainer.callbacks import ModelCheckpoint
+
+    out = tmp_path_factory.mktemp("run")
+    make_trainer(out, max_epochs=1, callbacks=[ModelCheckpoint(every_n_epochs=1)], trackers=[]).fit()
+    PartialState._reset_state()
+    return out
+
+
+@pytest.fixture
+def run_dir(finished_run, tmp_path) -> Path:
+    """A copy of ``finished_run`` for one case to damage."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out

@@ -67,3 +67,18 @@ def assert_still_loads(path: Path, weights: dict[str, torch.Tensor]) -> None:
     for name, value in weights.items():
         assert torch.equal(loaded[name], value), f"{name} changed in {path}"
     PartialState._reset_state()
+
+
+# -- a Trainer run's output folder (the fixtures finished_run and run_dir are in conftest.py) --------
+def assert_resumable(out: Path, name: str = "epoch=0-step=5") -> None:
+    """``latest`` in ``out`` still names ``name`` and a fresh Trainer resumes from it with finite weights."""
+    from trainer_setup import make_trainer
+
+    from trainer import PartialState
+
+    assert (out / "checkpoints" / "latest").read_text().strip() == name
+    PartialState._reset_state()
+    trainer = make_trainer(out, max_epochs=1, trackers=[])
+    trainer._resume("latest")
+    assert trainer.global_step > 0 and trainer.weights_are_finite()
+    PartialState._reset_state()

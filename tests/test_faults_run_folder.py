@@ -9,7 +9,6 @@ checkpoint loadable.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from distributed_helpers import REPO_ROOT, WORKERS_DIR, _kill_group, _worker_env, free_port
+from fault_helpers import assert_resumable
 from models import mlp
 from trainer_setup import make_trainer
 
@@ -27,30 +27,6 @@ from trainer.fit_checks import OutputDirError
 from trainer.run_lock import LOCK_NAME, OutputDirLockedError
 
 WORKER = WORKERS_DIR / "folder_worker.py"
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    make_trainer(out, max_epochs=1, callbacks=[ModelCheckpoint(every_n_epochs=1)], trackers=[]).fit()
-    PartialState._reset_state()
-    return out
-
-
-@pytest.fixture
-def run_dir(finished_run, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
-    return out
-
-
-def assert_resumable(out: Path) -> None:
-    assert (out / "checkpoints" / "latest").read_text().strip() == "epoch=0-step=5"
-    PartialState._reset_state()
-    trainer = make_trainer(out, max_epochs=1, trackers=[])
-    trainer._resume("latest")
-    assert trainer.global_step == 5
-    PartialState._reset_state()
 
 
 @contextmanager

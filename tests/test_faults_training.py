@@ -8,49 +8,23 @@ checkpoint still loads (``latest`` still names it).
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from fault_helpers import assert_resumable
 from models import classification_data, mlp
 from trainer_setup import ClassifierTrainer, make_trainer
 
-from trainer import Accelerator, PartialState
+from trainer import Accelerator
 from trainer.callbacks import EarlyStopping, ModelCheckpoint
 from trainer.nonfinite import NonFiniteLossError
 from trainer.wrappers import NoGradientError
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """An output folder holding one epoch's checkpoint (and ``latest``)."""
-    out = tmp_path_factory.mktemp("run")
-    make_trainer(out, max_epochs=1, callbacks=[ModelCheckpoint(every_n_epochs=1)], trackers=[]).fit()
-    PartialState._reset_state()
-    return out
-
-
-@pytest.fixture
-def run_dir(finished_run, tmp_path) -> Path:
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
-    return out
-
-
 def latest_of(out: Path) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
-
-
-def assert_resumable(out: Path, name: str) -> None:
-    """``latest`` still names ``name`` and a fresh Trainer resumes from it with finite weights."""
-    assert latest_of(out) == name
-    PartialState._reset_state()
-    trainer = make_trainer(out, max_epochs=1)
-    trainer._resume("latest")
-    assert trainer.global_step > 0 and trainer.weights_are_finite()
-    PartialState._reset_state()
 
 
 class PoisonedTrainer(ClassifierTrainer):
