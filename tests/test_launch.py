@@ -153,7 +153,9 @@ def test_a_failing_rank_ends_the_job_quickly_with_its_traceback():
     assert code != 0
     assert time.monotonic() - started < 60
     assert "RuntimeError: rank 1 fails on purpose" in err
-    assert "trainer launch: a process failed (exit code 1) and the others were stopped" in err
+    assert "trainer launch: rank 1 failed and the other process on this machine was stopped:" in err
+    assert "exit code 1, RuntimeError: rank 1 fails on purpose; traceback above and in " in err
+    assert "ChildFailedError" not in err and "torch/distributed/run.py" not in err  # no launcher traceback
 
 
 def test_a_killed_rank_is_restarted_and_training_resumes_exactly(tmp_path):

@@ -123,6 +123,19 @@ def inside_srun(env: Mapping[str, str]) -> bool:
     return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
 
 
+def srun_step_missing(env: Mapping[str, str]) -> str | None:
+    """Why SLURM's task variables are no job step here, when several tasks are asked for; else None.
+
+    ``SLURM_NTASKS`` above 1 with ``SLURM_PROCID`` but no ``SLURM_STEP_ID`` is a batch script, an
+    ``salloc`` shell, or copies started by something other than ``srun``: each copy then runs alone.
+    """
+    tasks = env.get("SLURM_NTASKS", "")
+    if inside_srun(env) or "SLURM_PROCID" not in env or not tasks.isdigit() or int(tasks) < 2:
+        return None
+    return (f"SLURM_NTASKS={tasks} and SLURM_PROCID={env['SLURM_PROCID']} are set but SLURM_STEP_ID is not, so this "
+            "is not a task of an srun job step")
+
+
 def detect_cluster_environment(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
     """Read the job layout from the launcher's variables: torchrun first, then SLURM, then MPI."""
     env = os.environ if env is None else env

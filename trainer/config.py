@@ -43,6 +43,10 @@ class Key:
 BOOL, INT, STR, FLOAT = (bool,), (int,), (str,), (int, float)
 OPT_STR, OPT_INT = (str, type(None)), (int, type(None))
 COMPAT = "Accepted so that files written by Accelerate load; not used by `trainer launch`."
+# What a launch hands its processes as the process-group timeout when neither the configuration nor the
+# environment names one: NCCL's own default, and a third of gloo's (30 minutes), so a lost process ends a job
+# within 10 minutes on every backend.
+DEFAULT_PROCESS_GROUP_TIMEOUT = 600
 
 # The keys that belong to the launch itself. distributed_type, mixed_precision and the strategies'
 # sections are added by top_keys(), from the strategies' specs and the precision table.
@@ -67,8 +71,10 @@ LAUNCH_KEYS: dict[str, Key] = {
     "max_restarts": Key(INT, "How many times a failed run is restarted (default 0)."),
     "monitor_interval": Key(FLOAT, "Seconds between torchrun's checks of its workers (default 0.1)."),
     "process_group_timeout": Key(FLOAT, "Seconds a collective waits for the other processes before the job fails "
-                                        "(`TRAINER_PROCESS_GROUP_TIMEOUT`; default: torch's, 30 minutes on gloo, 10 on "
-                                        "NCCL). `InitProcessGroupKwargs(timeout=...)` in the script wins.", minimum=1),
+                                        "(`TRAINER_PROCESS_GROUP_TIMEOUT`, unless that is already exported), so a lost "
+                                        "process ends the job instead of hanging it. `InitProcessGroupKwargs(timeout=...)` "
+                                        "or `PartialState(timeout=...)` in the script wins.", minimum=1,
+                                 default=DEFAULT_PROCESS_GROUP_TIMEOUT),
     "tpu_env": Key((list,), "TPU pod environment. " + COMPAT),
     "tpu_use_cluster": Key(BOOL, "TPU pod launch. " + COMPAT),
     "tpu_use_sudo": Key(BOOL, "TPU pod launch with sudo. " + COMPAT),
@@ -166,16 +172,110 @@ def check_launchable(config: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a YAML (or JSON) launch configuration."""
+    """Read and check a YAML (or JSON) launch configuration; every problem is one ConfigError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"No config file at {path}. Write one with `trainer config`, or check the path.")
-    with open(path) as file:
-        data = json.load(file) if path.suffix == ".json" else yaml.safe_load(file)
+    data = _read(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        kinds: dict[type, str] = {list: "a list", str: "a single string"}
+        kind = kinds.get(type(data), f"a single {type(data).__name__}")
+        raise ConfigError(f"{path} holds {kind}, not a mapping of keys to values: write one `key: value` per line, "
+                          "e.g. `distributed_type: MULTI_GPU` (`trainer config` writes such a file).")
     try:
-        return validate(data or {})
+        return validate(data)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+
+
+def _read(path: Path) -> Any:
+    """The file's data: YAML (JSON for ``.json``), decoded as UTF-8, with its mistakes named by line and column."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file; pass the YAML file itself "
+                          "(`trainer config` writes one, by default default_config.yaml).")
+    if not path.is_file():
+        raise ConfigError(f"No config file at {path}. Write one with `trainer config`, or check the path.")
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"Cannot read the config file {path}: {error.strerror}.") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line, column = _position(raw, error.start)
+        raise ConfigError(f"{path} is not UTF-8 text: byte 0x{raw[error.start]:02x} at line {line}, column {column} "
+                          "cannot be read; save the file as UTF-8.") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text) if text.strip() else None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}, line {error.lineno}, column {error.colno}: {error.msg}; fix the JSON there.") from None
+    try:
+        document = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        raise ConfigError(f"{path}, {_yaml_problem(error)}; fix the YAML there.") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}.") from None
+    if isinstance(document, yaml.MappingNode):
+        _check_nodes(path, document, top_keys(), "")
+    return data
+
+
+def _position(raw: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column of a byte offset."""
+    return raw.count(b"\n", 0, offset) + 1, offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """``line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a flow sequence ... line 1)``."""
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+    problem = error.problem or "the YAML cannot be read"
+    if error.context and error.context_mark is not None and error.context_mark is not mark:
+        context = f" ({error.context} that starts at line {error.context_mark.line + 1}, column {error.context_mark.column + 1})"
+    else:
+        context = f" ({error.context})" if error.context else ""
+    return f"{where}: {problem}{context}"
+
+
+def _check_nodes(path: Path, node: yaml.MappingNode, keys: dict[str, Key], where: str) -> None:
+    """Refuse a key written twice (YAML keeps the last silently) and a YAML 1.1 boolean where text is expected."""
+    seen: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        name, line = str(key_node.value), key_node.start_mark.line + 1
+        dotted = f"{where}.{name}" if where else name
+        if name in seen:
+            raise ConfigError(f"{path}, line {line}: {dotted} is set twice (first at line {seen[name]}) and YAML would "
+                              "silently keep the last value; keep one.")
+        seen[name] = line
+        key = keys.get(name)
+        if key is None:
+            continue
+        if (isinstance(value_node, yaml.ScalarNode) and value_node.tag == "tag:yaml.org,2002:bool"
+                and bool not in key.types and str in key.types):
+            value = value_node.value
+            raise ConfigError(f"{path}, line {value_node.start_mark.line + 1}: {dotted}: {value} is read as the boolean "
+                              f"{str(value.lower() in ('yes', 'y', 'on', 'true')).lower()}, not as text (YAML reads "
+                              f"unquoted yes/no/on/off/true/false as booleans); quote it: {name}: \"{value}\".")
+        if key.section is not None and isinstance(value_node, yaml.MappingNode):
+            _check_nodes(path, value_node, key.section, dotted)
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; pass a file path for the configuration, e.g. {path / 'default_config.yaml'}.")
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as error:
+        if partial.parent.is_dir():
+            partial.unlink(missing_ok=True)
+        raise ConfigError(f"Cannot write the configuration to {path}: {error.strerror}; pass another --config_file.") from None
+    return path
 
 
 def default_config_path() -> Path:
@@ -187,11 +287,9 @@ def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def save(config: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a checked configuration as YAML; an existing file is replaced only once the new one is complete."""
     validate(config)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config, sort_keys=True))
-    return path
+    return _write(Path(path), yaml.safe_dump(config, sort_keys=True))
 
 
 def strategy_spec(config: dict[str, Any]) -> StrategySpec:
@@ -214,6 +312,8 @@ def process_environment(config: dict[str, Any]) -> dict[str, str]:
         env[variables.ACCUMULATION] = str(config["gradient_accumulation_steps"])
     if "process_group_timeout" in config:
         env[variables.PROCESS_GROUP_TIMEOUT] = str(config["process_group_timeout"])
+    elif variables.PROCESS_GROUP_TIMEOUT not in os.environ:
+        env[variables.PROCESS_GROUP_TIMEOUT] = str(DEFAULT_PROCESS_GROUP_TIMEOUT)
     if str(config.get("dynamo_config", {}).get("dynamo_backend", "no")).lower() != "no":
         env[variables.DYNAMO] = json.dumps(config["dynamo_config"])
     for other in registry.strategy_specs():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from trainer import config as launch_config
+from trainer.cli.errors import CliError
 from trainer.devices import accelerator_type
 from trainer.precision.names import precision_names
 from trainer.strategies import registry
@@ -34,21 +35,20 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check a file, or write one from the questions' answers (or what this machine has)."""
+    if args.action == "validate":
+        if not args.file:
+            raise CliError("config validate needs the file to check: trainer config validate FILE.")
+        config = launch_config.with_defaults(launch_config.load(args.file))
+        print(f"{args.file}: valid ({config['distributed_type']}, {config['num_processes']} process(es))")
+        return 0
+    if args.file:
+        raise CliError(f"{args.file!r}: only `trainer config validate FILE` takes a file; "
+                       f"to write one, pass --config_file {args.file}.")
     try:
-        if args.action == "validate":
-            if not args.file:
-                raise launch_config.ConfigError("trainer config validate needs the file to check.")
-            config = launch_config.load(args.file)
-            print(f"{args.file}: valid ({launch_config.with_defaults(config)['distributed_type']}, "
-                  f"{launch_config.with_defaults(config)['num_processes']} process(es))")
-            return 0
         config = detected(args.cpu, args.mixed_precision) if args.action == "default" else questionnaire(_ask)
-    except launch_config.ConfigError as error:
-        print(f"trainer config: {error}", file=sys.stderr)
-        return 2
     except EOFError:
-        print("trainer config: the answers ended before the questions did; nothing was written.", file=sys.stderr)
-        return 2
+        raise CliError("the answers ended before the questions did; nothing was written.") from None
     path = launch_config.save(config, args.config_file or launch_config.default_config_path())
     print(f"configuration saved at {path}")
     return 0

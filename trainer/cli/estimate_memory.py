@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import nn
 
+from trainer.cli.errors import CliError
 from trainer.inference.estimate import DTYPES, INFERENCE_OVERHEAD, OPTIMIZER_STATES, estimate_memory
 from trainer.inference.meta import init_empty_weights
 
@@ -43,7 +44,7 @@ TASKS = {
 }
 
 
-class EstimateError(Exception):
+class EstimateError(CliError):
     """A model that cannot be built from what was given; the message is one sentence for the user."""
 
 
@@ -69,11 +70,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        model, description = build_model(args.model, task=args.task, config=args.config, kwargs=args.kwargs)
-    except EstimateError as error:
-        print(f"trainer estimate-memory: {error}", file=sys.stderr)
-        return 2
+    model, description = build_model(args.model, task=args.task, config=args.config, kwargs=args.kwargs)
     rows = estimate_memory(model, args.dtypes, optimizer=args.optimizer)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -180,6 +177,8 @@ def _build_transformers(transformers: Any, spec: str, task: str, overrides: dict
                                 "does not know (code shipped with a model is not run).")
     elif spec in mapping:
         model_type, base = spec, {}
+    elif spec.endswith(".json") or spec.startswith((".", os.sep, "~")):
+        raise EstimateError(f"No file or folder at {spec}; pass an existing model folder or its config.json.")
     else:
         raise EstimateError(_unknown_model_type(spec, list(mapping.keys())))
     config_class = mapping[model_type]

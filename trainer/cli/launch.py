@@ -1,11 +1,13 @@
 """``trainer launch``: run a script on one process, several, several machines, or under SLURM.
 
-One process runs the script directly. Several run under ``torch.distributed.run`` (torchrun),
-called rather than re-written: its elastic agent starts the workers and, when one fails, stops
-the others and exits non-zero. ``--max_restarts`` starts a fresh torchrun on one machine (and
-uses torchrun's own restarts across machines). Inside an
-``srun`` job step each task is already one process, so the script runs directly and
-``PartialState`` reads SLURM's variables.
+Everything that can be checked is checked first (``launch_checks``): the configuration, the
+layout of machines and ranks, the script, a busy port; a mistake is one ``CliError`` line. Then
+one process runs the script directly. Several run under ``torch.distributed.run`` (torchrun),
+called rather than re-written, in this process (``launch_torchrun``): its elastic agent starts
+the workers and, when one fails, stops the others; the launch ends with one summary of the
+failed processes (``launch_summary``). ``--max_restarts`` starts a fresh torchrun on one machine
+(and uses torchrun's own restarts across machines). Inside an ``srun`` job step each task is
+already one process, so the script runs directly and ``PartialState`` reads SLURM's variables.
 
 The chosen settings reach the script as ``TRAINER_*`` environment variables, so
 ``Accelerator()`` and ``Trainer(strategy="auto", precision="auto")`` need no code change.
@@ -22,7 +24,10 @@ from typing import Any
 
 from trainer import config as launch_config
 from trainer import launch_environment as variables
-from trainer.cli import launch_compat
+from trainer.cli import launch_checks, launch_compat
+from trainer.cli.errors import CliError
+from trainer.cli.launch_summary import summary
+from trainer.cli.launch_torchrun import Outcome, check_runnable, run_torchrun, torchrun_argv
 from trainer.cluster import inside_srun
 from trainer.precision.names import precision_names
 from trainer.strategies import registry
@@ -170,73 +175,83 @@ def _command(args: argparse.Namespace) -> list[str]:
     return ["-m", args.script, *args.script_args] if args.module else [args.script, *args.script_args]
 
 
-def _torchrun_argv(config: dict[str, Any], command: list[str]) -> list[str]:
-    machines = config["num_machines"]
-    per_machine = max(1, config["num_processes"] // machines)
-    argv = [f"--nproc_per_node={per_machine}", f"--nnodes={machines}", f"--node_rank={config['machine_rank']}",
-            f"--monitor_interval={config.get('monitor_interval', 0.1)}"]
-    if machines > 1:  # every machine's agent must agree on restarts, so torchrun's own mechanism is used
-        argv.append(f"--max_restarts={config.get('max_restarts', 0)}")
-    if machines == 1 and not config["main_process_port"]:
-        # One machine: torchrun's standalone rendezvous (c10d on a free local port) survives restarts
-        # cleanly, where a static one can hand restarted workers their predecessors' addresses.
-        argv += ["--standalone"]
-    elif machines == 1:
-        argv += ["--master_addr=127.0.0.1", f"--master_port={config['main_process_port']}"]
-    elif config["rdzv_backend"] == "static":
-        if not config["main_process_ip"]:
-            raise launch_config.ConfigError("Several machines need --main_process_ip (the address of machine 0).")
-        argv += [f"--master_addr={config['main_process_ip']}", f"--master_port={config['main_process_port'] or 29500}"]
-    else:
-        endpoint = f"{config['main_process_ip'] or '127.0.0.1'}:{config['main_process_port'] or 29500}"
-        argv += [f"--rdzv_backend={config['rdzv_backend']}", f"--rdzv_endpoint={endpoint}"]
-    if command[0] == "-m":
-        argv += ["-m", *command[1:]]
-    else:
-        argv += command
-    return argv
-
-
 def run(args: argparse.Namespace) -> int:
+    """Check everything, then run the script on one process, under torchrun, or as this srun task."""
     refused = launch_compat.refusal(args)
     if refused:
-        print(f"trainer launch: {refused}", file=sys.stderr)
-        return 2
-    try:
-        config = settings(args)
-    except launch_config.ConfigError as error:
-        print(f"trainer launch: {error}", file=sys.stderr)
-        return 2
-    command = _command(args)
-    if not args.module and not Path(args.script).is_file():
-        print(f"trainer launch: no script at {args.script}.", file=sys.stderr)
-        return 2
+        raise CliError(refused)
+    config = settings(args)
+    launch_checks.check_layout(config)
+    check_runnable(args.script, args.module, args.no_python)
     try:  # a strategy whose package is missing fails once, here, before any process starts
         registry.check_strategy_requirements(launch_config.strategy_spec(config).name)
     except ImportError as error:
-        print(f"trainer launch: {error}", file=sys.stderr)
-        return 2
+        raise CliError(str(error)) from None
+    directly = config["num_processes"] == 1 or inside_srun(os.environ)
+    if not directly:
+        launch_checks.check_port(config)
+    for warning in launch_checks.environment_warnings(config):
+        print(warning, file=sys.stderr)
     os.environ.update(launch_config.process_environment(config))
     os.environ.update(launch_compat.environment(args, config))
-    total = config["num_processes"] * config["num_machines"]
-    if total == 1 or inside_srun(os.environ):
-        return subprocess.call(command if args.no_python else [sys.executable, *command])
-    # On one machine a restart is a fresh torchrun process (new agent, new rendezvous, new ports):
-    # restarting workers inside one agent can leave the new processes talking to the old ones' state.
+    command = _command(args)
+    if directly:
+        return _run_directly(command if args.no_python else [sys.executable, *command])
+    return _run_torchrun(args, config, command)
+
+
+def _run_torchrun(args: argparse.Namespace, config: dict[str, Any], command: list[str]) -> int:
+    """Several processes: torchrun, restarted here on one machine, by its own agents on several."""
+    if config["num_machines"] > 1 and config["rdzv_backend"] == "c10d" and config.get("max_restarts", 0) > 0:
+        # Restarted processes then meet in a fresh store of their own: in the agent's shared store they would
+        # read the addresses of the processes that died (torchrun keeps it across restarts).
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    argv = torchrun_argv(config, command, launch_compat.torchrun_arguments(args), no_python=args.no_python)
+    per_machine = config["num_processes"] // config["num_machines"]
+    if "OMP_NUM_THREADS" not in os.environ and per_machine > 1:
+        print(f"trainer launch: each of the {per_machine} processes on this machine uses one CPU thread "
+              "(OMP_NUM_THREADS=1, torchrun's default); --num_cpu_threads_per_process sets another number.",
+              file=sys.stderr)
+    # On one machine a restart is a fresh torchrun (new agent, new rendezvous, new ports): restarting workers
+    # inside one agent can leave the new processes talking to the old ones' state.
     attempts = 1 + (config.get("max_restarts", 0) if config["num_machines"] == 1 else 0)
-    try:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", *launch_compat.torchrun_arguments(args),
-                    *_torchrun_argv(config, command)]
-    except launch_config.ConfigError as error:
-        print(f"trainer launch: {error}", file=sys.stderr)
-        return 2
+    outcome = Outcome(1)
     for attempt in range(attempts):
         os.environ[variables.RESTART_COUNT] = str(attempt)
-        code = subprocess.call(torchrun)
-        if code == 0:
+        outcome = run_torchrun(argv)
+        if outcome.code == 0:
             return 0
+        _report(outcome, config)
         left = attempts - attempt - 1
-        print(f"trainer launch: a process failed (exit code {code}) and the others were stopped; its traceback is "
-              "above (a process that lost its peers in a collective fails too: look for the first error)."
-              + (f" Restarting ({left} restart(s) left)." if left else ""), file=sys.stderr)
-    return 1
+        if outcome.code > 128:  # the launch itself was stopped (SIGTERM, Ctrl-C): no restart
+            return outcome.code
+        if left:
+            print(f"trainer launch: restarting every process ({left} restart(s) left).", file=sys.stderr)
+    return outcome.code
+
+
+def _run_directly(command: list[str]) -> int:
+    """Run one process in the foreground; Ctrl-C reaches it (same process group) and ends the launch with it."""
+    process = subprocess.Popen(command)
+    while True:
+        try:
+            code = process.wait()
+            return 128 - code if code < 0 else code  # a signal's end as the shell shows it (SIGKILL: 137)
+        except KeyboardInterrupt:
+            continue  # the script got the same SIGINT: let it finish what it does on Ctrl-C
+
+
+def _report(outcome: Outcome, config: dict[str, Any]) -> None:
+    machines = config["num_machines"]
+    if outcome.failures:
+        text = summary(outcome.failures, config["num_processes"] // machines, config["machine_rank"], machines)
+    elif outcome.lost_rendezvous and machines > 1:
+        text = (f"trainer launch: machine {config['machine_rank']} lost the rendezvous at {config['main_process_ip']}:"
+                f"{config['main_process_port'] or launch_checks.DEFAULT_MULTI_MACHINE_PORT} ({outcome.reason}): the "
+                "launcher that holds it has ended or cannot be reached, and this machine's processes were stopped; "
+                "the other machines' summaries name the failed process.")
+    elif outcome.lost_rendezvous:
+        text = f"trainer launch: the rendezvous failed ({outcome.reason}); the processes were stopped."
+    else:
+        text = f"trainer launch: {outcome.reason}"
+    print(text, file=sys.stderr, flush=True)

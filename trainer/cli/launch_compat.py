@@ -107,6 +107,4 @@ def torchrun_arguments(args: argparse.Namespace) -> list[str]:
     for name, flag in (("tee", "--tee"), ("log_dir", "--log-dir"), ("role", "--role"), ("rdzv_conf", "--rdzv-conf")):
         if vars(args).get(name) is not None:
             argv.append(f"{flag}={vars(args)[name]}")
-    if args.no_python:
-        argv.append("--no-python")
     return argv

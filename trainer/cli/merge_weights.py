@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from trainer.cli.errors import CliError
 from trainer.strategies.fsdp_checkpoint import ShardedCheckpointError, find_sharded_state, load_full_tensors, model_tensor_specs
 
 INDEX = "model.safetensors.index.json"
@@ -36,7 +37,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-class MergeError(Exception):
+class MergeError(CliError):
     """Weights that cannot be merged as asked; the message is one sentence for the user."""
 
 
@@ -72,6 +73,11 @@ def merge_weights(checkpoint: str | Path, output: str | Path, max_shard_size: st
 
     ``dtype`` casts the floating-point tensors (e.g. ``"bfloat16"`` halves an fp32 checkpoint).
     """
+    if Path(output).exists() and not Path(output).is_dir():
+        raise MergeError(f"{output} is a file; pass a folder to write the weights into (it is created if missing).")
+    if not Path(checkpoint).is_dir():
+        raise MergeError(f"No checkpoint folder at {checkpoint}; pass the checkpoint directory saved with "
+                         "state_dict_type='SHARDED_STATE_DICT' (e.g. outputs/run/checkpoints/checkpoint_3).")
     folder = find_sharded_state(Path(checkpoint))
     if folder is None:
         raise MergeError(f"{checkpoint} is not a sharded checkpoint (it has no sharded_state/sharded_state.json); a "
@@ -81,14 +87,15 @@ def merge_weights(checkpoint: str | Path, output: str | Path, max_shard_size: st
             raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
         dtype = DTYPES[dtype.lower()]
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise MergeError(f"Cannot create the output folder {output}: {error.strerror}; pass another folder.") from None
     previous = sorted(p for p in output.iterdir() if p.name == INDEX or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors",
                                                                                       p.name))
     if previous and not overwrite:
         raise MergeError(f"{output} already holds weights ({', '.join(p.name for p in previous)}); choose an empty "
                          "folder, or pass --overwrite to replace them.")
-    for path in previous:
-        path.unlink()
     specs = model_tensor_specs(folder, model_index)
 
     def target_dtype(saved: torch.dtype) -> torch.dtype:
@@ -103,15 +110,32 @@ def merge_weights(checkpoint: str | Path, output: str | Path, max_shard_size: st
     for file_name, tensor_names in zip(names, files, strict=True):
         tensors = load_full_tensors(folder, tensor_names, model_index)
         tensors = {name: t.to(target_dtype(t.dtype)).contiguous() for name, t in tensors.items()}
-        save_file(tensors, str(output / file_name), metadata={"format": "pt"})
+        _save(tensors, output / file_name)
         written.append(output / file_name)
         weight_map.update(dict.fromkeys(tensor_names, file_name))
         del tensors
     if len(files) > 1:  # the index goes last: a folder with an index has all its shards
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (output / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        partial = output / (INDEX + ".partial")
+        partial.write_text(json.dumps(index, indent=2) + "\n")
+        os.replace(partial, output / INDEX)
         written.append(output / INDEX)
+    for path in previous:  # with --overwrite, the old weights go only once the new ones are all written
+        if path not in written:
+            path.unlink()
     return written
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write one file under a temporary name, renamed once complete: an interrupted merge leaves no partial weights."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise MergeError(f"Cannot write {path}: {error.strerror}; free some space or pass another output folder "
+                         "(the checkpoint is untouched).") from None
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -130,12 +154,12 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Merge, and say what was written."""
     try:
         written = merge_weights(args.checkpoint, args.output, args.max_shard_size, args.dtype, args.model_index,
                                 args.overwrite)
-    except (MergeError, ShardedCheckpointError) as error:
-        print(f"trainer merge-weights: {error}", file=sys.stderr)
-        return 2
+    except ShardedCheckpointError as error:
+        raise CliError(str(error)) from None
     total = sum(p.stat().st_size for p in written)
     print(f"wrote {len(written)} file(s), {total / 1e6:.1f} MB, to {args.output}: {', '.join(p.name for p in written)}")
     return 0
