@@ -78,7 +78,7 @@ def config_table(config_module: Any = None) -> str:
 
 ERROR_TYPES = {"ValueError", "TypeError", "ImportError", "ModuleNotFoundError",  # and the ValueError subclasses:
                "ConfigError", "DeviceMapError", "CheckpointError", "Fp8UnavailableError", "ShardedCheckpointError",
-               "TrackerPackageMissing"}  # an ImportError
+               "TrackerPackageMissing", "CliError", "MergeError", "EstimateError"}  # an ImportError; the CLI's errors
 
 
 def _message(node: ast.AST | None) -> str:
