@@ -7,6 +7,7 @@ from .lr_monitor import LearningRateMonitor
 from .metrics import Metrics, load_metric
 from .model_checkpoint import ModelCheckpoint
 from .progress_bar import ProgressBar
+from .timer import Timer
 from .trackers import (
     AimTracker,
     ClearMLTracker,
@@ -23,5 +24,5 @@ from .trackers import (
 __all__ = [
     "EVENTS", "AimTracker", "CSVTracker", "Callback", "CallbackBus", "ClearMLTracker", "CometMLTracker", "DVCLiveTracker",
     "EarlyStopping", "LearningRateMonitor", "MLflowTracker", "Metrics", "ModelCheckpoint", "ProgressBar",
-    "TensorBoardTracker", "Tracker", "WandbTracker", "load_metric", "register_tracker",
+    "TensorBoardTracker", "Timer", "Tracker", "WandbTracker", "load_metric", "register_tracker",
 ]

@@ -58,6 +58,11 @@ class AcceleratorView(Protocol):
         """The strategy (for its collectives)."""
         ...
 
+    @property
+    def num_processes(self) -> int:
+        """How many processes train together."""
+        ...
+
     def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
         """Every process's values, without the samples that even sharding repeated."""
         ...

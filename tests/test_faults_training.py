@@ -257,7 +257,7 @@ def test_train_data_smaller_than_a_batch_with_drop_last(run_dir):
 # -- Trainer arguments ----------------------------------------------------------------------------
 BAD_ARGUMENTS = {
     "batch_size": ({"batch_size": 0}, ValueError, r"batch_size must be a whole number >= 1, got 0"),
-    "max_epochs": ({"max_epochs": -1}, ValueError, r"max_epochs must be a whole number >= 0, got -1"),
+    "max_epochs": ({"max_epochs": -1}, ValueError, r"max_epochs must be a whole number >= 0, or None; got -1"),
     "grad_clip": ({"grad_clip": -1.0}, ValueError, r"grad_clip must be a positive number, or None; got -1\.0"),
     "eval_every_n_steps": ({"eval_every_n_steps": 0}, ValueError, r"eval_every_n_steps must be a whole number >= 1"),
     "precision": ({"precision": "bf32"}, ValueError, r"Unknown precision 'bf32'; valid values: .*'bf16'"),

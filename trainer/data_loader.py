@@ -224,6 +224,7 @@ class PreparedDataLoader:
         self.position = 0  # batches yielded (or skipped) in the current pass
         self.end_of_dataloader = False
         self._resume_at = 0  # batches the next pass skips (set by load_state_dict)
+        self.limit: int | None = None  # batches per pass at most (the Trainer's limit_*_batches)
 
     def __getattr__(self, name: str) -> Any:
         if name in ("base_dataloader", "original_dataloader"):
@@ -232,9 +233,11 @@ class PreparedDataLoader:
 
     def __len__(self) -> int:
         if self._dispatch is not None:
-            return dispatched_length(len(self.base_dataloader), self._dispatch.num_replicas,
-                                     self._dispatch.split_batches)
-        return len(self.base_dataloader)
+            length = dispatched_length(len(self.base_dataloader), self._dispatch.num_replicas,
+                                       self._dispatch.split_batches)
+        else:
+            length = len(self.base_dataloader)
+        return length if self.limit is None else min(length, self.limit)
 
     @property
     def batch_size(self) -> int | None:
@@ -290,6 +293,8 @@ class PreparedDataLoader:
                     "without reading them, so they are read and dropped.", stacklevel=2)
                 for _ in range(skip):
                     next(iterator, None)
+            if self.limit is not None:  # the pass ends after `limit` batches: the last one is its end
+                iterator = itertools.islice(iterator, max(0, self.limit - skip))
             try:
                 upcoming = next(iterator)
             except StopIteration:

@@ -44,18 +44,39 @@ def unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
     return loss, num_tokens
 
 
-def optimizers_of(configured: Any, scheduler: Any) -> tuple[torch.optim.Optimizer, Any]:
-    """(optimizer, scheduler) from what ``configure_optimizers`` (or ``optimizer=``) gave."""
+def optimizers_of(configured: Any, scheduler: Any) -> tuple[torch.optim.Optimizer, Any, dict[str, Any]]:
+    """(optimizer, scheduler, how to step it) from what ``configure_optimizers`` (or ``optimizer=``) gave.
+
+    The forms: an optimizer; ``(optimizer, scheduler)``; Lightning's ``([optimizer], [scheduler])``
+    and ``{"optimizer": o, "lr_scheduler": s, "monitor": m}``, where ``s`` may be a scheduler config dict.
+    """
+    from trainer.scheduling import check_plateau, scheduler_config
+
+    monitor = None
     if isinstance(configured, Mapping):
+        unknown = set(configured) - {"optimizer", "lr_scheduler", "monitor"}
+        if "optimizer" not in configured or unknown:
+            raise ValueError(f"configure_optimizers returned a dict with the keys {sorted(configured)}: use 'optimizer' "
+                             "and optionally 'lr_scheduler' and 'monitor'.")
         optimizer, scheduler = configured["optimizer"], configured.get("lr_scheduler", scheduler)
+        monitor = configured.get("monitor")
     elif isinstance(configured, (tuple, list)):
         optimizer, scheduler = configured[0], configured[1] if len(configured) > 1 else scheduler
+        if isinstance(optimizer, (tuple, list)) or isinstance(scheduler, (tuple, list)):  # ([optimizer], [scheduler])
+            optimizers, schedulers = list(optimizer), list(scheduler or [])
+            if len(optimizers) != 1 or len(schedulers) > 1:
+                raise ValueError(f"configure_optimizers returned {len(optimizers)} optimizers and {len(schedulers)} "
+                                 "schedulers: the Trainer steps one optimizer (and one scheduler).")
+            optimizer, scheduler = optimizers[0], schedulers[0] if schedulers else None
     else:
         optimizer = configured
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"configure_optimizers must return an optimizer or (optimizer, scheduler), "
                         f"got {type(optimizer).__name__}.")
-    return optimizer, scheduler
+    scheduler, plan = scheduler_config(scheduler, monitor) if scheduler is not None else (None, {})
+    if scheduler is not None:
+        check_plateau(scheduler, plan["monitor"])
+    return optimizer, scheduler, plan
 
 
 def call_model(model: torch.nn.Module, inner: torch.nn.Module, batch: Any) -> Any:

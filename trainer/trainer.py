@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer.accelerator import Accelerator
-from trainer.callbacks import Callback, ModelCheckpoint, ProgressBar
+from trainer.callbacks import Callback, ModelCheckpoint, ProgressBar, Timer, Tracker
 from trainer.callbacks.bus import CallbackBus
 from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
 from trainer.fit_checks import fit_session, refuse_empty
@@ -30,14 +30,18 @@ from trainer.nonfinite import NonFiniteGuard
 from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
 from trainer.random_state import forked_rng, set_seed
+from trainer.run_limits import DataLimits
+from trainer.scheduling import SchedulePlan
 from trainer.step_outputs import call_model, loss_of, optimizers_of, unpack_loss
 from trainer.strategies import Strategy
+from trainer.trainer_arguments import as_duration, check_numbers, compile_plugin, epochs_to_train, refuse_unknown
 from trainer.trainer_checkpoint import TrainerCheckpointState
 from trainer.trainer_checkpoints import TrainerCheckpoints
 from trainer.trainer_data import build_dataloader, pad_token_id
+from trainer.trainer_logging import TrainerLogging
 
 
-class Trainer(TrainerCheckpoints):
+class Trainer(TrainerCheckpoints, TrainerLogging):
     """Train, validate and predict with a model.
 
     Args:
@@ -55,8 +59,15 @@ class Trainer(TrainerCheckpoints):
         tokenizer: gives the pad token for tokenised examples (else the model's ``config.pad_token_id``).
         num_workers: DataLoader worker processes.
         shuffle: shuffle the training data each epoch (seeded: a resumed run draws the same order).
-        max_epochs: epochs to train.
-        max_steps: optimizer steps to train; when given, it wins over ``max_epochs``.
+        max_epochs: epochs to train (default: 1, or no limit when ``max_steps`` is given).
+        max_steps: optimizer steps to train; training ends when either limit is reached.
+        max_time: a time budget (``"DD:HH:MM:SS"``, a timedelta, a dict, seconds): training stops after
+            the optimizer step that spends it.
+        limit_train_batches, limit_eval_batches: batches per epoch (a whole number) or a fraction of them.
+        overfit_batches: train and validate on these first training batches only (unshuffled).
+        fast_dev_run: ``True`` or n: n training and validation batches, no checkpoints, no trackers.
+        compile: ``True`` or a dict of ``torch.compile`` arguments: compile the model in place
+            (checkpoint keys stay the model's own).
         strategy: ``"auto"`` reads what ``trainer launch`` set; a name or a Strategy (see ``Accelerator``).
         precision: ``"auto"`` reads what ``trainer launch`` set; ``"bf16"``, ``"fp16"``, ``"no"``...
         accumulate: micro-batches per optimizer step (default: what ``trainer launch`` set, else 1).
@@ -98,8 +109,14 @@ class Trainer(TrainerCheckpoints):
         tokenizer: Any = None,
         num_workers: int = 0,
         shuffle: bool = True,
-        max_epochs: int = 1,
+        max_epochs: int | None = None,
         max_steps: int | None = None,
+        max_time: Any = None,
+        limit_train_batches: int | float | None = None,
+        limit_eval_batches: int | float | None = None,
+        overfit_batches: int | float = 0,
+        fast_dev_run: bool | int = False,
+        compile: bool | Mapping[str, Any] = False,
         strategy: str | Strategy = "auto",
         precision: str = "auto",
         accumulate: int | None = None,
@@ -119,24 +136,24 @@ class Trainer(TrainerCheckpoints):
         progress_bar: bool = True,
         checkpoint: bool = True,
         cpu: bool = False,
+        **unknown: Any,
     ) -> None:
-        for name, value, least in (("batch_size", batch_size, 1), ("max_epochs", max_epochs, 0),
-                                   ("log_every_n_steps", log_every_n_steps, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}.")
-        for name, optional in (("eval_every_n_steps", eval_every_n_steps), ("eval_every_n_epochs", eval_every_n_epochs),
-                               ("max_steps", max_steps)):
-            if optional is not None and (not isinstance(optional, int) or isinstance(optional, bool) or optional < 1):
-                raise ValueError(f"{name} must be a whole number >= 1, or None; got {optional!r}.")
-        if grad_clip is not None and (isinstance(grad_clip, bool) or not isinstance(grad_clip, (int, float))
-                                      or not grad_clip > 0):
-            raise ValueError(f"grad_clip must be a positive number, or None; got {grad_clip!r}.")
+        refuse_unknown(Trainer.__init__, unknown)
+        check_numbers(batch_size=batch_size, max_epochs=max_epochs, log_every_n_steps=log_every_n_steps,
+                      eval_every_n_steps=eval_every_n_steps, eval_every_n_epochs=eval_every_n_epochs,
+                      max_steps=max_steps, grad_clip=grad_clip)
+        limits = DataLimits.from_arguments(fast_dev_run, limit_train_batches, limit_eval_batches, overfit_batches)
+        duration = as_duration(max_time)
+        if limits.fast_dev_run:  # a quick check of the code: no checkpoints, no records
+            trackers, checkpoint, max_epochs, max_steps, duration = [], False, 1, None, None
+            callbacks = [cb for cb in callbacks or [] if not isinstance(cb, (ModelCheckpoint, Tracker))]
         trackers = make_trackers(default_trackers() if trackers is None else trackers)  # a missing package fails here
         set_seed(seed)
         self.accelerator = Accelerator(
             mixed_precision=None if precision == "auto" else precision, gradient_accumulation_steps=accumulate,
-            accumulation_normalize=accumulation_normalize, strategy=None if strategy == "auto" else strategy, cpu=cpu)
-        self.max_epochs, self.max_steps = max_epochs, max_steps
+            accumulation_normalize=accumulation_normalize, strategy=None if strategy == "auto" else strategy, cpu=cpu,
+            dynamo_plugin=compile_plugin(compile))
+        self.max_epochs, self.max_steps = epochs_to_train(max_epochs, max_steps), max_steps
         self.grad_clip = grad_clip
         self.eval_every_n_steps, self.eval_every_n_epochs = eval_every_n_steps, eval_every_n_epochs
         self.log_every_n_steps = log_every_n_steps
@@ -152,15 +169,21 @@ class Trainer(TrainerCheckpoints):
                           "precision": self.accelerator.mixed_precision, "seed": seed,
                           "num_processes": self.accelerator.num_processes}
         self._nonfinite = NonFiniteGuard(on_nonfinite, lambda flag: bool(self.accelerator.reduce(flag.int()) > 0))
-        self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *trackers], progress_bar, checkpoint))
+        timer = [Timer(duration)] if duration is not None else []
+        self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *timer, *trackers], progress_bar,
+                                                             checkpoint))
 
         self.model = self.accelerator.prepare(model)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
                                  "pad_token_id": pad_token_id(model, tokenizer)}
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             refuse_empty(data, name)
+        if limits.overfit:  # the same first training batches, in order, to train and to validate on
+            shuffle, eval_data = False, train_data
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
         self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
+        limits.apply(self.train_loader, limits.train, "limit_train_batches")
+        limits.apply(self.eval_loader, limits.eval, "limit_eval_batches")
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
         # After the loaders: configure_optimizers may size a schedule with estimated_stepping_batches.
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
@@ -226,51 +249,20 @@ class Trainer(TrainerCheckpoints):
     def estimated_stepping_batches(self) -> int:
         """How many optimizer steps ``fit`` takes: to size a schedule (the Trainer steps it once per optimizer step).
 
-        ``max_steps`` when given, else the batches this process sees per epoch, grouped by the
+        The smaller of ``max_steps`` and the batches this process sees per epoch, grouped by the
         accumulation steps, times ``max_epochs``.
         """
-        if self.max_steps is not None:
-            return self.max_steps
-        if self.train_loader is None or not hasattr(self.train_loader, "__len__"):
+        by_epochs = None
+        if self.max_epochs is not None and self.train_loader is not None and hasattr(self.train_loader, "__len__"):
+            by_epochs = math.ceil(len(self.train_loader) / self.accelerator.gradient_accumulation_steps) * self.max_epochs
+        limits = [steps for steps in (self.max_steps, by_epochs) if steps is not None]
+        if not limits:
             raise ValueError("estimated_stepping_batches needs max_steps, or train_data whose length is known.")
-        per_epoch = math.ceil(len(self.train_loader) / self.accelerator.gradient_accumulation_steps)
-        return per_epoch * self.max_epochs
+        return min(limits)
 
     def call(self, event: str, *args: Any) -> None:
         """Run ``event`` on every callback that defines it, in the bus's order, with this trainer first."""
         self.callbacks.call(event, self, *args)
-
-    def log(self, name: str, value: Any, sync: bool = False) -> None:
-        """Record a value in ``trainer.metrics`` and for the trackers, at the current ``global_step``.
-
-        ``sync=True`` averages it over processes first.
-        """
-        if sync:
-            value = self.accelerator.reduce(torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float64),
-                                            "mean")
-        self.metrics[name] = float(value)
-        self._logged.add(name, self.metrics[name], self.progress.global_step)
-
-    @property
-    def log_sequence(self) -> int:
-        """How many values ``log`` has recorded so far (trackers compare it to what they sent)."""
-        return self._logged.sequence
-
-    def logged_since(self, sequence: int) -> tuple[int, dict[int, dict[str, float]]]:
-        """The values logged after ``sequence`` (their latest value per step), grouped by step."""
-        return self._logged.since(sequence)
-
-    def run_config(self) -> dict[str, Any]:
-        """What trackers store as the run's configuration: the settings, ``hparams``, the model's config."""
-        config: dict[str, Any] = {**self._settings, **self.hparams}
-        model_config: Any = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        if hasattr(model_config, "to_dict"):
-            config["model_config"] = model_config.to_dict()
-        return config
-
-    def log_dict(self, values: Mapping[str, Any], sync: bool = False) -> None:
-        for name, value in values.items():
-            self.log(name, value, sync=sync)
 
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, resume: str | os.PathLike | None = None) -> dict[str, float]:
@@ -332,8 +324,7 @@ class Trainer(TrainerCheckpoints):
                                                 self._recovery_hint):
                     self.call("on_before_optimizer_step", self.optimizer)
                     self.optimizer.step()
-                    if self.scheduler is not None:
-                        self.scheduler.step()
+                    self._schedule.after_optimizer_step(self.progress.global_step + 1, self.metrics)
                 else:
                     self._group_losses.clear()  # a skipped step's losses are not logged
                 self.optimizer.zero_grad()
@@ -344,6 +335,7 @@ class Trainer(TrainerCheckpoints):
     def _end_epoch(self) -> None:
         if self._validation_due_after_epoch():
             self.validate()
+        self._schedule.after_epoch(self.progress.epoch, self.metrics)  # before on_train_epoch_end's checkpoint
         self.progress.epoch_end_done = True
         self.call("on_train_epoch_end")
         self.progress.start_next_epoch()
@@ -426,7 +418,8 @@ class Trainer(TrainerCheckpoints):
 
     # -- small helpers ------------------------------------------------------------------------------------
     def _finished(self) -> bool:
-        return self.should_stop or self.progress.epoch >= self.max_epochs or self._reached_max_steps()
+        return (self.should_stop or (self.max_epochs is not None and self.progress.epoch >= self.max_epochs)
+                or self._reached_max_steps())
 
     def _reached_max_steps(self) -> bool:
         return self.max_steps is not None and self.progress.global_step >= self.max_steps
@@ -453,12 +446,14 @@ class Trainer(TrainerCheckpoints):
         self._group_losses.clear()
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
-        optimizer, scheduler = optimizers_of(optimizer if optimizer is not None else self.configure_optimizers(),
-                                             scheduler)
+        optimizer, scheduler, when = optimizers_of(optimizer if optimizer is not None else self.configure_optimizers(),
+                                                   scheduler)
         optimizer = self.accelerator.prepare(optimizer)
         # One scheduler step per optimizer step: the Trainer's schedules are sized in optimizer steps
         # (estimated_stepping_batches), whatever the number of processes.
-        return optimizer, (self.accelerator.prepare_scheduler(scheduler, steps_per_update=1) if scheduler is not None else None)
+        prepared = self.accelerator.prepare_scheduler(scheduler, steps_per_update=1) if scheduler is not None else None
+        self._schedule = SchedulePlan(prepared, **when)
+        return optimizer, prepared
 
     def _prepare_data(self, data: Any, batch_size: int, shuffle: bool, private_rng: bool = False,
                       register: bool = True, **build: Any) -> Any:
