@@ -65,6 +65,8 @@ fit(resume=None)
                         and global_step % eval_every_n_steps == 0
                         and this position was not validated yet:
                     validate()
+                if sync_gradients and a stop signal arrived (on any process):
+                    save_checkpoint; raise TrainingInterrupted  # exit code 128 + the signal
                 if (should_stop or global_step >= max_steps) and batches are left in the epoch:
                     leave the epoch now                # its end (below) does not run
             # the epoch's batches are exhausted (or it stopped at its last batch)

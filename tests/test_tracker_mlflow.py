@@ -129,3 +129,23 @@ def test_resumed_fit_continues_the_same_run(tmp_path):
     steps = [m.step for m in client.get_metric_history(first.run_id, "train_loss")]
     assert sorted(steps) == list(range(1, 11))
     assert client.get_run(first.run_id).info.status == "FINISHED"
+
+
+def test_a_run_stopped_by_a_signal_is_marked_killed(tmp_path):
+    import signal
+
+    from trainer.callbacks import Callback
+    from trainer.graceful_stop import TrainingInterrupted
+
+    class Preempt(Callback):
+        def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                signal.raise_signal(signal.SIGTERM)  # a real signal, to this process
+
+    tracker = MLflowTracker()
+    with pytest.raises(TrainingInterrupted) as stopped:
+        make_trainer(tmp_path, trackers=[tracker], max_epochs=1, log_every_n_steps=1, callbacks=[Preempt()]).fit()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(tracker.run_id).info.status == "KILLED"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "epoch=0-step=2"

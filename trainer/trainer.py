@@ -23,6 +23,7 @@ from trainer.callbacks import Callback, ModelCheckpoint, ProgressBar, Timer, Tra
 from trainer.callbacks.bus import CallbackBus
 from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
 from trainer.fit_checks import fit_session, refuse_empty
+from trainer.graceful_stop import DEFAULT_SIGNALS, StopSignals
 from trainer.inference.inferencer import Inferencer
 from trainer.inference.outputs import save_outputs
 from trainer.metrics import LogRecord, MetricAccumulator
@@ -93,6 +94,10 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         progress_bar: add a ProgressBar unless ``callbacks`` holds one.
         checkpoint: add a ModelCheckpoint unless ``callbacks`` holds one.
         cpu: run on the CPU even where an accelerator is present.
+        stop_signals: signals that make ``fit`` stop at the next optimizer step, save a checkpoint,
+            point ``latest`` at it and exit with 128 + the signal's number (``()``: none).
+        preemption_signal: a cluster's warning before preemption (``"SIGUSR1"`` for ``sbatch
+            --signal=USR1@90``): the same, and under SLURM the job is requeued.
     """
 
     def __init__(
@@ -136,6 +141,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         progress_bar: bool = True,
         checkpoint: bool = True,
         cpu: bool = False,
+        stop_signals: tuple[str | int, ...] = DEFAULT_SIGNALS,
+        preemption_signal: str | int | None = None,
         **unknown: Any,
     ) -> None:
         refuse_unknown(Trainer.__init__, unknown)
@@ -144,6 +151,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
                       max_steps=max_steps, grad_clip=grad_clip)
         limits = DataLimits.from_arguments(fast_dev_run, limit_train_batches, limit_eval_batches, overfit_batches)
         duration = as_duration(max_time)
+        self._stop = StopSignals(stop_signals, preemption_signal)
         if limits.fast_dev_run:  # a quick check of the code: no checkpoints, no records
             trackers, checkpoint, max_epochs, max_steps, duration = [], False, 1, None, None
             callbacks = [cb for cb in callbacks or [] if not isinstance(cb, (ModelCheckpoint, Tracker))]
@@ -271,7 +279,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         ``resume="latest"`` continues from the newest complete checkpoint in ``output_dir`` (and
         starts afresh when there is none); a path resumes from that checkpoint.
         """
-        with fit_session(self):  # checks that would fail later fail now; one run per output folder
+        with fit_session(self), self._stop:  # checks first; one run per output folder; signals stop at a step
             if resume is not None:
                 self._resume(resume)
             self.fitting = True
@@ -304,6 +312,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
             self.call("on_train_batch_end", outputs, batch, batch_idx)
             if self._validation_due_after_step():
                 self.validate()
+            if accelerator.sync_gradients and (signum := self._stop.requested(self._largest)) is not None:
+                self.stop_on_signal(signum)  # saves a checkpoint, then raises TrainingInterrupted
             if (self.should_stop or self._reached_max_steps()) and not self.train_loader.end_of_dataloader:
                 return  # stopped inside the epoch: its end (validation, on_train_epoch_end) does not run
         self._end_epoch()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+import torch
 from torch import nn
 
 from trainer.callbacks import ModelCheckpoint
+from trainer.graceful_stop import StopSignals, TrainingInterrupted
 from trainer.nonfinite import has_nonfinite_parameters
 from trainer.trainer_checkpoint import find_latest, saved_step, write_latest
 
@@ -27,6 +30,7 @@ class TrainerCheckpoints:
     callbacks: CallbackBus
     checkpoint_dir: Path
     progress: TrainerProgress
+    _stop: StopSignals
 
     def call(self, event: str, *args: Any) -> None:
         raise NotImplementedError
@@ -53,6 +57,23 @@ class TrainerCheckpoints:
         """Whether every weight of the model is finite (on every process)."""
         flag = has_nonfinite_parameters(self.accelerator.unwrap_model(self.model))
         return not bool(self.accelerator.reduce(flag.int()) > 0)
+
+    def stop_on_signal(self, signum: int) -> None:
+        """Save a checkpoint here (``latest`` names it), requeue a preempted SLURM job, raise ``TrainingInterrupted``."""
+        name = f"epoch={self.progress.epoch}-step={self.progress.global_step}"
+        if self.accelerator.accumulation.micro_step:
+            name += f"-batch={self.progress.batch_in_epoch}"
+        path = self.save_checkpoint(self.checkpoint_dir / name)
+        requeued = self._stop.requeue(signum) if self.accelerator.is_main_process else None
+        self.accelerator.print(f"Stopping on {signal.Signals(signum).name} at step {self.progress.global_step}: saved "
+                               f"{path}{f'; {requeued}' if requeued else ''}. fit(resume='latest') continues from it.")
+        raise TrainingInterrupted(signum, path)
+
+    def _largest(self, value: int) -> int:
+        """The largest ``value`` over the processes (itself on one process)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        return int(self.accelerator.strategy.all_reduce(torch.tensor(value, device=self.accelerator.device), "max"))
 
     def point_latest_to(self, checkpoint: Path) -> None:
         """Make ``fit(resume="latest")`` resume from ``checkpoint`` (a file ``latest`` beside it)."""

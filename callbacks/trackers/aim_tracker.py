@@ -94,8 +94,8 @@ class AimTracker(Tracker):
             self.run.log_artifact(str(path), name=name, block=True)
 
     def _finish(self, status: str) -> None:
-        if status == "failed":
-            self.run.add_tag("failed")
+        if status != "success":
+            self.run.add_tag(status)
         self.run.close()
 
 

@@ -141,7 +141,7 @@ class Tracker(Callback):
         """Send what the backend buffered (backends that batch their writes implement it)."""
 
     def _finish(self, status: str) -> None:
-        """Close the run (sending anything buffered); ``status`` is ``"success"`` or ``"failed"``."""
+        """Close the run (sending anything buffered); ``status`` is ``"success"``, ``"failed"`` or ``"interrupted"``."""
 
     # -- the public, guarded surface -------------------------------------------------------------------
     @property
@@ -269,9 +269,9 @@ class Tracker(Callback):
         self.finish("success")
 
     def on_exception(self, trainer: TrainerView, exception: BaseException) -> None:
-        """Send the last values and finish the run as failed."""
+        """Send the last values and finish the run: ``"interrupted"`` after a signal or Ctrl-C, else ``"failed"``."""
         self._send(trainer)
-        self.finish("failed")
+        self.finish("interrupted" if isinstance(exception, (KeyboardInterrupt, SystemExit)) else "failed")
 
     def _init_kwargs(self, trainer: TrainerView) -> dict[str, Any]:
         return {}

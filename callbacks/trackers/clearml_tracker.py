@@ -129,6 +129,8 @@ class ClearMLTracker(Tracker):
             self.run.close()
             if status == "failed":  # after close, which would mark it completed
                 self.run.mark_failed(status_reason="training raised an exception", force=True)
+            elif status == "interrupted":
+                self.run.mark_stopped(force=True, status_message="stopped on a signal")
         finally:
             self._restore_subprocess_setting()
 

@@ -144,4 +144,4 @@ class MLflowTracker(Tracker):
 
     def _finish(self, status: str) -> None:
         self._flush()
-        self.client.set_terminated(self.run_id, status="FINISHED" if status == "success" else "FAILED")
+        self.client.set_terminated(self.run_id, status={"success": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
