@@ -62,18 +62,23 @@ class EarlyStopping(Callback):
             return
         value = metric_or_error(metrics, self.monitor, "EarlyStopping")
         if self.check_finite and not math.isfinite(value):
-            self._stop(trainer)
+            self._stop(trainer, value)
             return
         if self._improved(value):
             self.best, self.wait = value, 0
             return
         self.wait += 1
         if self.wait >= self.patience:
-            self._stop(trainer)
+            self._stop(trainer, value)
 
-    def _stop(self, trainer: TrainerView) -> None:
+    def _stop(self, trainer: TrainerView, value: float) -> None:
         trainer.should_stop = True
         self.stopped_at_step = trainer.global_step
+        if trainer.is_main_process:
+            why = (f"it is {value}" if not math.isfinite(value) else
+                   f"{self.wait} validation(s) without improving on {self.best:.6g} (patience {self.patience}, "
+                   f"min_delta {self.min_delta:g}, mode {self.mode!r}); last {value:.6g}")
+            print(f"EarlyStopping stopped training at step {trainer.global_step}: {self.monitor} {why}.", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "wait": self.wait, "stopped_at_step": self.stopped_at_step}

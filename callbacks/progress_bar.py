@@ -1,8 +1,14 @@
-"""ProgressBar: a tqdm bar for training and a nested one for validation, on the main process only."""
+"""ProgressBar: a tqdm bar for training and a nested one for validation, on the main process only.
+
+Where stderr is not a terminal (a batch job's log), it prints plain lines instead: one every
+``line_every_n_steps`` optimizer steps and one at each epoch's end, with the step, the loss,
+the learning rate and the speed.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
@@ -20,12 +26,20 @@ class ProgressBar(Callback):
         refresh_every_n_steps: how often the loss and lr shown are updated (reading the loss
             synchronises the device, so not on every step).
         enabled: ``None`` (default) shows bars only when stderr is a terminal, so logs of batch
-            jobs stay free of carriage-return noise; ``True``/``False`` force it.
+            jobs stay free of carriage-return noise (they get plain lines); ``True``/``False`` force it.
+        line_every_n_steps: without a terminal, a line every this many optimizer steps (and one at
+            each epoch's end); ``None``: epoch ends only.
     """
 
-    def __init__(self, refresh_every_n_steps: int = 10, enabled: bool | None = None) -> None:
+    def __init__(self, refresh_every_n_steps: int = 10, enabled: bool | None = None,
+                 line_every_n_steps: int | None = 100) -> None:
+        for name, value in (("refresh_every_n_steps", refresh_every_n_steps), ("line_every_n_steps", line_every_n_steps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ProgressBar({name}={value!r}): use a whole number >= 1.")
         self.refresh_every_n_steps = refresh_every_n_steps
         self.enabled = enabled
+        self.line_every_n_steps = line_every_n_steps
+        self._since: tuple[float, int] = (time.monotonic(), 0)  # when the last line was printed, and the step
         self.train_bar: Any = None
         self.val_bar: Any = None
         self._postfix: dict[str, str] = {}
@@ -34,6 +48,27 @@ class ProgressBar(Callback):
     def _show(self, trainer: TrainerView) -> bool:
         wanted = sys.stderr.isatty() if self.enabled is None else self.enabled
         return bool(wanted and trainer.is_main_process)
+
+    def _lines(self, trainer: TrainerView) -> bool:
+        """Plain lines instead of bars: no terminal, and not switched off."""
+        return self.enabled is None and trainer.is_main_process and not sys.stderr.isatty()
+
+    def _line(self, trainer: TrainerView, what: str, extra: dict[str, float] | None = None) -> None:
+        now, step = time.monotonic(), trainer.global_step
+        started, first = self._since
+        parts = [what, f"step {step}"]
+        if "train_loss" in trainer.metrics:
+            parts.append(f"loss {trainer.metrics['train_loss']:.4f}")
+        parts.append(f"lr {trainer.optimizer.param_groups[0]['lr']:.2e}")
+        if step > first and now > started:
+            parts.append(f"{(step - first) / (now - started):.2f} steps/s")
+        parts += [f"{name} {value:.4f}" for name, value in (extra or {}).items()]
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+        self._since = (now, step)
+
+    def on_fit_start(self, trainer: TrainerView) -> None:
+        """Start the clock of the plain lines' speed."""
+        self._since = (time.monotonic(), trainer.global_step)
 
     def _open_train_bar(self, trainer: TrainerView) -> None:
         self._pending = 0
@@ -53,7 +88,12 @@ class ProgressBar(Callback):
         # The bar advances in bulk at refresh steps: tqdm's bookkeeping on every batch would cost
         # more than the rest of this callback.
         self._pending += 1
-        if not trainer.accelerator.sync_gradients or trainer.global_step % self.refresh_every_n_steps:
+        if not trainer.accelerator.sync_gradients:
+            return
+        every = self.line_every_n_steps
+        if every is not None and trainer.global_step % every == 0 and self._lines(trainer):
+            self._line(trainer, f"epoch {trainer.current_epoch}")
+        if trainer.global_step % self.refresh_every_n_steps:
             return
         bar = self.train_bar
         bar.update(self._pending)
@@ -92,6 +132,9 @@ class ProgressBar(Callback):
 
     def on_train_epoch_end(self, trainer: TrainerView) -> None:
         self._close()
+        if self._lines(trainer):
+            validated = {name: value for name, value in trainer.metrics.items() if name.startswith("val_")}
+            self._line(trainer, f"epoch {trainer.current_epoch} done", validated)
 
     def on_fit_end(self, trainer: TrainerView) -> None:
         self._close()

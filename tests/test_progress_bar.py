@@ -31,6 +31,9 @@ def test_training_bar_with_a_nested_validation_bar_leaves_one_line_per_epoch(tmp
     assert not any("validating" in line for line in shown)
 
 
-def test_quiet_when_not_a_terminal(tmp_path, capsys):
+def test_plain_lines_not_bars_when_not_a_terminal(tmp_path, capsys):
     make_trainer(tmp_path, max_epochs=1, progress_bar=True).fit()  # stderr is captured: not a TTY
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[0].startswith("epoch 0 done | step 5 | ")  # one line per epoch
+    make_trainer(tmp_path / "quiet", max_epochs=1, callbacks=[ProgressBar(enabled=False)]).fit()
     assert capsys.readouterr().err == ""

@@ -102,7 +102,9 @@ class TrainerCheckpoints:
             path = newest
         else:
             path = Path(resume)
-        self.accelerator.load_state(path)
+        path = self.accelerator.load_state(path)
         if self.progress.epoch_end_done:  # saved at the very end of an epoch
             self.progress.start_next_epoch()
+        self.accelerator.print(f"Resumed from {path}: step {self.progress.global_step}, epoch {self.progress.epoch}, "
+                               f"batch {self.progress.batch_in_epoch} of it.")
         self.call("on_load_checkpoint", path)
