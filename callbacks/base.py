@@ -18,7 +18,8 @@ EVENTS = (
     "on_fit_start", "on_train_epoch_start", "on_train_batch_start", "on_before_backward",
     "on_after_backward", "on_before_optimizer_step", "on_train_batch_end", "on_validation_start",
     "on_validation_batch_end", "on_validation_end", "on_train_epoch_end", "on_save_checkpoint",
-    "on_load_checkpoint", "on_predict_start", "on_predict_batch_end", "on_predict_end",
+    "on_load_checkpoint", "on_test_start", "on_test_batch_end", "on_test_end", "on_predict_start",
+    "on_predict_batch_end", "on_predict_end",
     "on_exception", "on_fit_end",
 )
 
@@ -75,6 +76,7 @@ fit(resume=None)
                 validate()
             on_train_epoch_end
             epoch += 1; batch_in_epoch = 0
+        if load_best_at_end: load the best checkpoint's weights
         on_fit_end
     except BaseException as exception:                # KeyboardInterrupt included
         on_exception(exception)
@@ -83,16 +85,24 @@ fit(resume=None)
         release the output folder's lock
 
 validate(eval_data=None)                              # from fit, or called directly
-    loader = the eval loader, or a one-off loader over eval_data (not registered for checkpoints)
+    loaders = the eval loader(s), or one-off loaders over eval_data (not registered for checkpoints)
     on_validation_start
     model.eval()
     with torch.no_grad(), torch.random.fork_rng():    # what validation draws leaves training's RNG alone
-        for batch_idx, batch in enumerate(loader):
-            outputs = validation_step(batch)
-            on_validation_batch_end(outputs, batch, batch_idx)
-    metrics = sample-weighted means, one all-reduce; trainer.metrics.update(metrics)
+        for name, loader in loaders:                  # one set, or named ones: eval_data={"a": ..., "b": ...}
+            for batch_idx, batch in enumerate(loader):
+                outputs = validation_step(batch)
+                on_validation_batch_end(outputs, batch, batch_idx)
+            the set's metrics = sample-weighted means, one all-reduce; named "<metric>/<name>" for named sets
+    trainer.metrics.update(metrics)
     on_validation_end(metrics)
     model back to its previous mode
+
+test(data, ckpt=None)
+    load the weights of ckpt ("best", "last", a checkpoint folder), if given
+    on_test_start
+    as validate, with test_step (default: validation_step) and on_test_batch_end; val_* metrics become test_*
+    on_test_end(metrics)
 
 predict(data, stream=False)
     loader = a one-off loader over data (not registered for checkpoints)
@@ -199,6 +209,15 @@ class Callback:
 
     def on_load_checkpoint(self, trainer: TrainerView, checkpoint_dir: Path) -> None:
         """``fit(resume=...)`` loaded the checkpoint in ``checkpoint_dir``, before ``on_fit_start``."""
+
+    def on_test_start(self, trainer: TrainerView) -> None:
+        """``test`` begins, before its first batch."""
+
+    def on_test_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """After ``test_step`` on one batch; ``outputs`` is what it returned."""
+
+    def on_test_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
+        """``test`` ends; ``metrics`` are its reduced metrics (``test_...``)."""
 
     def on_predict_start(self, trainer: TrainerView) -> None:
         """``predict`` begins."""

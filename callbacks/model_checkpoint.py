@@ -58,6 +58,7 @@ class ModelCheckpoint(Callback):
         self.monitor, self.mode = monitor, mode
         self.save_top_k, self.save_last = save_top_k, save_last
         self.saved: list[dict[str, Any]] = []  # {"name", "step", "score"}, oldest first
+        self._root: Path | None = self.dirpath  # where the checkpoints are (known once the Trainer is seen)
 
     @property
     def state_key(self) -> str:
@@ -72,6 +73,12 @@ class ModelCheckpoint(Callback):
         scored = [r for r in self.saved if r["score"] is not None and r.get("finite", True)]
         return min(scored, key=self._rank) if scored else None
 
+    @property
+    def best_model_path(self) -> str:
+        """The folder of the best checkpoint (by ``monitor``), or ``""`` while there is none."""
+        best = self.best
+        return str(self._root / best["name"]) if best is not None and self._root is not None else ""
+
     def check_fit(self, trainer: TrainerView) -> None:
         if self.monitor is not None and not trainer.validates:
             raise ValueError(
@@ -81,7 +88,8 @@ class ModelCheckpoint(Callback):
             )
 
     def root(self, trainer: TrainerView) -> Path:
-        return self.dirpath if self.dirpath is not None else trainer.checkpoint_dir
+        self._root = self.dirpath if self.dirpath is not None else trainer.checkpoint_dir
+        return self._root
 
     # -- when to save -----------------------------------------------------------------------------
     def handles(self, event: str) -> bool:

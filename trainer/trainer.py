@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,10 @@ from trainer.callbacks.bus import CallbackBus
 from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
 from trainer.fit_checks import fit_session, refuse_empty
 from trainer.graceful_stop import DEFAULT_SIGNALS, StopSignals
-from trainer.inference.inferencer import Inferencer
-from trainer.inference.outputs import save_outputs
-from trainer.metrics import LogRecord, MetricAccumulator
+from trainer.metrics import LogRecord
 from trainer.nonfinite import NonFiniteGuard
-from trainer.operations import find_batch_size
 from trainer.progress import TrainerProgress
-from trainer.random_state import forked_rng, set_seed
+from trainer.random_state import set_seed
 from trainer.run_limits import DataLimits
 from trainer.scheduling import SchedulePlan
 from trainer.step_outputs import call_model, loss_of, optimizers_of, unpack_loss
@@ -39,10 +36,11 @@ from trainer.trainer_arguments import as_duration, check_numbers, compile_plugin
 from trainer.trainer_checkpoint import TrainerCheckpointState
 from trainer.trainer_checkpoints import TrainerCheckpoints
 from trainer.trainer_data import build_dataloader, pad_token_id
+from trainer.trainer_evaluation import TrainerEvaluation, named_sets
 from trainer.trainer_logging import TrainerLogging
 
 
-class Trainer(TrainerCheckpoints, TrainerLogging):
+class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
     """Train, validate and predict with a model.
 
     Args:
@@ -52,7 +50,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         scheduler: a learning-rate scheduler stepped after each optimizer step; by default the one
             ``configure_optimizers`` returns, if any.
         train_data: a torch Dataset, a ``datasets.Dataset`` or a DataLoader to train on.
-        eval_data: the same kinds, to validate on.
+        eval_data: the same kinds, to validate on; or ``{"name": data, ...}`` for several sets, whose
+            metrics are logged as ``<metric>/<name>``.
         batch_size: samples per process and micro-batch for the DataLoaders built here.
         eval_batch_size: the validation and prediction batch size (default: ``batch_size``).
         collate_fn: how samples become a batch. By default tokenised examples (dicts with
@@ -67,6 +66,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         limit_train_batches, limit_eval_batches: batches per epoch (a whole number) or a fraction of them.
         overfit_batches: train and validate on these first training batches only (unshuffled).
         fast_dev_run: ``True`` or n: n training and validation batches, no checkpoints, no trackers.
+        load_best_at_end: after ``fit``, load the weights of the best checkpoint of the monitored
+            ModelCheckpoint.
         compile: ``True`` or a dict of ``torch.compile`` arguments: compile the model in place
             (checkpoint keys stay the model's own).
         strategy: ``"auto"`` reads what ``trainer launch`` set; a name or a Strategy (see ``Accelerator``).
@@ -122,6 +123,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         overfit_batches: int | float = 0,
         fast_dev_run: bool | int = False,
         compile: bool | Mapping[str, Any] = False,
+        load_best_at_end: bool = False,
         strategy: str | Strategy = "auto",
         precision: str = "auto",
         accumulate: int | None = None,
@@ -162,6 +164,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
             accumulation_normalize=accumulation_normalize, strategy=None if strategy == "auto" else strategy, cpu=cpu,
             dynamo_plugin=compile_plugin(compile))
         self.max_epochs, self.max_steps = epochs_to_train(max_epochs, max_steps), max_steps
+        self.load_best_at_end = load_best_at_end
         self.grad_clip = grad_clip
         self.eval_every_n_steps, self.eval_every_n_epochs = eval_every_n_steps, eval_every_n_epochs
         self.log_every_n_steps = log_every_n_steps
@@ -184,14 +187,19 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         self.model = self.accelerator.prepare(model)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
                                  "pad_token_id": pad_token_id(model, tokenizer)}
-        for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+        eval_sets = named_sets(train_data if limits.overfit else eval_data)
+        for name, data in (("train_data", train_data), *((f"eval_data[{n!r}]" if n else "eval_data", d)
+                                                         for n, d in eval_sets.items())):
             refuse_empty(data, name)
         if limits.overfit:  # the same first training batches, in order, to train and to validate on
-            shuffle, eval_data = False, train_data
+            shuffle = False
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
-        self.eval_loader = self._prepare_data(eval_data, eval_batch_size or batch_size, False, **build)
+        self.eval_loaders = {name: self._prepare_data(data, eval_batch_size or batch_size, False, **build)
+                             for name, data in eval_sets.items()}
+        self.eval_loader = next(iter(self.eval_loaders.values()), None)  # the first (or only) set
         limits.apply(self.train_loader, limits.train, "limit_train_batches")
-        limits.apply(self.eval_loader, limits.eval, "limit_eval_batches")
+        for loader in self.eval_loaders.values():
+            limits.apply(loader, limits.eval, "limit_eval_batches")
         self._predict_build = {"batch_size": eval_batch_size or batch_size, **build}
         # After the loaders: configure_optimizers may size a schedule with estimated_stepping_batches.
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
@@ -287,6 +295,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
                 self.call("on_fit_start")
                 while not self._finished():
                     self._train_epoch()
+                if self.load_best_at_end:
+                    self.load_weights("best")
                 self.call("on_fit_end")
             except BaseException as exception:
                 self.call("on_exception", exception)
@@ -349,82 +359,6 @@ class Trainer(TrainerCheckpoints, TrainerLogging):
         self.progress.epoch_end_done = True
         self.call("on_train_epoch_end")
         self.progress.start_next_epoch()
-
-    # -- validation and prediction ------------------------------------------------------------------
-    def validate(self, eval_data: Any = None) -> dict[str, float]:
-        """Run ``validation_step`` over the validation set; metrics are reduced once, at the end."""
-        loader = self.eval_loader if eval_data is None else self._prepare_data(
-            eval_data, shuffle=False, private_rng=True, register=False, **self._predict_build)
-        if loader is None:
-            raise ValueError("validate() needs eval_data: pass it to the Trainer or to validate().")
-        was_training = self.model.training
-        self.call("on_validation_start")
-        self.model.eval()
-        totals = MetricAccumulator()
-        # Validation must not move training's random stream (shuffling, dropout): whatever it draws,
-        # from the loader or from validation_step, comes from a copy of the RNG state.
-        with torch.no_grad(), forked_rng(self.accelerator.device):
-            for batch_idx, batch in enumerate(loader):
-                outputs = self.validation_step(batch)
-                totals.update(outputs, find_batch_size(batch) or 1)
-                self.call("on_validation_batch_end", outputs, batch, batch_idx)
-        metrics = totals.compute(self.accelerator.strategy)
-        self.log_dict(metrics)
-        if eval_data is None:  # the run's own validation happened here (other data does not count)
-            self.progress.validated_at = self.progress.position
-        self.call("on_validation_end", metrics)
-        self.model.train(was_training)
-        return metrics
-
-    def predict(self, data: Any, stream: bool = False, *, device_map: Any = None,
-                max_memory: Mapping[Any, int | str] | None = None, offload_folder: str | os.PathLike | None = None,
-                no_split_module_classes: list[str] | None = None, prefetch: int = 1,
-                output_dir: str | os.PathLike | None = None) -> list[Any] | Iterator[Any]:
-        """``predict_step`` over ``data`` in batches, without gradients.
-
-        Returns the list of per-batch outputs, or with ``stream=True`` an iterator that yields them
-        as they are computed. ``output_dir`` writes each batch's outputs to
-        ``batch_<i>.safetensors`` there and returns the file paths (for outputs too large to hold).
-
-        With ``device_map`` (``"auto"``, a dict ...) the model runs through an ``Inferencer``: its
-        weights spread over accelerators, CPU and disk within ``max_memory``, offloaded layers
-        written to ``offload_folder`` and read back ``prefetch`` layers ahead; afterwards the
-        weights are back where they were, so training can go on.
-        """
-        loader = self._prepare_data(data, shuffle=False, private_rng=True, register=False, **self._predict_build)
-        if device_map is None:
-            iterator = self._predict_batches(loader, output_dir)
-        else:
-            if self.accelerator.num_processes > 1:
-                raise ValueError("predict(device_map=...) runs one process's model over devices and disk; run it in one "
-                                 "process (each process would otherwise offload its own copy), or leave device_map out.")
-            inferencer = Inferencer(self.accelerator.unwrap_model(self.model), device_map=device_map, max_memory=max_memory,
-                                    no_split_module_classes=no_split_module_classes, offload_folder=offload_folder,
-                                    prefetch=prefetch, keep_weights=True)
-            iterator = inferencer.closing_after(self._predict_batches(loader, output_dir))
-        return iterator if stream else list(iterator)
-
-    def _predict_batches(self, loader: Any, output_dir: str | os.PathLike | None = None) -> Iterator[Any]:
-        was_training = self.model.training
-        self.model.eval()
-        self.call("on_predict_start")
-        try:
-            for batch_idx, batch in enumerate(loader):
-                # no_grad per batch, not around the yield: the caller's code between batches keeps
-                # its own grad mode.
-                with torch.no_grad():
-                    outputs = self.predict_step(batch)
-                if self.accelerator.use_distributed:  # every process returns all predictions, in order
-                    outputs = self.accelerator.gather_for_metrics(outputs)
-                self.call("on_predict_batch_end", outputs, batch, batch_idx)
-                if output_dir is not None:
-                    written = save_outputs(outputs, output_dir, batch_idx) if self.is_main_process else None
-                    yield written
-                else:
-                    yield outputs
-            self.call("on_predict_end")
-        finally:
-            self.model.train(was_training)
 
     # -- small helpers ------------------------------------------------------------------------------------
     def _finished(self) -> bool:

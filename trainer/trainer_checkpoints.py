@@ -58,6 +58,30 @@ class TrainerCheckpoints:
         flag = has_nonfinite_parameters(self.accelerator.unwrap_model(self.model))
         return not bool(self.accelerator.reduce(flag.int()) > 0)
 
+    def load_weights(self, ckpt: str | os.PathLike) -> Path:
+        """Load only the model's weights from ``"best"`` (the monitored ModelCheckpoint's), ``"last"`` or a checkpoint."""
+        if str(ckpt) == "best":
+            monitored = [cb for cb in self.callbacks.find(ModelCheckpoint) if cb.monitor is not None]
+            best = next((cb.best_model_path for cb in monitored if cb.best_model_path), "")
+            if not best:
+                raise ValueError("ckpt='best' needs a ModelCheckpoint(monitor=...) that has saved a checkpoint; this run "
+                                 f"has {'none with a monitor' if not monitored else 'no checkpoint from it yet'}. "
+                                 "Use ckpt='last', a checkpoint folder, or None.")
+            path = Path(best)
+        elif str(ckpt) == "last":
+            newest = self._newest_checkpoint()
+            if newest is None:
+                raise FileNotFoundError(f"ckpt='last': no checkpoint in {', '.join(map(str, self._checkpoint_roots()))}.")
+            path = newest
+        else:
+            path = Path(ckpt)
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path} has no model.safetensors to load the weights from: give a checkpoint "
+                                    "folder written by save_state (one whose strategy saves whole weights).")
+        self.accelerator.strategy.load_module(self.model, weights)
+        return path
+
     def stop_on_signal(self, signum: int) -> None:
         """Save a checkpoint here (``latest`` names it), requeue a preempted SLURM job, raise ``TrainingInterrupted``."""
         name = f"epoch={self.progress.epoch}-step={self.progress.global_step}"
