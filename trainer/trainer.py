@@ -63,7 +63,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         max_steps: optimizer steps to train; training ends when either limit is reached.
         max_time: a time budget (``"DD:HH:MM:SS"``, a timedelta, a dict, seconds): training stops after
             the optimizer step that spends it.
-        limit_train_batches, limit_eval_batches: batches per epoch (a whole number) or a fraction of them.
+        limit_train_batches: training batches per epoch (a whole number) or a fraction of them.
+        limit_eval_batches: validation batches per set (a whole number) or a fraction of them.
         overfit_batches: train and validate on these first training batches only (unshuffled).
         fast_dev_run: ``True`` or n: n training and validation batches, no checkpoints, no trackers.
         load_best_at_end: after ``fit``, load the weights of the best checkpoint of the monitored
@@ -194,6 +195,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         if limits.overfit:  # the same first training batches, in order, to train and to validate on
             shuffle = False
         self.train_loader = self._prepare_data(train_data, batch_size, shuffle, **build)
+        self._train_source = (train_data, shuffle, build, limits)  # what rebuild_train_loader builds from
         self.eval_loaders = {name: self._prepare_data(data, eval_batch_size or batch_size, False, **build)
                              for name, data in eval_sets.items()}
         self.eval_loader = next(iter(self.eval_loaders.values()), None)  # the first (or only) set
@@ -359,6 +361,27 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         self.progress.epoch_end_done = True
         self.call("on_train_epoch_end")
         self.progress.start_next_epoch()
+
+    def rebuild_train_loader(self, batch_size: int) -> None:
+        """Build the training loader again from ``train_data`` with ``batch_size`` (``BatchSizeFinder`` calls it).
+
+        The new loader takes the old one's place among the loaders checkpoints hold, and keeps its
+        epoch, its shuffle seed and ``limit_train_batches``; the run's configuration records the size.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"rebuild_train_loader(batch_size={batch_size!r}): use a whole number >= 1.")
+        data, shuffle, build, limits = self._train_source
+        if isinstance(data, torch.utils.data.DataLoader):
+            raise ValueError("rebuild_train_loader: train_data is a DataLoader, whose batch size is its own: pass "
+                             "its Dataset as train_data (and batch_size) so the loader can be rebuilt.")
+        old = self.train_loader
+        new = self._prepare_data(data, batch_size, shuffle, register=False, **build)
+        new.load_state_dict(old.state_dict(), resume=False)
+        limits.apply(new, limits.train, "limit_train_batches")
+        registered = self.accelerator._dataloaders  # the new loader takes the old one's place in checkpoints
+        registered[registered.index(old)] = new
+        self.train_loader = new
+        self._settings["batch_size"] = batch_size
 
     # -- small helpers ------------------------------------------------------------------------------------
     def _finished(self) -> bool:

@@ -36,7 +36,8 @@ from trainer.strategies.spec import Option, StrategySpec, describe_types
 
 def register(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("launch", help="run a training script on one or more processes",
-                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)  # a script's --config is not our --config_file
     parser.add_argument("--config_file", "--config-file", default=None,
                         help="YAML written by `trainer config` (default: the saved default config, if any)")
     parser.add_argument("--num_processes", "--num-processes", type=int, help="processes per machine x machines")

@@ -13,7 +13,7 @@ import difflib
 import sys
 from typing import Any, NoReturn
 
-from trainer.cli import config_cmd, env, estimate_memory, launch, merge_weights
+from trainer.cli import config_cmd, env, estimate_memory, fit, launch, merge_weights
 from trainer.cli.errors import USAGE_ERROR, USER_ERRORS, report
 
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_cmd.register(commands)
     env.register(commands)
     estimate_memory.register(commands)
+    fit.register(commands)
     launch.register(commands)
     launch.register_test(commands)
     merge_weights.register(commands)
