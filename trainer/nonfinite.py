@@ -32,35 +32,49 @@ def check_action(action: str) -> str:
 class NonFiniteGuard:
     """Watches one accumulation group's losses and, at its boundary, the gradient norm.
 
-    ``any_true(flag)`` says whether a flag is set on any process (one collective; the flag itself
-    on one process).
+    A loss on the CPU is read as it comes (reading costs nothing there); a loss on an accelerator
+    stays there until the boundary, where one read checks the whole group. ``any_true(flag)``
+    says whether the flag is set on any process (one collective; the flag itself on one process).
     """
 
-    def __init__(self, action: str, any_true: Callable[[torch.Tensor], bool]) -> None:
+    def __init__(self, action: str, any_true: Callable[[bool], bool]) -> None:
         self.action = check_action(action)
         self._any_true = any_true
-        self._losses: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor] = []  # this group's losses on an accelerator
+        self._bad: float | None = None  # the first non-finite loss of this group read so far
         self.skipped_steps = 0
 
     def observe(self, loss: torch.Tensor) -> None:
-        """Note a micro-batch's loss (kept on its device until the boundary)."""
-        self._losses.append(loss.detach().float().reshape(-1)[:1])
+        """Note a micro-batch's loss (a one-element tensor)."""
+        if loss.device.type != "cpu":
+            self._pending.append(loss.detach())
+        elif self._bad is None:
+            value = loss.item()
+            if not math.isfinite(value):
+                self._bad = value
+
+    def _group_bad_loss(self) -> float | None:
+        bad, pending = self._bad, self._pending
+        self._bad, self._pending = None, []
+        if bad is None and pending:
+            values = torch.stack([loss.reshape(()).float() for loss in pending])
+            if not bool(torch.isfinite(values).all()):
+                bad = next(v for v in values.tolist() if not math.isfinite(v))
+        return bad
 
     def step_allowed(self, grad_norm: torch.Tensor | None, step: int, recovery: Callable[[], str]) -> bool:
         """At a boundary: True to step. Raises in ``"error"`` mode; False in ``"skip"`` mode when non-finite.
 
         ``step`` is the step about to be taken; ``recovery()`` describes the newest usable checkpoint.
         """
-        values = torch.cat(self._losses) if self._losses else torch.zeros(1)
-        self._losses = []
-        checked = values if grad_norm is None else torch.cat([values, grad_norm.detach().float().reshape(1).to(values)])
-        if not self._any_true((~torch.isfinite(checked)).any()):
+        bad_loss = self._group_bad_loss()
+        norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not self._any_true(bad_loss is not None or not math.isfinite(norm)):
             return True
-        bad_loss = next((v for v in values.tolist() if not math.isfinite(v)), None)
         if bad_loss is not None:
             what = f"the training loss is {bad_loss}"
-        elif grad_norm is not None and not math.isfinite(float(grad_norm)):
-            what = f"the gradient norm is {float(grad_norm)}"
+        elif not math.isfinite(norm):
+            what = f"the gradient norm is {norm}"
         else:
             what = "the training loss or gradient norm is not finite on another process"
         if self.action == "error":

@@ -180,7 +180,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                           "accumulate": self.accelerator.gradient_accumulation_steps, "grad_clip": grad_clip,
                           "precision": self.accelerator.mixed_precision, "seed": seed,
                           "num_processes": self.accelerator.num_processes}
-        self._nonfinite = NonFiniteGuard(on_nonfinite, lambda flag: bool(self.accelerator.reduce(flag.int()) > 0))
+        self._nonfinite = NonFiniteGuard(on_nonfinite, lambda flag: self._largest(int(flag)) > 0)
         timer = [Timer(duration)] if duration is not None else []
         self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *timer, *trackers], progress_bar,
                                                              checkpoint))
