@@ -173,7 +173,7 @@ def test_config_write_on_a_full_disk_keeps_the_old_file(full_disk, capsys):
 
 def test_unknown_command_suggests_the_closest(capsys):
     line = failed(capsys, ["lanch", "train.py"])
-    assert line.startswith("trainer: argument <command>: 'lanch' is not one of config, env, estimate-memory, launch")
+    assert line.startswith("trainer: argument <command>: 'lanch' is not one of config, env, estimate-memory, fit, launch")
     assert line.endswith("Did you mean 'launch'? See `trainer --help`.")
 
 

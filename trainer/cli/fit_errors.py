@@ -105,8 +105,10 @@ def _subclasses(base: type) -> dict[str, str]:
     pending = [base]
     while pending:
         cls = pending.pop()
-        if not cls.__name__.startswith("_"):
-            found.setdefault(cls.__name__, f"{cls.__module__}.{cls.__qualname__}")
+        path = f"{cls.__module__}.{cls.__qualname__}"
+        if not cls.__name__.startswith("_") and (cls.__name__ not in found or  # torch's own class wins a shared name
+                                                 (path.startswith("torch.") and not found[cls.__name__].startswith("torch."))):
+            found[cls.__name__] = path
         pending.extend(cls.__subclasses__())
     return found
 

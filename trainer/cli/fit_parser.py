@@ -171,13 +171,28 @@ def build_parser(trainer_class: type[Any], trainer_spec: str) -> ArgumentParser:
     return parser
 
 
+_TORCH_HOMES = {"--optimizer": torch.optim, "--lr_scheduler": torch.optim.lr_scheduler}
+
+
+def _torch_names(argv: list[str]) -> list[str]:
+    """``--optimizer SGD`` as ``torch.optim.SGD`` (and schedulers alike): a bare name means torch's class, even
+    when another loaded package (bitsandbytes) has a class of the same name."""
+    names = list(argv)
+    for index, word in enumerate(names[:-1]):
+        home = _TORCH_HOMES.get(word)
+        value = names[index + 1]
+        if home is not None and "." not in value and isinstance(getattr(home, value, None), type):
+            names[index + 1] = f"{home.__name__}.{value}"
+    return names
+
+
 def parse(parser: ArgumentParser, argv: Sequence[str]) -> Namespace | None:
     """The merged, checked config; None when ``--help`` or ``--print_config`` printed and the command is done.
 
     A mistake is one ``CliError`` (the key, what is wrong, the closest key that exists).
     """
     try:
-        return parser.parse_args(list(argv))
+        return parser.parse_args(_torch_names(list(argv)))
     except SystemExit as done:  # --help and --print_config print, then exit
         if done.code not in (0, None):
             raise CliError(f"could not parse the arguments (exit status {done.code}).") from None
