@@ -16,21 +16,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 LOCK_NAME = ".trainer.lock"
 
 
 class OutputDirLockedError(RuntimeError):
     """Another live run holds the output folder."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -79,7 +71,7 @@ class RunLock:
         if holder is not None and same_host and pid == mine["pid"]:
             self.held = True  # this process holds it already (a second fit in the same run)
             return True
-        if holder is not None and (not same_host or (isinstance(pid, int) and _alive(pid))):
+        if holder is not None and (not same_host or (isinstance(pid, int) and psutil.pid_exists(pid))):
             raise OutputDirLockedError(
                 f"The output folder {self.path.parent} is in use by another run (process {pid} on host "
                 f"{holder.get('host')}, started {holder.get('started')}): two runs writing to one folder would mix "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
+
+from trainer.arguments import unknown_argument_error
 
 # What users of Lightning's Trainer and of transformers' TrainingArguments/Trainer write, and ours.
 FOREIGN_NAMES = {
@@ -29,19 +29,10 @@ FOREIGN_NAMES = {
 
 def refuse_unknown(function: Callable[..., Any], unknown: Mapping[str, Any]) -> None:
     """Raise one TypeError for the first keyword ``Trainer`` does not take, naming ours where it is another's."""
-    if not unknown:
-        return
-    known = [name for name, parameter in inspect.signature(function).parameters.items()
-             if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD]
-    name = next(iter(unknown))
-    ours = FOREIGN_NAMES.get(name)
-    if ours is not None:
-        hint = f" That is Lightning's or the HF Trainer's name: here use {ours}" + ("=..." if "=" not in ours and
-                                                                                    " " not in ours else "") + "."
-    else:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise TypeError(f"Trainer() got an unexpected argument {name!r}.{hint} Valid arguments: {known}.")
+    if unknown:
+        hints = {name: f"That is Lightning's or the HF Trainer's name: here use {ours}"
+                       f"{'=...' if '=' not in ours and ' ' not in ours else ''}." for name, ours in FOREIGN_NAMES.items()}
+        raise unknown_argument_error("Trainer", function, unknown, hints)
 
 
 def _whole(name: str, value: Any, least: int, optional: bool) -> None:
