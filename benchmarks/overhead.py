@@ -4,9 +4,11 @@ A small MLP on the CPU (about 1 ms per step) is trained by a plain loop, by the 
 the lines the Accelerator adds, and by the Trainer with its default callbacks (progress bar on,
 drawn to /dev/null; a checkpoint each epoch, outside the timed steps). Epochs of each alternate
 so that drift of the machine's speed affects all alike; the printed figures are ratios of median
-step times (targets: Accelerator <= 1.01, Trainer <= 1.03).
+step times (targets: Accelerator <= 1.01, Trainer <= 1.03). The process is pinned to one CPU
+(the last it may use, or ``--cpu``) so that moves between cores, which leave caches cold, do not
+add noise; background threads (MLflow's logging queue) share that CPU, so their work is counted.
 
-    python benchmarks/overhead.py [--rounds 30] [--steps 100] [--threads 1]
+    python benchmarks/overhead.py [--rounds 30] [--steps 100] [--threads 1] [--cpu N | --cpu none]
 """
 
 from __future__ import annotations
@@ -118,8 +120,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, default=160)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cpu", default=None, help="the CPU to run on (default: the last one allowed); 'none': any")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.cpu != "none" and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(args.cpu) if args.cpu is not None else max(os.sched_getaffinity(0))})
 
     # Every loop trains the same parameters with the same optimizer state and reads the same
     # tensors: step times then differ only by what each loop adds, not by where memory happens to lie.
@@ -167,8 +172,9 @@ def main() -> None:
             paired[name].append(statistics.median(this_round[name]) / base_round)
 
     base = statistics.median(times["plain"])
-    print(f"torch {torch.__version__}, {args.threads} thread(s), MLP width {args.width}, batch {args.batch}, "
-          f"{args.rounds} rounds x {args.steps} steps")
+    pinned = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "any"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPUs {pinned}, MLP width {args.width}, "
+          f"batch {args.batch}, {args.rounds} rounds x {args.steps} steps")
     print(f"{'loop':<36}{'median step':>13}{'ratio of medians':>18}{'median of round ratios':>24}")
     labels = {"plain": "plain PyTorch", "accelerator": "Accelerator (prepare + backward)",
               "accumulate": "Accelerator + accumulate(k=1)", "trainer": "Trainer (default callbacks, bar on)"}

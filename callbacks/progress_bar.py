@@ -18,13 +18,15 @@ from .base import Callback
 if TYPE_CHECKING:
     from .protocols import TrainerView
 
+MIN_REFRESH_SECONDS = 0.1  # the bar is redrawn at most this often, however short the steps
+
 
 class ProgressBar(Callback):
     """Shows batches per epoch with the loss, the learning rate and it/s.
 
     Args:
-        refresh_every_n_steps: how often the loss and lr shown are updated (reading the loss
-            synchronises the device, so not on every step).
+        refresh_every_n_steps: how often (in optimizer steps, and at most ten times a second) the
+            bar, the loss and the lr shown are updated.
         enabled: ``None`` (default) shows bars only when stderr is a terminal, so logs of batch
             jobs stay free of carriage-return noise (they get plain lines); ``True``/``False`` force it.
         line_every_n_steps: without a terminal, a line every this many optimizer steps (and one at
@@ -44,6 +46,7 @@ class ProgressBar(Callback):
         self.val_bar: Any = None
         self._postfix: dict[str, str] = {}
         self._pending = 0  # batches done but not yet shown
+        self._next_refresh = 0.0  # time.monotonic() before which the bar is not redrawn
 
     def _show(self, trainer: TrainerView) -> bool:
         wanted = sys.stderr.isatty() if self.enabled is None else self.enabled
@@ -67,8 +70,10 @@ class ProgressBar(Callback):
         self._since = (now, step)
 
     def on_fit_start(self, trainer: TrainerView) -> None:
-        """Start the clock of the plain lines' speed."""
+        """Start the clock of the plain lines' speed; open the bar of an epoch that a resumed fit continues."""
         self._since = (time.monotonic(), trainer.global_step)
+        if trainer.progress.batch_in_epoch:  # resumed inside an epoch: its on_train_epoch_start has run before
+            self._open_train_bar(trainer)
 
     def _open_train_bar(self, trainer: TrainerView) -> None:
         self._pending = 0
@@ -80,21 +85,20 @@ class ProgressBar(Callback):
     def on_train_epoch_start(self, trainer: TrainerView) -> None:
         self._open_train_bar(trainer)
 
-    def on_train_batch_start(self, trainer: TrainerView, batch: Any, batch_idx: int) -> None:
-        if self.train_bar is None:  # resumed inside an epoch
-            self._open_train_bar(trainer)
-
     def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # The bar advances in bulk at refresh steps: tqdm's bookkeeping on every batch would cost
-        # more than the rest of this callback.
+        # Most batches are only counted: the bar advances in bulk at refresh steps (tqdm's
+        # bookkeeping on every batch would cost more than a short training step can spare).
         self._pending += 1
-        if not trainer.accelerator.sync_gradients:
+        step, every = trainer.progress.global_step, self.line_every_n_steps
+        if step % self.refresh_every_n_steps and (every is None or step % every):
             return
-        every = self.line_every_n_steps
-        if every is not None and trainer.global_step % every == 0 and self._lines(trainer):
+        if not trainer.accelerator.sync_gradients:  # inside an accumulation group: the step is not done
+            return
+        if every is not None and step % every == 0 and self._lines(trainer):
             self._line(trainer, f"epoch {trainer.current_epoch}")
-        if trainer.global_step % self.refresh_every_n_steps:
+        if step % self.refresh_every_n_steps or (now := time.monotonic()) < self._next_refresh:
             return
+        self._next_refresh = now + MIN_REFRESH_SECONDS
         bar = self.train_bar
         bar.update(self._pending)
         self._pending = 0

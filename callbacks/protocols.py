@@ -22,6 +22,11 @@ class ProgressView(Protocol):
         """Batches of the current epoch done so far."""
         ...
 
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken over the whole run (``trainer.global_step``)."""
+        ...
+
 
 class AccumulationView(Protocol):
     """Where the accumulation group is."""

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -51,11 +50,13 @@ class StopSignals:
     def __init__(self, signals: tuple[str | int, ...] = DEFAULT_SIGNALS, preemption: str | int | None = None) -> None:
         self.signals = tuple(dict.fromkeys(as_signal(s) for s in signals))
         self.preemption = as_signal(preemption) if preemption is not None else None
-        self.received: int | None = None
+        self.received: int | None = None  # the first signal this process received in this fit
+        self.by_agreement = False  # several processes: stop on ``agreed``, set at each optimizer step
+        self.agreed: int | None = None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        self.received = None
+        self.received = self.agreed = None
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for signum in (*self.signals, *([self.preemption] if self.preemption is not None else [])):
                 self._previous[signum] = signal.signal(signum, self._handle)
@@ -73,10 +74,13 @@ class StopSignals:
             raise SystemExit(128 + signum)
         self.received = signum
 
-    def requested(self, agree: Callable[[int], int]) -> int | None:
-        """The signal to stop on, agreed by every process (``agree`` takes the largest over processes), or None."""
-        received = agree(self.received or 0)
-        return received or None
+    def requested(self) -> int | None:
+        """The signal to stop on after this optimizer step, or None.
+
+        On one process, the one received; on several, the largest any of them had received when
+        they last agreed (once per optimizer step, before it), so that all stop at the same step.
+        """
+        return self.agreed if self.by_agreement else self.received
 
     def requeue(self, signum: int) -> str | None:
         """Under SLURM, requeue the job after the preemption signal; return what was done (None: nothing)."""

@@ -33,20 +33,20 @@ class NonFiniteGuard:
     """Watches one accumulation group's losses and, at its boundary, the gradient norm.
 
     A loss on the CPU is read as it comes (reading costs nothing there); a loss on an accelerator
-    stays there until the boundary, where one read checks the whole group. ``any_true(flag)``
-    says whether the flag is set on any process (one collective; the flag itself on one process).
+    stays there until the boundary, where one read checks the whole group. With several processes,
+    ``any_true(flag)`` says whether the flag is set on any of them (one collective per step).
     """
 
-    def __init__(self, action: str, any_true: Callable[[bool], bool]) -> None:
+    def __init__(self, action: str, any_true: Callable[[bool], bool] | None = None) -> None:
         self.action = check_action(action)
-        self._any_true = any_true
+        self._any_true = any_true  # None on one process: the flag is its own answer
         self._pending: list[torch.Tensor] = []  # this group's losses on an accelerator
         self._bad: float | None = None  # the first non-finite loss of this group read so far
         self.skipped_steps = 0
 
     def observe(self, loss: torch.Tensor) -> None:
         """Note a micro-batch's loss (a one-element tensor)."""
-        if loss.device.type != "cpu":
+        if not loss.is_cpu:
             self._pending.append(loss.detach())
         elif self._bad is None:
             value = loss.item()
@@ -55,8 +55,11 @@ class NonFiniteGuard:
 
     def _group_bad_loss(self) -> float | None:
         bad, pending = self._bad, self._pending
-        self._bad, self._pending = None, []
-        if bad is None and pending:
+        self._bad = None
+        if not pending:
+            return bad
+        self._pending = []
+        if bad is None:
             values = torch.stack([loss.reshape(()).float() for loss in pending])
             if not bool(torch.isfinite(values).all()):
                 bad = next(v for v in values.tolist() if not math.isfinite(v))
@@ -69,7 +72,8 @@ class NonFiniteGuard:
         """
         bad_loss = self._group_bad_loss()
         norm = float(grad_norm) if grad_norm is not None else 0.0
-        if not self._any_true(bad_loss is not None or not math.isfinite(norm)):
+        nonfinite = bad_loss is not None or not math.isfinite(norm)
+        if not (nonfinite if self._any_true is None else self._any_true(nonfinite)):
             return True
         if bad_loss is not None:
             what = f"the training loss is {bad_loss}"

@@ -180,7 +180,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                           "accumulate": self.accelerator.gradient_accumulation_steps, "grad_clip": grad_clip,
                           "precision": self.accelerator.mixed_precision, "seed": seed,
                           "num_processes": self.accelerator.num_processes}
-        self._nonfinite = NonFiniteGuard(on_nonfinite, lambda flag: self._largest(int(flag)) > 0)
+        self._stop.by_agreement = self.accelerator.num_processes > 1
+        self._nonfinite = NonFiniteGuard(on_nonfinite, self._agree_at_step if self._stop.by_agreement else None)
         timer = [Timer(duration)] if duration is not None else []
         self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *timer, *trackers], progress_bar,
                                                              checkpoint))
@@ -280,7 +281,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
 
     def call(self, event: str, *args: Any) -> None:
         """Run ``event`` on every callback that defines it, in the bus's order, with this trainer first."""
-        self.callbacks.call(event, self, *args)
+        for handler in self.callbacks.handlers[event]:  # CallbackBus.call, one call less on every event
+            handler(self, *args)
 
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, resume: str | os.PathLike | None = None) -> dict[str, float]:
@@ -324,7 +326,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
             self.call("on_train_batch_end", outputs, batch, batch_idx)
             if self._validation_due_after_step():
                 self.validate()
-            if accelerator.sync_gradients and (signum := self._stop.requested(self._largest)) is not None:
+            if accelerator.sync_gradients and (signum := self._stop.requested()) is not None:
                 self.stop_on_signal(signum)  # saves a checkpoint, then raises TrainingInterrupted
             if (self.should_stop or self._reached_max_steps()) and not self.train_loader.end_of_dataloader:
                 return  # stopped inside the epoch: its end (validation, on_train_epoch_end) does not run
@@ -408,9 +410,10 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
             self._group_losses.append(loss.detach())
 
     def _log_training_loss(self) -> None:
-        if self.progress.global_step % self.log_every_n_steps == 0 and self._group_losses:
-            self.log("train_loss", torch.stack(self._group_losses).float().mean().item())
-        self._group_losses.clear()
+        losses = self._group_losses
+        if losses and self.progress.global_step % self.log_every_n_steps == 0:
+            self.log("train_loss", losses[0] if len(losses) == 1 else torch.stack(losses).float().mean())
+        losses.clear()
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
         optimizer, scheduler, when = optimizers_of(optimizer if optimizer is not None else self.configure_optimizers(),

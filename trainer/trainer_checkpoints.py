@@ -93,11 +93,16 @@ class TrainerCheckpoints:
                                f"{path}{f'; {requeued}' if requeued else ''}. fit(resume='latest') continues from it.")
         raise TrainingInterrupted(signum, path)
 
-    def _largest(self, value: int) -> int:
-        """The largest ``value`` over the processes (itself on one process)."""
-        if self.accelerator.num_processes == 1:
-            return value
-        return int(self.accelerator.strategy.all_reduce(torch.tensor(value, device=self.accelerator.device), "max"))
+    def _agree_at_step(self, nonfinite: bool) -> bool:
+        """With several processes, before each optimizer step: one collective for two answers.
+
+        Returns whether any process saw a non-finite loss or gradient norm; sets the signal every
+        process stops on after this step (the largest any has received), or None.
+        """
+        flags = torch.tensor([int(nonfinite), self._stop.received or 0], device=self.accelerator.device)
+        flags = self.accelerator.strategy.all_reduce(flags, "max")
+        self._stop.agreed = int(flags[1]) or None
+        return bool(flags[0])
 
     def point_latest_to(self, checkpoint: Path) -> None:
         """Make ``fit(resume="latest")`` resume from ``checkpoint`` (a file ``latest`` beside it)."""

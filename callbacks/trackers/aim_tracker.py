@@ -39,9 +39,9 @@ class AimTracker(Tracker):
 
     def __init__(self, *, repo: str | os.PathLike | None = None, artifacts_uri: str | None = None,
                  logging_dir: str | os.PathLike | None = None, run_name: str | None = None,
-                 main_process_only: bool = True, on_error: str = "warn", **run_kwargs: Any) -> None:
+                 main_process_only: bool = True, on_error: str = "warn", send_every: float = 2.0, **run_kwargs: Any) -> None:
         super().__init__(logging_dir=logging_dir, run_name=run_name, main_process_only=main_process_only,
-                         on_error=on_error)
+                         on_error=on_error, send_every=send_every)
         self.repo = Path(repo) if repo is not None else None
         self.artifacts_uri = artifacts_uri
         self.run_kwargs = run_kwargs

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ..protocols import TrainerView
 
 ON_ERROR = ("warn", "raise")
+SEND_AT_MOST = 1000  # logged values that wait for send_every before the bus sends them anyway
 
 
 class TrackerPackageMissing(ImportError):
@@ -88,6 +90,9 @@ class Tracker(Callback):
         run_name: the run's display name, where the backend has one.
         main_process_only: log from process 0 only (the default); False logs from every process.
         on_error: ``"warn"`` (one warning, the tracker switches off, training goes on) or ``"raise"``.
+        send_every: on the Trainer's bus, seconds between sends of what ``trainer.log`` recorded
+            (each value keeps its step; everything is sent at every validation, epoch end and
+            finish). Sending on every logged step would cost more than a short step.
     """
 
     name: ClassVar[str] = ""
@@ -95,9 +100,11 @@ class Tracker(Callback):
     extra: ClassVar[str] = ""  # the pip extra that installs it
 
     def __init__(self, *, logging_dir: str | os.PathLike | None = None, run_name: str | None = None,
-                 main_process_only: bool = True, on_error: str = "warn") -> None:
+                 main_process_only: bool = True, on_error: str = "warn", send_every: float = 2.0) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
+        if isinstance(send_every, bool) or not isinstance(send_every, (int, float)) or send_every < 0:
+            raise ValueError(f"send_every={send_every!r}: use a number of seconds >= 0 (0 sends at every step).")
         if self.requires is not None:
             require_package(self.requires, self.extra, self.name)
         self.logging_dir = Path(logging_dir) if logging_dir is not None else None
@@ -108,7 +115,9 @@ class Tracker(Callback):
         self.run_id: str | None = None  # kept in checkpoints so a resumed fit continues the same run
         self.failed = False
         self.started = False
+        self.send_every = send_every
         self._sent = 0  # the Trainer's log sequence number last sent
+        self._next_send = 0.0  # time.monotonic() from which the bus sends again
 
     # -- what a backend implements -------------------------------------------------------------
     def _start(self, project_name: str, config: dict[str, Any], logging_dir: Path, **init_kwargs: Any) -> Any:
@@ -243,8 +252,9 @@ class Tracker(Callback):
         self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
 
     def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Send what ``trainer.log`` recorded since the last send, if anything."""
-        if trainer.log_sequence != self._sent:
+        """Send what ``trainer.log`` recorded since the last send: ``send_every`` seconds after it, or once 1000 wait."""
+        waiting = trainer.log_sequence - self._sent
+        if waiting and (waiting >= SEND_AT_MOST or time.monotonic() >= self._next_send):
             self._send(trainer)
 
     def on_train_epoch_end(self, trainer: TrainerView) -> None:
@@ -277,6 +287,7 @@ class Tracker(Callback):
         return {}
 
     def _send(self, trainer: TrainerView) -> None:
+        self._next_send = time.monotonic() + self.send_every
         self._sent, by_step = trainer.logged_since(self._sent)
         for step, values in by_step.items():
             self.log(values, step=step)

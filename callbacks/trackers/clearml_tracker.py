@@ -47,9 +47,9 @@ class ClearMLTracker(Tracker):
 
     def __init__(self, *, online: bool | None = None, report_subprocess: bool = False,
                  logging_dir: str | os.PathLike | None = None, run_name: str | None = None,
-                 main_process_only: bool = True, on_error: str = "warn", **task_kwargs: Any) -> None:
+                 main_process_only: bool = True, on_error: str = "warn", send_every: float = 2.0, **task_kwargs: Any) -> None:
         super().__init__(logging_dir=logging_dir, run_name=run_name, main_process_only=main_process_only,
-                         on_error=on_error)
+                         on_error=on_error, send_every=send_every)
         self.online = online
         self.report_subprocess = report_subprocess
         self.task_kwargs = task_kwargs

@@ -27,6 +27,7 @@ class CSVTracker(Tracker):
         self._file: Any = None
         self.run_id = self.run_id or project_name
         self._store_config({"project_name": project_name, **config})
+        self._open_file()  # here, not at the first row: opening costs more than many rows
         return self.path
 
     def _store_config(self, config: dict[str, Any]) -> None:
@@ -42,9 +43,12 @@ class CSVTracker(Tracker):
             self._close_file()
             if new:
                 self._widen(self.columns + new)
-            self._file = self.path.open("a", newline="")
-            self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+            self._open_file()
         self._writer.writerow(row)
+
+    def _open_file(self) -> None:
+        self._file = self.path.open("a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
 
     def _flush(self) -> None:
         if self._file is not None:

@@ -12,6 +12,7 @@ import json
 import os
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,9 @@ class MLflowTracker(Tracker):
     or ``MLFLOW_EXPERIMENT_NAME``), ``tags``, ``health_timeout`` seconds for the server check,
     ``flush_every`` seconds (metrics are sent in batches: at most this long after they were logged,
     at every validation and epoch end, and when the run finishes), and ``synchronous``: False (the
-    default) hands each batch to mlflow's background logging queue, so a slow store or server never
-    holds up a training step; the queue is drained when the run finishes.
+    default) sends each batch from a background thread, so a slow store or server never holds up a
+    training step; the thread's work is done, and any error it met raised, when the run finishes.
+    (mlflow's own asynchronous queue is not used: finishing a run waits up to a second for it.)
     """
 
     name = "mlflow"
@@ -62,6 +64,8 @@ class MLflowTracker(Tracker):
         self._pending: list[Any] = []  # metrics not yet sent
         self._last_flush = 0.0
         self.client: Any = None
+        self._sender: ThreadPoolExecutor | None = None  # one thread: batches arrive in order
+        self._in_flight: list[Future[Any]] = []
 
     def resolve_uri(self, logging_dir: Path) -> str:
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -77,6 +81,7 @@ class MLflowTracker(Tracker):
         if uri.startswith(("http://", "https://")):
             self._check_server(uri)
         self.client = MlflowClient(tracking_uri=uri)
+        self._last_flush = time.monotonic()  # the first batch goes out flush_every seconds from now, not at once
         if self.run_id is not None:  # resumed: continue the same run
             self.client.update_run(self.run_id, status="RUNNING")
             run = self.client.get_run(self.run_id)
@@ -122,8 +127,25 @@ class MLflowTracker(Tracker):
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
+        self._check_sent()
         for i in range(0, len(pending), METRIC_BATCH):
-            self.client.log_batch(self.run_id, metrics=pending[i:i + METRIC_BATCH], synchronous=self.synchronous)
+            batch = pending[i:i + METRIC_BATCH]
+            if self.synchronous:
+                self.client.log_batch(self.run_id, metrics=batch)
+                continue
+            if self._sender is None:
+                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracker")
+            self._in_flight.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=batch))
+
+    def _check_sent(self, wait: bool = False) -> None:
+        """Raise the error of a background send that failed (here, where the tracker's guard handles it)."""
+        if wait and self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
+        done = [future for future in self._in_flight if future.done()]
+        self._in_flight = [future for future in self._in_flight if not future.done()]
+        for future in done:
+            future.result()
 
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
         from .images import to_hwc_uint8
@@ -143,5 +165,9 @@ class MLflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(path), artifact_path=name)
 
     def _finish(self, status: str) -> None:
-        self._flush()
-        self.client.set_terminated(self.run_id, status={"success": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        try:
+            self._flush()
+            self._check_sent(wait=True)
+        finally:  # the run is closed even when its last metrics could not be sent
+            self.client.set_terminated(self.run_id,
+                                       status={"success": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
