@@ -2,7 +2,7 @@
 
 A small MLP on the CPU (about 1 ms per step) is trained by a plain loop, by the same loop with
 the lines the Accelerator adds, and by the Trainer with its default callbacks (progress bar on,
-drawn to /dev/null; a checkpoint each epoch, outside the timed steps). Epochs of each alternate
+drawn to /dev/null, the model summary too; a checkpoint each epoch, outside the timed steps). Epochs of each alternate
 so that drift of the machine's speed affects all alike; the printed figures are ratios of median
 step times (targets: Accelerator <= 1.01, Trainer <= 1.03). The process is pinned to one CPU
 (the last it may use, or ``--cpu``) so that moves between cores, which leave caches cold, do not
@@ -109,7 +109,7 @@ class MLPTrainer(Trainer):
 def trainer_epoch(trainer: Trainer, timer: StepTimer, out: list[float]) -> None:
     timer.times = out
     trainer.max_epochs += 1
-    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
         trainer.fit()
 
 

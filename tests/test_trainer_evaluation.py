@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,3 +69,21 @@ def test_ckpt_best_without_a_monitored_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"ckpt='best' needs a ModelCheckpoint\(monitor=\.\.\.\).*none with a monitor"):
         trainer.test(datasets()[1], ckpt="best")
     assert trainer.test(datasets()[1], ckpt="last")["test_loss"] > 0
+
+
+def test_test_metrics_reach_the_fit_runs_trackers(tmp_path):
+    from mlflow import MlflowClient
+
+    trainer = make_trainer(tmp_path, max_epochs=1, trackers=["csv", "mlflow"])
+    trainer.fit()
+    metrics = trainer.test(datasets()[1])
+    with (tmp_path / "csv" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    tested = [row for row in rows if row.get("test_loss")]
+    assert len(tested) == 1 and int(tested[0]["step"]) == trainer.global_step
+    assert float(tested[0]["test_loss"]) == pytest.approx(metrics["test_loss"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("trainer").experiment_id])
+    assert len(runs) == 1  # the fit's own run, reopened and finished again
+    assert runs[0].data.metrics["test_loss"] == pytest.approx(metrics["test_loss"])
+    assert runs[0].info.status == "FINISHED" and "val_loss" in runs[0].data.metrics  # logged during fit

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from trainer.accelerator import Accelerator
-from trainer.callbacks import Callback, ModelCheckpoint, ProgressBar, Timer, Tracker
+from trainer.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar, Timer, Tracker
 from trainer.callbacks.bus import CallbackBus
 from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
 from trainer.fit_checks import fit_session, refuse_empty
@@ -94,6 +94,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         hparams: extra run configuration stored with the run (the Trainer's own settings and a
             transformers model's ``config`` are stored too).
         progress_bar: add a ProgressBar unless ``callbacks`` holds one.
+        model_summary: add a ModelSummary (the table of modules and parameters, printed when
+            ``fit`` begins) unless ``callbacks`` holds one.
         checkpoint: add a ModelCheckpoint unless ``callbacks`` holds one.
         cpu: run on the CPU even where an accelerator is present.
         stop_signals: signals that make ``fit`` stop at the next optimizer step, save a checkpoint,
@@ -142,6 +144,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         run_name: str | None = None,
         hparams: Mapping[str, Any] | None = None,
         progress_bar: bool = True,
+        model_summary: bool = True,
         checkpoint: bool = True,
         cpu: bool = False,
         stop_signals: tuple[str | int, ...] = DEFAULT_SIGNALS,
@@ -184,7 +187,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         self._nonfinite = NonFiniteGuard(on_nonfinite, self._agree_at_step if self._stop.by_agreement else None)
         timer = [Timer(duration)] if duration is not None else []
         self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *timer, *trackers], progress_bar,
-                                                             checkpoint))
+                                                             model_summary, checkpoint))
 
         self.model = self.accelerator.prepare(model)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
@@ -434,9 +437,12 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         return self.accelerator.prepare_data_loader(loader, register=register)
 
     @staticmethod
-    def _default_callbacks(callbacks: list[Callback], progress_bar: bool, checkpoint: bool) -> list[Callback]:
+    def _default_callbacks(callbacks: list[Callback], progress_bar: bool, model_summary: bool,
+                           checkpoint: bool) -> list[Callback]:
         if progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
             callbacks.insert(0, ProgressBar())
+        if model_summary and not any(isinstance(cb, ModelSummary) for cb in callbacks):
+            callbacks.insert(0, ModelSummary())
         if checkpoint and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             callbacks.append(ModelCheckpoint())
         return callbacks

@@ -19,6 +19,7 @@ FOREIGN_NAMES = {
     "per_device_eval_batch_size": "eval_batch_size", "default_root_dir": "output_dir",
     "logger": "trackers", "loggers": "trackers", "report_to": "trackers",
     "enable_progress_bar": "progress_bar", "enable_checkpointing": "checkpoint",
+    "enable_model_summary": "model_summary",
     "limit_val_batches": "limit_eval_batches", "train_dataset": "train_data", "eval_dataset": "eval_data",
     "data_collator": "collate_fn", "dataloader_num_workers": "num_workers", "processing_class": "tokenizer",
     "fp16": "precision='fp16'", "bf16": "precision='bf16'",

@@ -264,7 +264,14 @@ class Tracker(Callback):
 
     def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         """Send the metrics; a ``validate`` outside ``fit`` is a run of its own, started and finished here."""
-        if not self.started:  # validate() called on its own, outside fit
+        self._evaluated(trainer)
+
+    def on_test_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
+        """Send the ``test_`` metrics: into the fit's run during ``fit``, else into a run of their own."""
+        self._evaluated(trainer)
+
+    def _evaluated(self, trainer: TrainerView) -> None:
+        if not self.started:  # evaluation called on its own, outside fit
             self.run_name = self.run_name or trainer.run_name
             self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
         self._send(trainer)

@@ -1,11 +1,13 @@
-"""A Trainer run that a test stops with a real signal, then resumes: ``signal_worker.py run|resume OUT``.
+"""A Trainer run that a test stops with a real signal, then resumes: ``signal_worker.py run|resume OUT [SIGNAL]``.
 
-It prints ``step <n>`` after each batch (paced, so that a signal arrives mid-run) and, when fit
-returns, writes the final weights to OUT/final.safetensors.
+It prints ``step <n> rank <r> pid <p>`` after each batch (paced, so that a signal arrives mid-run)
+and, when fit returns, process 0 writes the final weights to OUT/final.safetensors. Launched alone,
+with torchrun, or as a SLURM batch job whose preemption signal is SIGNAL.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,14 +22,16 @@ from trainer.callbacks import Callback  # noqa: E402
 
 class Pace(Callback):
     def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
-        sys.stdout.write(f"step {trainer.global_step}\n")
+        sys.stdout.write(f"step {trainer.global_step} rank {trainer.accelerator.process_index} pid {os.getpid()}\n")
         sys.stdout.flush()
         time.sleep(0.05)
 
 
 mode, out = sys.argv[1], Path(sys.argv[2])
-trainer = make_trainer(out, trackers=["csv"], callbacks=[Pace()])
+preemption = sys.argv[3] if len(sys.argv) > 3 else None
+trainer = make_trainer(out, trackers=["csv"], callbacks=[Pace()], preemption_signal=preemption)
 trainer.fit(resume="latest" if mode == "resume" else None)
-save_file({k: v.contiguous() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()},
-          str(out / "final.safetensors"))
+if trainer.accelerator.is_main_process:
+    save_file({k: v.contiguous() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()},
+              str(out / "final.safetensors"))
 sys.stdout.write("done\n")
