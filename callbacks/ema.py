@@ -99,9 +99,13 @@ class EMA(Callback):
         self._bind(bare_model(trainer))
 
     def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """After an optimizer step that is due (past ``start_step``, every ``every_n_steps``): update the average."""
-        step = trainer.global_step
-        if trainer.accelerator.sync_gradients and step > self.start_step and step % self.every_n_steps == 0:
+        """After an optimizer step that is due (past ``start_step``, every ``every_n_steps``): update the average.
+
+        A step that did not change the weights (fp16 overflow, a non-finite step skipped) is not counted.
+        """
+        step, accelerator = trainer.global_step, trainer.accelerator
+        if (accelerator.sync_gradients and step > self.start_step and step % self.every_n_steps == 0
+                and not accelerator.optimizer_step_was_skipped):
             self.update()
 
     def on_validation_start(self, trainer: TrainerView) -> None:

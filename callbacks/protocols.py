@@ -54,6 +54,11 @@ class AcceleratorView(Protocol):
         ...
 
     @property
+    def optimizer_step_was_skipped(self) -> bool:
+        """True when the last optimizer step did not change the weights (fp16 overflow, a skipped non-finite step)."""
+        ...
+
+    @property
     def accumulation(self) -> AccumulationView:
         """The accumulation policy."""
         ...

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
-from trainer_setup import make_trainer
+from trainer_setup import ClassifierTrainer, datasets, make_trainer, model
 
 from trainer import PartialState, Trainer
 from trainer.callbacks import Callback, LearningRateMonitor
@@ -230,3 +230,24 @@ def test_swa_refuses_runs_that_never_average(tmp_path):
 def test_bad_arguments_are_one_clear_error(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_ema_leaves_out_a_skipped_non_finite_step(tmp_path):
+    class NaNAtStep3(ClassifierTrainer):
+        def training_step(self, batch):
+            loss = super().training_step(batch)
+            return loss * float("nan") if self.global_step == 2 else loss
+
+    ema, log = EMA(decay=0.5), WeightLog()
+    trainer = NaNAtStep3(model(), train_data=datasets()[0], batch_size=4, max_epochs=1, output_dir=tmp_path,
+                         on_nonfinite="skip", callbacks=[ema, log], progress_bar=False, trackers=[], checkpoint=False)
+    with pytest.warns(RuntimeWarning, match="At step 3 the training loss is nan; this step is skipped"):
+        trainer.fit()
+    assert trainer.global_step == 9 and ema.num_updates == 8
+    expected = None
+    for step, current in sorted(log.steps.items()):
+        if step != 3:  # the skipped step changed no weight and is not folded in
+            expected = current if expected is None else {k: torch.lerp(v, current[k], 0.5) for k, v in expected.items()}
+    average = ema.averaged_state_dict()
+    for name, value in expected.items():
+        assert torch.equal(average[name], value), name

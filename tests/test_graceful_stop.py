@@ -91,7 +91,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     step = int(stops[0].split("at step ")[1].split(":")[0])
     assert 2 <= step < total_steps
     assert all(int(line.split()[1]) <= step for line in lines if line.startswith("step ")), lines  # neither went on
-    assert (interrupted / "checkpoints" / "latest").read_text().strip().startswith(f"epoch=") and \
+    assert (interrupted / "checkpoints" / "latest").read_text().strip().startswith("epoch=") and \
         f"step={step}" in (interrupted / "checkpoints" / "latest").read_text()
 
     code, lines, err = run_worker("resume", interrupted, processes=2)

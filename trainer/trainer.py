@@ -353,6 +353,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                     self.optimizer.step()
                     self._schedule.after_optimizer_step(self.progress.global_step + 1, self.metrics)
                 else:
+                    self.optimizer.step_was_skipped = True  # as after an fp16 overflow: EMA leaves it out
                     self._group_losses.clear()  # a skipped step's losses are not logged
                 self.optimizer.zero_grad()
                 self.progress.global_step += 1
