@@ -30,47 +30,38 @@ def check_action(action: str) -> str:
 
 
 class NonFiniteGuard:
-    """Watches one accumulation group's losses and, at its boundary, the gradient norm.
+    """At each accumulation boundary, checks the group's losses and the gradient norm.
 
-    A loss on the CPU is read as it comes (reading costs nothing there); a loss on an accelerator
-    stays there until the boundary, where one read checks the whole group. With several processes,
-    ``any_true(flag)`` says whether the flag is set on any of them (one collective per step).
+    The losses arrive detached, as the Trainer keeps them for logging: on the CPU each is read
+    (reading costs nothing there); on an accelerator one read checks the whole group. With
+    several processes, ``any_true(flag)`` says whether the flag is set on any of them (one
+    collective per step).
     """
 
     def __init__(self, action: str, any_true: Callable[[bool], bool] | None = None) -> None:
         self.action = check_action(action)
         self._any_true = any_true  # None on one process: the flag is its own answer
-        self._pending: list[torch.Tensor] = []  # this group's losses on an accelerator
-        self._bad: float | None = None  # the first non-finite loss of this group read so far
         self.skipped_steps = 0
 
-    def observe(self, loss: torch.Tensor) -> None:
-        """Note a micro-batch's loss (a one-element tensor)."""
-        if not loss.is_cpu:
-            self._pending.append(loss.detach())
-        elif self._bad is None:
-            value = loss.item()
-            if not math.isfinite(value):
-                self._bad = value
+    @staticmethod
+    def _bad_loss(losses: list[torch.Tensor]) -> float | None:
+        """The first non-finite value among ``losses`` (one-element tensors), or None."""
+        if losses[0].is_cpu:  # a group's losses all lie on one device
+            values = [loss.item() for loss in losses]
+        else:
+            stacked = torch.stack([loss.reshape(()).float() for loss in losses])
+            if bool(torch.isfinite(stacked).all()):
+                return None
+            values = stacked.tolist()
+        return next((value for value in values if not math.isfinite(value)), None)
 
-    def _group_bad_loss(self) -> float | None:
-        bad, pending = self._bad, self._pending
-        self._bad = None
-        if not pending:
-            return bad
-        self._pending = []
-        if bad is None:
-            values = torch.stack([loss.reshape(()).float() for loss in pending])
-            if not bool(torch.isfinite(values).all()):
-                bad = next(v for v in values.tolist() if not math.isfinite(v))
-        return bad
-
-    def step_allowed(self, grad_norm: torch.Tensor | None, step: int, recovery: Callable[[], str]) -> bool:
-        """At a boundary: True to step. Raises in ``"error"`` mode; False in ``"skip"`` mode when non-finite.
+    def step_allowed(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None, step: int,
+                     recovery: Callable[[], str]) -> bool:
+        """At a boundary, with the group's losses: True to step. Raises in ``"error"`` mode; False in ``"skip"`` mode.
 
         ``step`` is the step about to be taken; ``recovery()`` describes the newest usable checkpoint.
         """
-        bad_loss = self._group_bad_loss()
+        bad_loss = self._bad_loss(losses)
         norm = float(grad_norm) if grad_norm is not None else 0.0
         nonfinite = bad_loss is not None or not math.isfinite(norm)
         if not (nonfinite if self._any_true is None else self._any_true(nonfinite)):

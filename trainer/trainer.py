@@ -211,7 +211,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
         self.accelerator.register_for_checkpointing(TrainerCheckpointState(self))
         self.fitting = False  # True inside fit(): callbacks that only act while training check it
-        self._group_losses: list[torch.Tensor] = []  # this accumulation group's micro-batch losses
+        self._group_losses: list[torch.Tensor] = []  # this accumulation group's micro-batch losses, detached
 
     # -- the parts a subclass overrides ------------------------------------------------------------
     def training_step(self, batch: Any) -> Any:
@@ -340,15 +340,14 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         with accelerator.accumulate(self.model):
             outputs = self.training_step(batch)
             loss, num_tokens = unpack_loss(outputs)
-            self._nonfinite.observe(loss)
+            self._group_losses.append(loss.detach())  # checked before the step, logged after it
             self.call("on_before_backward", loss)
             accelerator.backward(loss, num_tokens=num_tokens)
             self.call("on_after_backward")
-            self._track_loss(loss)
             if accelerator.sync_gradients:
                 norm = accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip else None
-                if self._nonfinite.step_allowed(None if accelerator.scaler else norm, self.progress.global_step + 1,
-                                                self._recovery_hint):
+                if self._nonfinite.step_allowed(self._group_losses, None if accelerator.scaler else norm,
+                                                self.progress.global_step + 1, self._recovery_hint):
                     self.call("on_before_optimizer_step", self.optimizer)
                     self.optimizer.step()
                     self._schedule.after_optimizer_step(self.progress.global_step + 1, self.metrics)
@@ -407,13 +406,9 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         return (self.eval_loader is not None and n is not None and (self.progress.epoch + 1) % n == 0
                 and self.progress.validated_at != self.progress.position)
 
-    def _track_loss(self, loss: torch.Tensor) -> None:
-        # Only groups whose step is logged keep their losses, as tensors: reading a value
-        # synchronises the device, so it happens once, when logged.
-        if (self.progress.global_step + 1) % self.log_every_n_steps == 0:
-            self._group_losses.append(loss.detach())
-
     def _log_training_loss(self) -> None:
+        # The losses stay tensors until here: on an accelerator, reading one waits for the device,
+        # so only the groups whose step is logged are read (the non-finite check reads them once).
         losses = self._group_losses
         if losses and self.progress.global_step % self.log_every_n_steps == 0:
             self.log("train_loss", losses[0] if len(losses) == 1 else torch.stack(losses).float().mean())
