@@ -149,3 +149,26 @@ def test_a_run_stopped_by_a_signal_is_marked_killed(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(tracker.run_id).info.status == "KILLED"
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "epoch=0-step=2"
+
+
+def test_on_its_own_thread_every_value_reads_back_and_new_stores_are_copies(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runs = []
+    for name in ("first", "second"):  # the first makes the empty store, the second copies it
+        out = tmp_path / name
+        trainer = make_trainer(out, trackers=["csv", MLflowTracker(send_every=0)], log_every_n_steps=1)
+        tracker = trainer.callbacks.find(MLflowTracker)[0]
+        assert tracker.background
+        trainer.fit()
+        client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        run = client.search_runs([client.get_experiment_by_name("trainer").experiment_id])[0]
+        assert run.info.status == "FINISHED"
+        expected = csv_history(out)
+        for key in ("train_loss", "val_loss"):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            assert len(history) > 1 and history == sorted(expected[key]), key
+        assert client.get_experiment("0").artifact_location == str(out / "mlruns" / "0")
+        runs.append(run.info.run_id)
+    assert runs[0] != runs[1]
+    assert [p.name for p in (tmp_path / "cache" / "trainer" / "mlflow").iterdir()] == [
+        f"empty-{__import__('mlflow').__version__}.db"]

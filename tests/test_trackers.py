@@ -101,8 +101,10 @@ class Flaky(Tracker):
         self.calls.append((step, values))
 
 
-def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["in-line", "own-thread"])
+def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path, background):
     flaky = Flaky()
+    flaky.background = background
     trainer = make_trainer(tmp_path, trackers=["csv", flaky], log_every_n_steps=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -114,10 +116,14 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(tmp_path):
     assert len(csv_history(tmp_path)["train_loss"]) == 15  # the other tracker kept recording
 
 
-def test_a_failing_tracker_can_stop_training(tmp_path):
-    trainer = make_trainer(tmp_path, trackers=[Flaky(on_error="raise")], log_every_n_steps=1)
+@pytest.mark.parametrize("background", [False, True], ids=["in-line", "own-thread"])
+def test_a_failing_tracker_can_stop_training(tmp_path, background):
+    flaky = Flaky(on_error="raise")
+    flaky.background = background
+    trainer = make_trainer(tmp_path, trackers=[flaky], log_every_n_steps=1)
     with pytest.raises(ConnectionError, match="backend went away"):
         trainer.fit()
+    assert trainer.global_step < 15
 
 
 def test_user_trackers_register_by_name(tmp_path):

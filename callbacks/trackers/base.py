@@ -9,6 +9,12 @@ Backends implement the underscored methods (``_start``, ``_log``, ``_finish`` an
 backend has them, ``_log_images``, ``_log_table``, ``_log_artifact``). The public methods wrap
 them so that a backend that cannot be reached, or raises, costs one warning and switches that
 tracker off: training goes on (``on_error="raise"`` stops instead).
+
+A backend whose calls are slow (creating a store, talking to a server) sets ``background``: its
+calls then run, in order, on a thread of the tracker's own, so that training does not wait for
+the run to start or for values to be written; ``finish`` waits until everything is written. An
+error met there is reported (the warning, or the error with ``on_error="raise"``) at the next
+call from the training thread, and at the latest by ``finish``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import importlib.util
 import os
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -30,6 +37,8 @@ if TYPE_CHECKING:
     from ..protocols import TrainerView
 
 ON_ERROR = ("warn", "raise")
+# Backend methods with a default in Tracker (a no-op, or NotImplementedError naming what is missing).
+OPTIONAL = ("_store_config", "_log_images", "_log_table", "_log_artifact", "_flush", "_finish")
 SEND_AT_MOST = 1000  # logged values that wait for send_every before the bus sends them anyway
 
 
@@ -96,6 +105,7 @@ class Tracker(Callback):
     """
 
     name: ClassVar[str] = ""
+    background = False  # run the backend's calls on a thread of the tracker's own (see the module docstring)
     requires: ClassVar[str | None] = None  # the module the backend imports
     extra: ClassVar[str] = ""  # the pip extra that installs it
 
@@ -118,6 +128,8 @@ class Tracker(Callback):
         self.send_every = send_every
         self._sent = 0  # the Trainer's log sequence number last sent
         self._next_send = 0.0  # time.monotonic() from which the bus sends again
+        self._worker: ThreadPoolExecutor | None = None  # with ``background``, while a run is open
+        self._worker_error: tuple[str, Exception] | None = None  # what the worker met, until reported
 
     # -- what a backend implements -------------------------------------------------------------
     def _start(self, project_name: str, config: dict[str, Any], logging_dir: Path, **init_kwargs: Any) -> Any:
@@ -156,6 +168,7 @@ class Tracker(Callback):
     @property
     def tracker(self) -> Any:
         """The backend's native run object (``None`` before the start or off the main process)."""
+        self._wait_for_start()
         return self.run
 
     @property
@@ -172,7 +185,20 @@ class Tracker(Callback):
             return
         self.started = True
         directory = Path(self.logging_dir or logging_dir or Path.cwd())
+        if self.background and self.active:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tracker-{self.name}")
+            self._guard("start", self._start_run, project_name, dict(config or {}), directory, init_kwargs)
+            return
         self.run = self._guard("start", self._start, project_name, dict(config or {}), directory, **init_kwargs)
+
+    def _start_run(self, project_name: str, config: dict[str, Any], directory: Path, init_kwargs: dict[str, Any]) -> None:
+        self.run = self._start(project_name, config, directory, **init_kwargs)
+
+    def _wait_for_start(self) -> None:
+        """With ``background``: wait until the run has started (its id and native object exist)."""
+        if self._worker is not None:
+            self._worker.submit(lambda: None).result()
+            self._report_worker_error()
 
     def store_init_configuration(self, config: Mapping[str, Any]) -> None:
         """Record (more) run configuration on a started run."""
@@ -204,29 +230,61 @@ class Tracker(Callback):
         self._guard("flush", self._flush)
 
     def finish(self, status: str = "success") -> None:
-        """Close the run (``"success"`` or ``"failed"``): at the end of ``fit`` and by ``accelerator.end_training``."""
-        if self.started and self.run is not None:
+        """Close the run (``"success"`` or ``"failed"``): at the end of ``fit`` and by ``accelerator.end_training``.
+
+        Returns once everything sent is written.
+        """
+        if self.started and (self.run is not None or self._worker is not None):
             self._guard("finish", self._finish, status)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+            self._report_worker_error()
         self.started = False
         self.run = None
 
-    def _guard(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+    def _guard(self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self.active or (what != "start" and not self.started):
+            return None
+        if self._worker is not None:
+            self._report_worker_error()
+            name = getattr(call, "__name__", "")
+            if name in OPTIONAL and getattr(call, "__func__", None) is getattr(Tracker, name):
+                return call(*args, **kwargs)  # not implemented by the backend: nothing to do, or NotImplementedError now
+            self._worker.submit(self._in_worker, what, call, args, kwargs)
             return None
         try:
             return call(*args, **kwargs)
         except NotImplementedError:
             raise
         except Exception as error:
-            if self.on_error == "raise":
-                raise
-            self.failed = True
-            warnings.warn(
-                f"The {self.name!r} tracker could not {what} ({type(error).__name__}: {error}). It is switched off "
-                "for the rest of this run and training goes on; pass on_error='raise' to stop instead.",
-                RuntimeWarning, stacklevel=3,
-            )
+            self._switch_off(what, error)
             return None
+
+    def _in_worker(self, what: str, call: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._worker_error is not None:  # switched off: what was queued after the failure is dropped
+            return
+        try:
+            call(*args, **kwargs)
+        except Exception as error:
+            self._worker_error = (what, error)
+
+    def _report_worker_error(self) -> None:
+        """In the calling thread: report a failure the worker met (once)."""
+        if self._worker_error is not None and not self.failed:
+            if self.on_error == "raise":
+                self.failed = True  # raised once, here; the worker drops what was queued after it
+            self._switch_off(*self._worker_error)
+
+    def _switch_off(self, what: str, error: Exception) -> None:
+        if self.on_error == "raise":
+            raise error
+        self.failed = True
+        warnings.warn(
+            f"The {self.name!r} tracker could not {what} ({type(error).__name__}: {error}). It is switched off "
+            "for the rest of this run and training goes on; pass on_error='raise' to stop instead.",
+            RuntimeWarning, stacklevel=4,
+        )
 
     # -- on the Trainer's bus ------------------------------------------------------------------------
     @property
@@ -236,6 +294,7 @@ class Tracker(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """The run's id, so that ``fit(resume=...)`` continues the same run."""
+        self._wait_for_start()
         return {"run_id": self.run_id} if self.run_id is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

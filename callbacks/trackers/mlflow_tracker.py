@@ -12,11 +12,11 @@ import json
 import os
 import time
 import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .base import Tracker, scalars
+from .mlflow_store import seed_store
 
 MAX_PARAM_LENGTH = 6000  # mlflow's limit on a parameter value
 BATCH = 100  # mlflow's limit on parameters per log_batch call
@@ -42,9 +42,11 @@ class MLflowTracker(Tracker):
     or ``MLFLOW_EXPERIMENT_NAME``), ``tags``, ``health_timeout`` seconds for the server check,
     ``flush_every`` seconds (metrics are sent in batches: at most this long after they were logged,
     at every validation and epoch end, and when the run finishes), and ``synchronous``: False (the
-    default) sends each batch from a background thread, so a slow store or server never holds up a
-    training step; the thread's work is done, and any error it met raised, when the run finishes.
-    (mlflow's own asynchronous queue is not used: finishing a run waits up to a second for it.)
+    default) runs every call to mlflow (creating the store, starting the run, sending, finishing)
+    on the tracker's own thread, so that training never waits for a slow store or server; the run
+    is finished and everything written when ``finish`` returns. (mlflow's own asynchronous queue is
+    not used: finishing a run waits up to a second for it.) A new local store is a copy of an
+    empty one kept in the user's cache (``mlflow_store.py``): creating its tables takes seconds.
     """
 
     name = "mlflow"
@@ -60,19 +62,26 @@ class MLflowTracker(Tracker):
         self.tags = dict(tags or {})
         self.health_timeout = health_timeout
         self.synchronous = synchronous
+        self.background = not synchronous
         self.flush_every = flush_every
         self._pending: list[Any] = []  # metrics not yet sent
         self._last_flush = 0.0
-        self.client: Any = None
-        self._sender: ThreadPoolExecutor | None = None  # one thread: batches arrive in order
-        self._in_flight: list[Future[Any]] = []
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The ``MlflowClient`` of the run (once it has started)."""
+        self._wait_for_start()
+        return self._client
 
     def resolve_uri(self, logging_dir: Path) -> str:
         uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri:
             return uri
         logging_dir.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{(logging_dir / 'mlflow.db').resolve()}"
+        store = (logging_dir / "mlflow.db").resolve()
+        seed_store(store)
+        return f"sqlite:///{store}"
 
     def _start(self, project_name: str, config: dict[str, Any], logging_dir: Path, **init_kwargs: Any) -> Any:
         from mlflow import MlflowClient
@@ -80,27 +89,27 @@ class MLflowTracker(Tracker):
         uri = self.resolve_uri(logging_dir)
         if uri.startswith(("http://", "https://")):
             self._check_server(uri)
-        self.client = MlflowClient(tracking_uri=uri)
+        self._client = MlflowClient(tracking_uri=uri)
         self._last_flush = time.monotonic()  # the first batch goes out flush_every seconds from now, not at once
         if self.run_id is not None:  # resumed: continue the same run
-            self.client.update_run(self.run_id, status="RUNNING")
-            run = self.client.get_run(self.run_id)
+            self._client.update_run(self.run_id, status="RUNNING")
+            run = self._client.get_run(self.run_id)
         else:
             experiment_id = self._experiment(project_name, uri, logging_dir)
             tags = {**self.tags, **init_kwargs.pop("tags", {})}
-            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags, **init_kwargs)
+            run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags, **init_kwargs)
             self.run_id = run.info.run_id
             self._store_config(config)
         return run
 
     def _experiment(self, project_name: str, uri: str, logging_dir: Path) -> str:
         name = self.experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or project_name
-        found = self.client.get_experiment_by_name(name)
+        found = self._client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
         local = uri.startswith("sqlite:")
         location = (logging_dir / "mlartifacts").resolve().as_uri() if local else None
-        return self.client.create_experiment(name, artifact_location=location)
+        return self._client.create_experiment(name, artifact_location=location)
 
     def _check_server(self, uri: str) -> None:
         try:
@@ -114,7 +123,7 @@ class MLflowTracker(Tracker):
 
         params = [Param(key, value) for key, value in flatten(config).items()]
         for i in range(0, len(params), BATCH):
-            self.client.log_batch(self.run_id, params=params[i:i + BATCH])
+            self._client.log_batch(self.run_id, params=params[i:i + BATCH])
 
     def _log(self, values: dict[str, Any], step: int | None, **kwargs: Any) -> None:
         from mlflow.entities import Metric
@@ -127,47 +136,29 @@ class MLflowTracker(Tracker):
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
-        self._check_sent()
         for i in range(0, len(pending), METRIC_BATCH):
-            batch = pending[i:i + METRIC_BATCH]
-            if self.synchronous:
-                self.client.log_batch(self.run_id, metrics=batch)
-                continue
-            if self._sender is None:
-                self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-tracker")
-            self._in_flight.append(self._sender.submit(self.client.log_batch, self.run_id, metrics=batch))
-
-    def _check_sent(self, wait: bool = False) -> None:
-        """Raise the error of a background send that failed (here, where the tracker's guard handles it)."""
-        if wait and self._sender is not None:
-            self._sender.shutdown(wait=True)
-            self._sender = None
-        done = [future for future in self._in_flight if future.done()]
-        self._in_flight = [future for future in self._in_flight if not future.done()]
-        for future in done:
-            future.result()
+            self._client.log_batch(self.run_id, metrics=pending[i:i + METRIC_BATCH])
 
     def _log_images(self, images: dict[str, Any], step: int | None, **kwargs: Any) -> None:
         from .images import to_hwc_uint8
 
         for key, image in images.items():
-            self.client.log_image(self.run_id, to_hwc_uint8(image), key=key, step=step or 0)
+            self._client.log_image(self.run_id, to_hwc_uint8(image), key=key, step=step or 0)
 
     def _log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int | None, **kwargs: Any) -> None:
         table = {column: [row[i] for row in rows] for i, column in enumerate(columns)}
         suffix = "" if step is None else f"_step{step}"
-        self.client.log_table(self.run_id, data=table, artifact_file=f"tables/{name}{suffix}.json")
+        self._client.log_table(self.run_id, data=table, artifact_file=f"tables/{name}{suffix}.json")
 
     def _log_artifact(self, path: Path, name: str | None, **kwargs: Any) -> None:
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path=name)
+            self._client.log_artifacts(self.run_id, str(path), artifact_path=name)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path=name)
+            self._client.log_artifact(self.run_id, str(path), artifact_path=name)
 
     def _finish(self, status: str) -> None:
         try:
             self._flush()
-            self._check_sent(wait=True)
         finally:  # the run is closed even when its last metrics could not be sent
-            self.client.set_terminated(self.run_id,
+            self._client.set_terminated(self.run_id,
                                        status={"success": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
