@@ -221,3 +221,33 @@ def test_truncated_and_corrupt_safetensors(reference, tmp_path):
     path.write_bytes(data[:8] + b"{not json" + data[17:])
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint_and_dispatch(empty_gpt2(), path, device_map={"": "cpu"})
+
+
+def mapped_file(tensor):
+    """The file whose mapping holds ``tensor``'s bytes (from /proc/self/maps), or None for memory of its own."""
+    address = tensor.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, _, _, _, _, *path = line.split(maxsplit=5)
+        start, end = (int(part, 16) for part in span.split("-"))
+        if start <= address < end:
+            return Path(path[0]) if path and path[0].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's mappings from /proc (Linux)")
+def test_cpu_weights_view_the_checkpoint_pages_and_writes_never_reach_the_file(reference, sharded_gpt2):
+    files = sorted(sharded_gpt2.glob("*.safetensors"))
+    before = {path.name: path.read_bytes() for path in files}
+    mapped = load_checkpoint_and_dispatch(empty_gpt2(), sharded_gpt2, device_map={"": "cpu"})
+    copied = load_checkpoint_and_dispatch(empty_gpt2(), sharded_gpt2, device_map={"": "cpu"}, mmap=False)
+    assert torch.equal(logits(mapped), logits(reference)) and torch.equal(logits(copied), logits(reference))
+    assert mapped_file(mapped.transformer.h[0].attn.c_attn.weight) in files
+    assert mapped_file(copied.transformer.h[0].attn.c_attn.weight) is None
+    assert mapped.lm_head.weight is mapped.transformer.wte.weight  # tied weights stay one tensor
+    with torch.no_grad():
+        for parameter in mapped.parameters():
+            parameter.add_(1.0)  # copy-on-write: the process's own pages, not the file's
+    assert not torch.equal(logits(mapped), logits(reference))
+    assert {path.name: path.read_bytes() for path in files} == before
+    again = load_checkpoint_and_dispatch(empty_gpt2(), sharded_gpt2, device_map={"": "cpu"})
+    assert torch.equal(logits(again), logits(reference))

@@ -1,5 +1,9 @@
 """Loads a sharded checkpoint under a CPU budget with disk offload, runs it, and reports its peak memory.
 
+The peak resident memory is reported for the load alone and with one forward pass (which touches
+every weight: mapped file pages then count too), and the growth of the process's own memory
+(RssAnon, which mapped file pages are not).
+
 Run in its own process so that the peak belongs to this load alone; prints one JSON line.
 """
 
@@ -30,6 +34,15 @@ def high_water_mark() -> int:
     try:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
+def anonymous_memory() -> int:
+    """This process's resident memory of its own (RssAnon), not counting mapped file pages; 0 without /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) * 1024
     except (OSError, StopIteration):
         return 0
 
@@ -72,23 +85,26 @@ def main() -> None:
     parser.add_argument("--max-cpu", required=True)
     parser.add_argument("--offload-folder", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--no-mmap", action="store_true", help="read CPU weights into memory of their own")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with init_empty_weights():
         model = Stack(args.width, args.depth)
     x = torch.randn(4, args.width, generator=torch.Generator().manual_seed(0))
-    baseline = psutil.Process().memory_info().rss
+    baseline, anonymous = psutil.Process().memory_info().rss, anonymous_memory()
     sampler = PeakSampler()
     started = time.perf_counter()
     model = load_checkpoint_and_dispatch(model, args.checkpoint, device_map="auto", max_memory={"cpu": args.max_cpu},
-                                         offload_folder=args.offload_folder)
+                                         offload_folder=args.offload_folder, mmap=not args.no_mmap)
     loaded = time.perf_counter() - started
+    load_peak = max(sampler.peak, high_water_mark())
     with torch.no_grad():
         output = model(x)
     peak = sampler.stop()
     save_file({"output": output}, str(args.output))
     devices = sorted(set(map(str, model.hf_device_map.values())))
-    print(json.dumps({"baseline": baseline, "peak_increase": peak - baseline, "load_seconds": loaded, "devices": devices,
+    print(json.dumps({"baseline": baseline, "peak_increase": peak - baseline, "load_peak_increase": load_peak - baseline,
+                      "anonymous_increase": anonymous_memory() - anonymous, "load_seconds": loaded, "devices": devices,
                       "on_disk": sum(1 for d in model.hf_device_map.values() if d == "disk")}))
 
 

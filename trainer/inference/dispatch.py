@@ -33,6 +33,7 @@ from trainer.inference.device_map import (
 from trainer.inference.hooks import OffloadedModule, OffloadHooks, get_tensor, set_tensor
 from trainer.inference.offload import OffloadedWeights
 from trainer.inference.sizes import as_dtype
+from trainer.inference.tensor_map import TensorMap
 from trainer.inference.tensor_reader import TensorReader
 
 if TYPE_CHECKING:
@@ -193,7 +194,8 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
                                  max_memory: Mapping[Device, int | str] | None = None,
                                  no_split_module_classes: Iterable[str] | None = None,
                                  offload_folder: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-                                 strict: bool = True, prefetch: int = 1, quantization: Any = None) -> nn.Module:
+                                 strict: bool = True, prefetch: int = 1, quantization: Any = None,
+                                 mmap: bool = True) -> nn.Module:
     """Fill ``model`` (usually built with ``init_empty_weights``) from ``checkpoint`` and dispatch it.
 
     ``checkpoint``: a safetensors file, a folder of shards with an index JSON, or a ``.bin``
@@ -201,6 +203,9 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     anything is read: missing, unexpected (with ``strict``) or differently shaped weights are
     one error that lists them. ``quantization`` (a ``QuantizationConfig``, its keyword arguments as a dict, or a
     ``BitsAndBytesConfig``) swaps linear layers for bitsandbytes ones, quantized as each weight is read.
+    ``mmap`` (default True): weights that stay on the CPU in the dtype they are stored in view the
+    safetensors file's pages, copy-on-write, instead of being read into memory of their own (no
+    copy, no memory until a page is touched; writing into such a weight never changes the file).
     """
     from trainer.inference.checkpoint_files import CheckpointFiles, check_against_model
 
@@ -236,12 +241,14 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     buffers = {name for name, _ in model.named_buffers()}
     _check_offload_folder(files, [name for name in stored_names if name not in buffers], device_map, offload_folder)
     weights = OffloadedWeights(offload_folder, pin=main.type == "cuda")
-    reader = TensorReader()
+    reader, mapper = TensorReader(), TensorMap() if mmap else None
     try:
         for shard in files.shards:
-            _load_shard(model, files, shard, device_map, main, weights, reader, targets, stored_names, aliases)
+            _load_shard(model, files, shard, device_map, main, weights, reader, mapper, targets, stored_names, aliases)
     finally:
         reader.close()
+        if mapper is not None:
+            mapper.release()
     return dispatch_model(model, device_map, weights=weights, prefetch=prefetch, no_split_module_classes=no_split_module_classes)
 
 
@@ -276,10 +283,10 @@ def _quantized(model: nn.Module, name: str) -> bool:
 
 
 def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_map: Mapping[str, Device],
-                main: torch.device, weights: OffloadedWeights, reader: TensorReader, targets: Mapping[str, torch.dtype],
-                stored_names: Mapping[str, str], aliases: Mapping[str, str]) -> None:
-    """Place one shard's tensors as ``targets`` dtypes: resident ones read and put on their device, offloaded ones
-    located or written (their meta placeholders take the same dtype)."""
+                main: torch.device, weights: OffloadedWeights, reader: TensorReader, mapper: TensorMap | None,
+                targets: Mapping[str, torch.dtype], stored_names: Mapping[str, str], aliases: Mapping[str, str]) -> None:
+    """Place one shard's tensors as ``targets`` dtypes: resident ones read (or mapped) and put on their device,
+    offloaded ones located or written (their meta placeholders take the same dtype)."""
     names = [name for name, path in files.weight_map.items() if path == shard and name in stored_names]
     to_write: OrderedDict[str, torch.Tensor] = OrderedDict()
     in_place = files.is_safetensors(shard)  # its tensors can be read one by one where they lie
@@ -296,6 +303,11 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
         if device == "disk" and in_place and not _write_converted(files.dtype(name), target, weights):
             weights.locate(stored, files.location(name), target)  # read from the checkpoint itself when needed: no copy
             continue
+        if mapper is not None and in_place and _mappable(model, name, device, main, files.dtype(name), target):
+            location = files.location(name)
+            if mapper.can_map(location):
+                _place(model, name, mapper.tensor(location), aliases)
+                continue
         tensor = reader.read(files.location(name)) if in_place else _from_bin(files, shard, name)
         tensor = tensor.to(target)
         if device == "disk":
@@ -305,6 +317,13 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
         elif not _load_quantized(model, name, tensor, torch_device(device)):
             _place(model, name, tensor.to(torch_device(device)), aliases)
     weights.write(to_write)
+
+
+def _mappable(model: nn.Module, name: str, device: Device, main: torch.device, stored: torch.dtype,
+              target: torch.dtype) -> bool:
+    """A weight that stays on the CPU, as stored: it can view the file's pages."""
+    return (device != "disk" and not offloaded(device, main) and torch_device(device).type == "cpu"
+            and stored == target and not _quantized(model, name))
 
 
 def _load_quantized(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device) -> bool:
