@@ -113,13 +113,46 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
+def sync_path(path: Path) -> None:
+    """``fsync`` a file or a folder (its entries): its data reaches the disk, not only the page cache."""
+    folder = path.is_dir()
+    if folder and os.name == "nt":  # a folder cannot be opened there; renames are durable by other means
+        return
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:  # some file systems cannot sync a folder's entries; a file's data must reach the disk
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """``fsync`` every file under ``root`` and every folder, ``root`` last."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            sync_path(Path(folder) / name)
+        sync_path(Path(folder))
+
+
 def commit_directory(scratch: Path, target: Path) -> None:
     """Put the finished ``scratch`` in place of ``target``, then remove what ``target`` held.
 
     A crash at any point leaves a complete checkpoint: under ``target`` where the two folders can
-    be swapped atomically, else (for an instant) under ``.<name>.old-<pid>`` next to it.
+    be swapped atomically, else (for an instant) under ``.<name>.old-<pid>`` next to it. The files
+    are synced to the disk before the swap, and the parent folder after it, so that a power loss
+    cannot leave a checkpoint in place whose files the disk never received.
     """
     scratch, target = Path(scratch), Path(target)
+    sync_tree(scratch)
+    try:
+        _swap_in(scratch, target)
+    finally:
+        sync_path(target.parent)
+
+
+def _swap_in(scratch: Path, target: Path) -> None:
     if target.exists():
         if _exchange(scratch, target):
             shutil.rmtree(scratch, ignore_errors=True)  # now the previous checkpoint

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trainer.checkpoint_io import find_intact_copy, read_json
+from trainer.checkpoint_io import find_intact_copy, read_json, sync_path
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -52,7 +52,10 @@ def write_latest(root: Path, checkpoint: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".latest-", dir=root)
     with os.fdopen(fd, "w") as file:
         file.write(checkpoint.name + "\n")
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(tmp, root / LATEST)
+    sync_path(root)
 
 
 def is_complete(checkpoint: Path) -> bool:
