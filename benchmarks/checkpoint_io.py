@@ -1,0 +1,167 @@
+"""Checkpoint writes and reads against what the disk itself does, in one run.
+
+1. The disk: a plain sequential write of a file the size of the state (large writes from one
+   buffer, then ``fsync``), and reads of it into memory, cold (its pages dropped from the page
+   cache first) and warm.
+2. ``accelerator.save_state`` of a state of that size (an MLP's weights and its AdamW moments:
+   three times the weights), which syncs its files to the disk before they count, and
+   ``load_state`` of it, cold and warm; each as throughput and as a ratio of the disk's.
+3. Training step time with no save and with a save every N steps.
+
+The page cache is emptied for the cold reads with ``posix_fadvise(DONTNEED)`` on each file
+(after ``fsync``, so the pages are clean and really dropped).
+
+    python benchmarks/checkpoint_io.py [--gb 1.0] [--dir /path/on/the/disk] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from trainer import Accelerator, PartialState  # noqa: E402
+
+CHUNK = 64 * 2**20
+
+
+def drop_cache(path: Path) -> None:
+    """Drop a file's (or every file's under a folder) pages from the page cache."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_write(path: Path, size: int) -> float:
+    buffer = memoryview(bytearray(os.urandom(2**20) * (CHUNK // 2**20)))
+    started = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        written = 0
+        while written < size:
+            written += os.write(fd, buffer[: min(CHUNK, size - written)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def disk_read(path: Path) -> float:
+    buffer = memoryview(bytearray(CHUNK))
+    started = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.readv(fd, [buffer]):
+            pass
+    finally:
+        os.close(fd)
+    return time.perf_counter() - started
+
+
+def build(gb: float, seed: int = 0):
+    """An MLP of about ``gb / 4`` GB of fp32 weights, and AdamW with its moments filled (one step)."""
+    PartialState._reset_state()
+    width = 4096
+    depth = max(1, round(gb * 1e9 / 4 / (width * width * 4)))
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(depth)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    x = torch.randn(8, width)
+    F.mse_loss(model(x), x).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return accelerator, model, optimizer, x
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def step_times(accelerator, model, optimizer, x, steps: int, save_every: int | None, folder: Path) -> list[float]:
+    times = []
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        F.mse_loss(model(x), x).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if save_every and step % save_every == 0:
+            accelerator.save_state(folder / "ckpt")
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=1.0, help="size of the training state (weights + AdamW moments)")
+    parser.add_argument("--dir", type=Path, default=None, help="a folder on the disk to measure (default: the temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--save-every", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="checkpoint-io-", dir=args.dir) as scratch_dir:
+        scratch = Path(scratch_dir)
+        accelerator, model, optimizer, x = build(args.gb)
+        accelerator.save_state(scratch / "ckpt")
+        size = folder_bytes(scratch / "ckpt")
+
+        plain = scratch / "plain.bin"
+        write, cold, warm = [], [], []
+        for _ in range(args.repeats):
+            write.append(disk_write(plain, size))
+            drop_cache(plain)
+            cold.append(disk_read(plain))
+            warm.append(disk_read(plain))
+        plain.unlink()
+
+        save, load_cold, load_warm = [], [], []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            accelerator.save_state(scratch / "ckpt")
+            save.append(time.perf_counter() - started)
+            drop_cache(scratch / "ckpt")
+            started = time.perf_counter()
+            accelerator.load_state(scratch / "ckpt")
+            load_cold.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            accelerator.load_state(scratch / "ckpt")
+            load_warm.append(time.perf_counter() - started)
+
+        def rate(seconds: list[float]) -> float:
+            return size / statistics.median(seconds) / 1e9
+
+        print(f"state: {size / 1e9:.2f} GB in {len(list((scratch / 'ckpt').iterdir()))} files, under {scratch.parent}; "
+              f"torch {torch.__version__}; median of {args.repeats}")
+        print(f"{'':<34}{'GB/s':>8}{'of the disk':>14}")
+        rows = [("disk: write + fsync", rate(write), None), ("save_state (synced)", rate(save), rate(write)),
+                ("disk: read, cold", rate(cold), None), ("load_state, cold", rate(load_cold), rate(cold)),
+                ("disk: read, warm", rate(warm), None), ("load_state, warm", rate(load_warm), rate(warm))]
+        for label, value, disk in rows:
+            print(f"{label:<34}{value:>8.2f}{'' if disk is None else f'{value / disk:>14.2f}'}")
+        print(f"save_state / disk write {rate(save) / rate(write):.2f} (target >= 0.8); load_state / disk read: "
+              f"cold {rate(load_cold) / rate(cold):.2f}, warm {rate(load_warm) / rate(warm):.2f} (target >= 0.8)")
+
+        quiet = statistics.median(step_times(accelerator, model, optimizer, x, args.steps, None, scratch))
+        saving = step_times(accelerator, model, optimizer, x, args.steps, args.save_every, scratch)
+        print(f"step time: {quiet * 1e3:.1f} ms without saves; with a save every {args.save_every} steps the median "
+              f"step is {statistics.median(saving) / quiet:.2f} x and a saving step {max(saving) / quiet:.1f} x "
+              "(saves block the loop: asynchronous saves are not built yet)")
+
+
+if __name__ == "__main__":
+    main()
