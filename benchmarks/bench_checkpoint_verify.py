@@ -18,7 +18,6 @@ ratio of the two loads is the price of the check; GB/s is the checkpoint's size 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from page_cache import drop_cache  # noqa: E402
+
 from trainer import Accelerator  # noqa: E402
 from trainer.checkpoint_manifest import checkpoint_files, verify_checkpoint, write_manifest  # noqa: E402
 
@@ -38,18 +39,6 @@ LAYER = 4096  # a 4096 x 4096 float32 layer: 64 MiB
 
 def checkpoint_bytes(folder: Path) -> int:
     return sum((folder / name).stat().st_size for name in checkpoint_files(folder))
-
-
-def drop_cache(folder: Path) -> None:
-    """Write back, then drop, the checkpoint's pages from the page cache (no root needed for one's own files)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def read_all(folder: Path) -> None:

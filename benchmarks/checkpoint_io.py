@@ -28,21 +28,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from page_cache import drop_cache  # noqa: E402
+
 from trainer import Accelerator, PartialState  # noqa: E402
 
 CHUNK = 64 * 2**20
-
-
-def drop_cache(path: Path) -> None:
-    """Drop a file's (or every file's under a folder) pages from the page cache."""
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for file in files:
-        fd = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def disk_write(path: Path, size: int) -> float:
