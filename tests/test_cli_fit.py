@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 from trainer import set_seed
 from trainer.checkpoint_errors import CheckpointError
+from trainer.checkpoint_state import find_latest
 from trainer.cli import fit
 from trainer.cli import main as cli_main
 from trainer.cli.fit_config import FILE_NAME
-from trainer.trainer_checkpoint import find_latest
 
 TESTS = Path(__file__).resolve().parent
 SEED, HIDDEN, LR, BATCH = 3, 8, 0.05, 4

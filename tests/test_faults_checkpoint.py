@@ -27,7 +27,7 @@ from models import classification_data, mlp
 
 from trainer import Accelerator, PartialState
 from trainer.checkpoint_errors import CheckpointError, CheckpointFileNotFoundError, CheckpointKeysError, CheckpointWriteError
-from trainer.trainer_checkpoint import find_latest, write_latest
+from trainer.checkpoint_state import find_latest, write_latest
 
 FIX_EARLIER = "Load an earlier checkpoint"
 FIX_UNCHECKED = "pass verify=False"

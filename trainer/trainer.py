@@ -22,6 +22,7 @@ from trainer.accelerator import Accelerator
 from trainer.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar, Timer, Tracker
 from trainer.callbacks.bus import CallbackBus
 from trainer.callbacks.trackers import TrackersArgument, default_trackers, make_trackers
+from trainer.checkpoint_state import TrainerCheckpointState
 from trainer.fit_checks import fit_session, refuse_empty
 from trainer.graceful_stop import DEFAULT_SIGNALS, StopSignals
 from trainer.metrics import LogRecord
@@ -33,7 +34,6 @@ from trainer.scheduling import SchedulePlan
 from trainer.step_outputs import call_model, loss_of, optimizers_of, unpack_loss
 from trainer.strategies import Strategy
 from trainer.trainer_arguments import as_duration, check_numbers, compile_plugin, epochs_to_train, refuse_unknown
-from trainer.trainer_checkpoint import TrainerCheckpointState
 from trainer.trainer_checkpoints import TrainerCheckpoints
 from trainer.trainer_data import build_dataloader, pad_token_id
 from trainer.trainer_evaluation import TrainerEvaluation, named_sets

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from trainer.callbacks import ModelCheckpoint
+from trainer.checkpoint_state import find_latest, saved_step, write_latest
 from trainer.graceful_stop import StopSignals, TrainingInterrupted
 from trainer.nonfinite import has_nonfinite_parameters
-from trainer.trainer_checkpoint import find_latest, saved_step, write_latest
 
 if TYPE_CHECKING:
     from trainer.accelerator import Accelerator
