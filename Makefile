@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; pip takes a local wheel where one is provided (PIP_FIND_LINKS).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test docs test-xla lint bench clean
+.PHONY: demo test docs test-xla lint bench bench-peer clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +60,21 @@ bench: $(VENV)/.installed-base
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/big_model.py
 
+# The same benchmarks with Accelerate installed beside this project, in an environment of their own
+# (Accelerate is never a dependency of the project): they then also print project / Accelerate.
+PEER_VENV := .venv-bench
+PEER_SPEC ?= accelerate==1.15.0
+
+$(PEER_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(PEER_VENV)/bin/pip install --quiet -e . "$(PEER_SPEC)"
+	touch $@
+
+bench-peer: $(PEER_VENV)/.installed
+	$(PEER_VENV)/bin/python benchmarks/checkpoint_io.py
+	$(PEER_VENV)/bin/python benchmarks/big_model.py
+
 clean:
-	rm -rf $(VENV) $(XLA_VENV) outputs .pytest_cache site
+	rm -rf $(VENV) $(XLA_VENV) $(PEER_VENV) outputs .pytest_cache site

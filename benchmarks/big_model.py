@@ -20,6 +20,7 @@ to hide, and where it can at best halve the time; ``--batch`` fixes it instead.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -42,10 +43,11 @@ WIDTH, DEPTH, PER_SHARD = 4096, 16, 2
 MEMORY_WORKER = ROOT / "tests" / "workers" / "big_model_memory.py"
 
 
-def load_in_subprocess(folder: Path, max_cpu: str, scratch: Path, mmap: bool = True) -> dict:
+def load_in_subprocess(folder: Path, max_cpu: str, scratch: Path, mmap: bool = True, peer: bool = False) -> dict:
+    flags = [*([] if mmap else ["--no-mmap"]), *(["--peer"] if peer else [])]
     result = subprocess.run([sys.executable, str(MEMORY_WORKER), str(folder), "--width", str(WIDTH), "--depth", str(DEPTH),
                              "--max-cpu", max_cpu, "--offload-folder", str(scratch / "offload"),
-                             "--output", str(scratch / f"out-{max_cpu}-{mmap}.safetensors"), *([] if mmap else ["--no-mmap"])],
+                             "--output", str(scratch / f"out-{max_cpu}-{mmap}-{peer}.safetensors"), *flags],
                             capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -113,6 +115,12 @@ def main() -> None:
               f"{full['anonymous_increase'] / size:.2f} of the model size; load time mapped / copied "
               f"{full['load_seconds'] / copied['load_seconds']:.2f}; {budget['on_disk']} of {DEPTH} layers on disk "
               "under the 300MB budget")
+        if importlib.util.find_spec("accelerate") is not None:  # make bench-peer
+            peer = load_in_subprocess(folder, "64GB", scratch, peer=True)
+            print(f"Accelerate, all on the CPU: {peer['load_seconds']:.2f} s, peak RSS+ load "
+                  f"{peer['load_peak_increase'] / 1e6:.0f} MB, own memory+ {peer['anonymous_increase'] / 1e6:.0f} MB; "
+                  f"project / Accelerate: load time {full['load_seconds'] / peer['load_seconds']:.2f}, load peak "
+                  f"{full['load_peak_increase'] / max(peer['load_peak_increase'], 1):.2f}")
 
         batch = args.batch or balanced_batch(folder, args.repeats)
         x = torch.randn(batch, WIDTH, generator=torch.Generator().manual_seed(0))

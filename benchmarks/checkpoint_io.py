@@ -7,6 +7,8 @@
    three times the weights), which syncs its files to the disk before they count, and
    ``load_state`` of it, cold and warm; each as throughput and as a ratio of the disk's.
 3. Training step time with no save and with a save every N steps.
+4. Where Accelerate is installed (``make bench-peer``), Accelerate's own save_state and
+   load_state of the same state, and the time ratios.
 
 The page cache is emptied for the cold reads with ``posix_fadvise(DONTNEED)`` on each file
 (after ``fsync``, so the pages are clean and really dropped).
@@ -17,8 +19,11 @@ The page cache is emptied for the cold reads with ``posix_fadvise(DONTNEED)`` on
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,20 +66,30 @@ def disk_read(path: Path) -> float:
     return time.perf_counter() - started
 
 
-def build(gb: float, seed: int = 0):
-    """An MLP of about ``gb / 4`` GB of fp32 weights, and AdamW with its moments filled (one step)."""
-    PartialState._reset_state()
+def mlp_state(gb: float, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """An MLP of about ``gb / 4`` GB of fp32 weights and its AdamW (the moments make the state ``gb``)."""
     width = 4096
     depth = max(1, round(gb * 1e9 / 4 / (width * width * 4)))
     torch.manual_seed(seed)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(depth)])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    accelerator = Accelerator(cpu=True)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    x = torch.randn(8, width)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def one_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One training step (it fills AdamW's moments); returns the batch used."""
+    x = torch.randn(8, model[0].in_features, generator=torch.Generator().manual_seed(0))
     F.mse_loss(model(x), x).backward()
     optimizer.step()
     optimizer.zero_grad()
+    return x
+
+
+def build(gb: float, seed: int = 0):
+    """The MLP state, prepared by this project's Accelerator, after one step."""
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(*mlp_state(gb, seed))
+    x = one_step(model, optimizer)
     return accelerator, model, optimizer, x
 
 
@@ -93,6 +108,21 @@ def step_times(accelerator, model, optimizer, x, steps: int, save_every: int | N
             accelerator.save_state(folder / "ckpt")
         times.append(time.perf_counter() - started)
     return times
+
+
+def compare_with_accelerate(args: argparse.Namespace, scratch: Path, save: list[float], load_cold: list[float],
+                            load_warm: list[float]) -> None:
+    """Accelerate's save_state and load_state of the same state, in a process of its own (Accelerate installed)."""
+    worker = Path(__file__).resolve().parent / "peer_checkpoint.py"
+    done = subprocess.run([sys.executable, str(worker), "--gb", str(args.gb), "--dir", str(scratch),
+                           "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+    peer = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"Accelerate {peer['version']} (its files {peer['bytes'] / 1e9:.2f} GB, no fsync): save "
+          f"{statistics.median(peer['save']):.2f} s, load cold {statistics.median(peer['load_cold']):.2f} s, "
+          f"warm {statistics.median(peer['load_warm']):.2f} s")
+    print(f"project / Accelerate, time: save {statistics.median(save) / statistics.median(peer['save']):.2f}, "
+          f"load cold {statistics.median(load_cold) / statistics.median(peer['load_cold']):.2f}, "
+          f"warm {statistics.median(load_warm) / statistics.median(peer['load_warm']):.2f}")
 
 
 def main() -> None:
@@ -145,6 +175,9 @@ def main() -> None:
             print(f"{label:<34}{value:>8.2f}{'' if disk is None else f'{value / disk:>14.2f}'}")
         print(f"save_state / disk write {rate(save) / rate(write):.2f} (target >= 0.8); load_state / disk read: "
               f"cold {rate(load_cold) / rate(cold):.2f}, warm {rate(load_warm) / rate(warm):.2f} (target >= 0.8)")
+
+        if importlib.util.find_spec("accelerate") is not None:
+            compare_with_accelerate(args, scratch, save, load_cold, load_warm)
 
         quiet = statistics.median(step_times(accelerator, model, optimizer, x, args.steps, None, scratch))
         saving = step_times(accelerator, model, optimizer, x, args.steps, args.save_every, scratch)

@@ -86,16 +86,25 @@ def main() -> None:
     parser.add_argument("--offload-folder", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--no-mmap", action="store_true", help="read CPU weights into memory of their own")
+    parser.add_argument("--peer", action="store_true", help="load with Accelerate's functions (benchmarks only)")
     args = parser.parse_args()
+    if args.peer:
+        import accelerate
+
+        empty, load = accelerate.init_empty_weights, accelerate.load_checkpoint_and_dispatch
+        options = {}
+    else:
+        empty, load = init_empty_weights, load_checkpoint_and_dispatch
+        options = {"mmap": not args.no_mmap}
     torch.set_num_threads(1)
-    with init_empty_weights():
+    with empty():
         model = Stack(args.width, args.depth)
     x = torch.randn(4, args.width, generator=torch.Generator().manual_seed(0))
     baseline, anonymous = psutil.Process().memory_info().rss, anonymous_memory()
     sampler = PeakSampler()
     started = time.perf_counter()
-    model = load_checkpoint_and_dispatch(model, args.checkpoint, device_map="auto", max_memory={"cpu": args.max_cpu},
-                                         offload_folder=args.offload_folder, mmap=not args.no_mmap)
+    model = load(model, args.checkpoint, device_map="auto", max_memory={"cpu": args.max_cpu},
+                 offload_folder=args.offload_folder, **options)
     loaded = time.perf_counter() - started
     load_peak = max(sampler.peak, high_water_mark())
     with torch.no_grad():
