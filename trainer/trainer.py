@@ -284,8 +284,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
 
     def call(self, event: str, *args: Any) -> None:
         """Run ``event`` on every callback that defines it, in the bus's order, with this trainer first."""
-        for handler in self.callbacks.handlers[event]:  # CallbackBus.call, one call less on every event
-            handler(self, *args)
+        self.callbacks.call(event, self, *args)
 
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, resume: str | os.PathLike | None = None) -> dict[str, float]:
@@ -407,8 +406,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                 and self.progress.validated_at != self.progress.position)
 
     def _log_training_loss(self) -> None:
-        # The losses stay tensors until here: on an accelerator, reading one waits for the device,
-        # so only the groups whose step is logged are read (the non-finite check reads them once).
+        # The group's losses, kept detached: the non-finite check read them before the step; the
+        # mean is logged only on logged steps.
         losses = self._group_losses
         if losses and self.progress.global_step % self.log_every_n_steps == 0:
             self.log("train_loss", losses[0] if len(losses) == 1 else torch.stack(losses).float().mean())

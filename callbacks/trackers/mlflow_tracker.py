@@ -61,8 +61,7 @@ class MLflowTracker(Tracker):
         self.experiment_name = experiment_name
         self.tags = dict(tags or {})
         self.health_timeout = health_timeout
-        self.synchronous = synchronous
-        self.background = not synchronous
+        self.background = not synchronous  # synchronous: every call to mlflow in the training thread
         self.flush_every = flush_every
         self._pending: list[Any] = []  # metrics not yet sent
         self._last_flush = 0.0

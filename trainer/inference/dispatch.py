@@ -322,8 +322,8 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
 def _mappable(model: nn.Module, name: str, device: Device, main: torch.device, stored: torch.dtype,
               target: torch.dtype) -> bool:
     """A weight that stays on the CPU, as stored: it can view the file's pages."""
-    return (device != "disk" and not offloaded(device, main) and torch_device(device).type == "cpu"
-            and stored == target and not _quantized(model, name))
+    return (not offloaded(device, main) and torch_device(device).type == "cpu" and stored == target
+            and not _quantized(model, name))
 
 
 def _load_quantized(model: nn.Module, name: str, tensor: torch.Tensor, device: torch.device) -> bool:
