@@ -54,7 +54,7 @@ class MicroStep:
     def __enter__(self) -> None:
         policy = self.policy
         policy.begin_micro_step()
-        if self.models and not policy.should_sync_backward:
+        if self.models and not (policy.sync_gradients or policy.sync_each_batch):  # should_sync_backward, inlined
             self.stack = stack = ExitStack()
             for model in self.models:
                 stack.enter_context(self.strategy.no_backward_sync(model))
@@ -116,13 +116,13 @@ class GradientAccumulation:
     # -- one micro-step ---------------------------------------------------------------------------
     def begin_micro_step(self) -> bool:
         """Count a micro-step; return True when its backward ends a group (a boundary)."""
+        if self.steps == 1:  # the common case, on every step: every micro-step ends its group
+            self.group_size, self.micro_step, self.sync_gradients = 1, 0, True
+            return True
         loader = self.active_dataloader
         if self.micro_step == 0:
-            if self.steps == 1:  # the common case, on every step: no need to ask the loader
-                self.group_size = 1
-            else:
-                remaining = loader.remaining if loader is not None and self.sync_with_dataloader else None
-                self.group_size = self.steps if remaining is None else max(1, min(self.steps, remaining + 1))
+            remaining = loader.remaining if loader is not None and self.sync_with_dataloader else None
+            self.group_size = self.steps if remaining is None else max(1, min(self.steps, remaining + 1))
         self.micro_step += 1
         end = self.sync_with_dataloader and loader is not None and loader.end_of_dataloader
         self.sync_gradients = self.micro_step >= self.group_size or end

@@ -46,6 +46,9 @@ class NonFiniteGuard:
     @staticmethod
     def _bad_loss(losses: list[torch.Tensor]) -> float | None:
         """The first non-finite value among ``losses`` (one-element tensors), or None."""
+        if len(losses) == 1 and losses[0].is_cpu:  # the common case, on every step
+            value = losses[0].item()
+            return None if math.isfinite(value) else value
         if losses[0].is_cpu:  # a group's losses all lie on one device
             values = [loss.item() for loss in losses]
         else:

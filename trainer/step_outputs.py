@@ -27,7 +27,9 @@ def loss_of(output: Any) -> Any:
 
 def unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
     """(loss, num_tokens) from what training_step returned; anything else is one error naming training_step."""
-    if isinstance(outputs, Mapping):
+    if type(outputs) is torch.Tensor:  # the common case, on every step
+        loss, num_tokens = outputs, None
+    elif isinstance(outputs, Mapping):
         if "loss" not in outputs:
             raise ValueError(f"training_step returned a dict without 'loss' (keys: {sorted(map(str, outputs))}): put "
                              "the loss to minimise under 'loss' (and, for token-normalised losses, 'num_tokens').")
