@@ -37,13 +37,16 @@ class ModelCheckpoint(Callback):
         save_top_k: how many to keep (the best by ``monitor``, else the most recent); -1 keeps all.
         save_last: always keep the most recent checkpoint too, so that ``fit(resume="latest")``
             continues from where training stopped rather than from the best point.
+        async_save: copy the state and let a background thread write it while training goes on.
+            The next save, the end of ``fit`` and a stop on a signal wait for it; ``latest`` moves,
+            and checkpoints that retention drops are deleted, once the new one is in place.
     """
 
     checkpoints = True
 
     def __init__(self, dirpath: str | Path | None = None, every_n_steps: int | None = None,
                  every_n_epochs: int | None = None, monitor: str | None = None, mode: str = "min",
-                 save_top_k: int = 1, save_last: bool = True) -> None:
+                 save_top_k: int = 1, save_last: bool = True, async_save: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"ModelCheckpoint(mode={mode!r}): use 'min' or 'max'.")
         if not isinstance(save_top_k, int) or save_top_k < -1:
@@ -56,7 +59,7 @@ class ModelCheckpoint(Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.every_n_steps, self.every_n_epochs = every_n_steps, every_n_epochs
         self.monitor, self.mode = monitor, mode
-        self.save_top_k, self.save_last = save_top_k, save_last
+        self.save_top_k, self.save_last, self.async_save = save_top_k, save_last, async_save
         self.saved: list[dict[str, Any]] = []  # {"name", "step", "score"}, oldest first
         self._root: Path | None = self.dirpath  # where the checkpoints are (known once the Trainer is seen)
 
@@ -125,9 +128,18 @@ class ModelCheckpoint(Callback):
                 score = previous["score"]
         finite = trainer.weights_are_finite()
         self.saved.append({"name": name, "step": trainer.global_step, "score": score, **({} if finite else {"finite": False})})
-        path = trainer.save_checkpoint(root / name, point_latest=finite)
-        self._prune(trainer, root)
-        return path
+        dropped, usable = self._retain()
+        main = trainer.is_main_process
+
+        def delete_dropped(path: Path) -> None:  # once the new checkpoint is in place
+            if main:
+                for dropped_name in dropped:
+                    shutil.rmtree(root / dropped_name, ignore_errors=True)
+                if dropped and usable is not None:
+                    trainer.point_latest_to(root / usable)
+
+        return trainer.save_checkpoint(root / name, point_latest=finite, blocking=not self.async_save,
+                                       after_commit=delete_dropped)
 
     def _rank(self, record: dict[str, Any]) -> float:
         score = record["score"]
@@ -135,9 +147,10 @@ class ModelCheckpoint(Callback):
             return math.inf
         return score if self.mode == "min" else -score
 
-    def _prune(self, trainer: TrainerView, root: Path) -> None:
+    def _retain(self) -> tuple[list[str], str | None]:
+        """Drop from ``saved`` what retention excludes: (the names dropped, the newest usable one kept)."""
         if self.save_top_k == -1:
-            return
+            return [], None
         if self.monitor is not None:
             kept = sorted(self.saved, key=self._rank)[: self.save_top_k]
         else:
@@ -148,15 +161,10 @@ class ModelCheckpoint(Callback):
         finite = [r for r in self.saved if r.get("finite", True)]
         if finite:  # the newest checkpoint with finite weights is never deleted: it is where to resume from
             keep.add(finite[-1]["name"])
-        dropped = [r for r in self.saved if r["name"] not in keep]
+        dropped = [r["name"] for r in self.saved if r["name"] not in keep]
         self.saved = [r for r in self.saved if r["name"] in keep]
-        if trainer.is_main_process:
-            for record in dropped:
-                shutil.rmtree(root / record["name"], ignore_errors=True)
-            usable = [r for r in self.saved if r.get("finite", True)]
-            if dropped and usable:
-                trainer.point_latest_to(root / usable[-1]["name"])
-        trainer.accelerator.wait_for_everyone()
+        usable = [r["name"] for r in self.saved if r.get("finite", True)]
+        return dropped, usable[-1] if usable else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"saved": [dict(r) for r in self.saved]}

@@ -7,7 +7,7 @@ type checker holds ``trainer.Trainer`` to.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -184,8 +184,12 @@ class TrainerView(Protocol):
         """The run's configuration, as trackers store it."""
         ...
 
-    def save_checkpoint(self, path: str | Path, point_latest: bool | None = None) -> Path:
-        """Write the whole training state to ``path``; ``latest`` names it if its weights are finite."""
+    def save_checkpoint(self, path: str | Path, point_latest: bool | None = None, blocking: bool = True,
+                        after_commit: Callable[[Path], None] | None = None) -> Path:
+        """Write the whole training state to ``path``; ``latest`` names it if its weights are finite.
+
+        ``blocking=False`` returns once the state is copied; ``after_commit(path)`` runs once it is in place.
+        """
         ...
 
     def weights_are_finite(self) -> bool:

@@ -84,7 +84,11 @@ def read_json(path: Path) -> Any:
 
 def save_state_files(state: Any, directory: Path, name: str) -> None:
     """Write ``name.json`` (and ``name.safetensors`` when there are tensors) into ``directory``."""
-    skeleton, tensors = split_state(state)
+    write_split_state(*split_state(state), directory, name)
+
+
+def write_split_state(skeleton: Any, tensors: dict[str, torch.Tensor], directory: Path, name: str) -> None:
+    """Write what ``split_state`` returned as ``save_state_files`` does."""
     if tensors:
         save_file(tensors, str(directory / f"{name}.safetensors"))
     write_json(directory / f"{name}.json", skeleton)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -288,7 +289,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_named(tmp_path):
 # (event, module name ends with, function, n-th such event): the save sends itself SIGKILL there.
 KILL_POINTS = {
     "scratch-created": (True, ("return", "checkpoint_io", "new_scratch_directory", 1), "old"),
-    "mid-files": (True, ("call", "state_format", "save_state_files", 2), "old"),
+    "mid-files": (True, ("call", "state_format", "write_split_state", 2), "old"),
     "files-written": (True, ("call", "checkpoint_manifest", "write_manifest", 1), "old"),
     "scratch-complete": (True, ("call", "checkpoint_io", "commit_directory", 1), "old"),
     "after-swap": (True, ("return", "checkpoint_io", "_exchange", 1), "new"),
@@ -316,11 +317,12 @@ def _kill_at(event: str, module: str, function: str, nth: int):
     return profile
 
 
-def save_and_get_killed(path: Path, point: tuple, exchange: bool) -> dict[str, torch.Tensor]:
+def save_and_get_killed(path: Path, point: tuple, exchange: bool, blocking: bool = True) -> dict[str, torch.Tensor]:
     """Fork a process that saves a further-trained state over ``path`` and SIGKILLs itself at ``point``.
 
     Returns the weights that save would have written. The training happens here, before the fork,
-    so the child only saves (with one thread: a thread pool does not survive a fork).
+    so the child only saves (with one thread: a thread pool does not survive a fork). With
+    ``blocking=False`` the kill comes from the background writer's thread, started in the child.
     """
     parts = prepared(seed=1)
     train_steps(*parts, steps=3)
@@ -336,7 +338,9 @@ def save_and_get_killed(path: Path, point: tuple, exchange: bool) -> dict[str, t
             if not exchange:  # as on a file system that cannot swap two folders in one step
                 checkpoint_io._exchange = lambda first, second: False
             sys.setprofile(_kill_at(*point))
-            accelerator.save_state(path)
+            threading.setprofile(sys.getprofile())
+            accelerator.save_state(path, blocking=blocking)
+            accelerator.wait_for_checkpoint()
             code = 0  # the kill point was never reached
         except BaseException:
             traceback.print_exc()
@@ -359,12 +363,16 @@ def leftovers_of(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_save_killed_at_any_point_leaves_a_loadable_checkpoint(ckpt, point):
+ASYNC_KILL_POINTS = ("mid-files", "files-written", "scratch-complete", "after-swap")  # those on the writer's thread
+
+
+@pytest.mark.parametrize(("point", "blocking"), [(point, True) for point in KILL_POINTS]
+                         + [(point, False) for point in ASYNC_KILL_POINTS])
+def test_a_save_killed_at_any_point_leaves_a_loadable_checkpoint(ckpt, point, blocking):
     path, old = ckpt
     write_latest(path.parent, path)
     exchange, kill, expect = KILL_POINTS[point]
-    new = save_and_get_killed(path, kill, exchange)
+    new = save_and_get_killed(path, kill, exchange, blocking)
     if expect == "old-copy":
         assert not path.exists() and any(".old-" in name for name in leftovers_of(path))
         with pytest.warns(UserWarning, match=rf"{path} does not exist: a save_state\(\) replacing it was interrupted .*"
@@ -387,7 +395,7 @@ def test_a_save_killed_at_any_point_leaves_a_loadable_checkpoint(ckpt, point):
 
 def test_a_first_save_killed_midway_is_named_when_loaded(tmp_path):
     path = tmp_path / "ckpt"
-    save_and_get_killed(path, ("call", "state_format", "save_state_files", 2), True)
+    save_and_get_killed(path, ("call", "state_format", "write_split_state", 2), True)
     fails_to_load(path, FileNotFoundError, rf"{path} is not a checkpoint .*\(the folder does not exist\).*An unfinished "
                                            r"save left .*\.ckpt\.tmp-\d+-\w+ \(never put in place; the next save removes it\)")
 

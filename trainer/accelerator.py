@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from trainer.accelerator_state import AcceleratorState, GradientState
 from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
+from trainer.checkpoint_async import CheckpointWriter, StagingBuffers
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
 from trainer.devices import empty_cache
 from trainer.gradient_sync import GradientSync
@@ -158,6 +159,8 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self._schedulers: list[AcceleratedScheduler] = []
         self._dataloaders: list[PreparedDataLoader] = []
         self._custom_objects: list[Any] = []
+        self.checkpoint_writer = CheckpointWriter(self.state.num_processes)
+        self._staging: StagingBuffers | None = None
 
     # -- facts ------------------------------------------------------------------------------------
     @property
@@ -425,24 +428,50 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             self._custom_objects.append(obj)
 
     def save_state(self, output_dir: str | os.PathLike | None = None,
-                   before_commit: Callable[[Path], None] | None = None) -> Path:
+                   before_commit: Callable[[Path], None] | None = None, blocking: bool = True,
+                   after_commit: Callable[[Path], None] | None = None) -> Path:
         """Write models, optimizers, schedulers, data loader positions, scaler and RNG states.
 
         Tensors go to safetensors, the rest to JSON. The directory is replaced atomically.
         With no ``output_dir``, writes ``project_dir/checkpoints/checkpoint_<n>``.
-        ``before_commit(scratch_dir)`` may add files before the directory is put in place.
+        ``before_commit(scratch_dir)`` may add files before the directory is put in place;
+        ``after_commit(path)`` runs on every process once it is in place.
+
+        ``blocking=False`` returns once the state is copied: a background thread writes it while
+        training goes on. The next save, ``load_state``, ``wait_for_checkpoint`` and
+        ``end_training`` wait for it and raise its error; until it is in place the previous
+        checkpoint stays where it was.
         """
         project = self.project_configuration
         target = checkpointing.save_target(project, output_dir, self.save_iteration)
-        checkpointing.save_accelerator_state(self, target, before_commit)
+        prune = project.automatic_checkpoint_naming and project.total_limit is not None and self.is_main_process
+
+        def committed(path: Path) -> None:
+            if prune:  # after the new one is safely in place
+                checkpointing.prune_checkpoints(path.parent, cast(int, project.total_limit))
+            if after_commit is not None:
+                after_commit(path)
+
+        checkpointing.save_accelerator_state(self, target, before_commit, committed, blocking=blocking)
         self.save_iteration += 1
-        if project.automatic_checkpoint_naming and project.total_limit is not None and self.is_main_process:
-            checkpointing.prune_checkpoints(target.parent, project.total_limit)  # after the new one is safely in place
-        self.wait_for_everyone()
+        if blocking:
+            self.wait_for_everyone()
         return target
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the asynchronous save in progress (``save_state(blocking=False)``) is in place; raise its error."""
+        self.checkpoint_writer.wait()
+
+    @property
+    def staging_buffers(self) -> StagingBuffers:
+        """Where asynchronous saves copy the state (kept for the next save; pinned with an accelerator)."""
+        if self._staging is None:
+            self._staging = StagingBuffers(pin=self.device.type == "cuda")
+        return self._staging
 
     def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True, verify: bool = True) -> Path:
         """Restore what ``save_state`` wrote (checked against its manifest unless ``verify=False``), RNG states last."""
+        self.wait_for_checkpoint()
         source = Path(input_dir) if input_dir is not None else checkpointing.numbered_checkpoint(
             self.project_dir, None, "load_state")
         return checkpointing.load_accelerator_state(self, source, strict=strict, verify=verify)
@@ -471,13 +500,17 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         """Finish the trackers, wait for every process, and close the process group.
 
         Closing the group explicitly, rather than leaving it to interpreter shutdown, lets its
-        threads stop in order before the process exits.
+        threads stop in order before the process exits. An asynchronous save still being written
+        is finished first.
         """
-        for tracker in self.trackers:
-            tracker.finish()
-        self.wait_for_everyone()
-        self.strategy.teardown()  # engines and their hooks go while the group they use still exists
-        self.state.destroy_process_group()
+        try:
+            self.checkpoint_writer.close()
+        finally:
+            for tracker in self.trackers:
+                tracker.finish()
+            self.wait_for_everyone()
+            self.strategy.teardown()  # engines and their hooks go while the group they use still exists
+            self.state.destroy_process_group()
 
     # -- memory ----------------------------------------------------------------------------------------------------
     def free_memory(self, *objects: Any) -> list[None]:

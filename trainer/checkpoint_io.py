@@ -37,6 +37,7 @@ from trainer.strategies.state_format import (  # noqa: F401  (the state format, 
     save_state_files,
     split_state,
     write_json,
+    write_split_state,
 )
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2

@@ -20,14 +20,16 @@ same error when one of them fails. A load checks everything (``checkpoint_manife
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save_model
 
 from trainer.checkpoint_checks import (
     check_gradients_file,
@@ -58,9 +60,10 @@ from trainer.checkpoint_io import (
     leftovers,
     new_scratch_directory,
     remove_leftovers,
-    save_state_files,
+    split_state,
     write_error,
     write_json,
+    write_split_state,
 )
 from trainer.checkpoint_manifest import verification_enabled, verify_checkpoint, write_manifest
 from trainer.checkpoint_numbering import (  # noqa: F401  (their home before; the Accelerator calls them from here)
@@ -73,6 +76,7 @@ from trainer.random_state import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
     from trainer.accelerator import Accelerator
+    from trainer.checkpoint_async import StagingBuffers
 
 FORMAT_VERSION = 1
 SAFE_SUFFIXES = (".json", ".safetensors")
@@ -137,14 +141,75 @@ def estimated_bytes(accelerator: Accelerator) -> int:
     return total
 
 
-def _write_state(accelerator: Accelerator, scratch: Path, before_commit: Callable[[Path], None] | None) -> None:
-    """Every process writes its part of the state into ``scratch``; the main process writes the shared files."""
+@dataclass
+class StagedState:
+    """What one process writes into a checkpoint's scratch folder, taken from the live objects.
+
+    ``files`` are ``(name, skeleton, tensors)`` as ``split_state`` gives them; ``models`` are the
+    full weights to write with ``safetensors.save_model`` (tied weights once).
+    """
+
+    models: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    tensors: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    files: list[tuple[str, Any, dict[str, torch.Tensor]]] = field(default_factory=list)
+    info: dict[str, Any] | None = None
+
+    def write(self, scratch: Path) -> None:
+        """Write every file into ``scratch``."""
+        for name, state in self.models:
+            save_model(cast("torch.nn.Module", _StateHolder(state)), str(scratch / name))
+        for name, tensors in self.tensors:
+            save_file(tensors, str(scratch / name))
+        for name, skeleton, tensors in self.files:
+            write_split_state(skeleton, tensors, scratch, name)
+        if self.info is not None:
+            write_json(scratch / "accelerator.json", self.info)
+
+
+class _StateHolder:
+    """Stands in for a module whose ``state_dict`` was taken already (``save_model`` asks only for that)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self._state)
+
+
+def _writes_whole_weights(strategy: Any) -> bool:
+    """Whether the strategy saves a model as process 0's full ``state_dict`` (its ``save_module`` is the base one)."""
+    from trainer.strategies.base import Strategy
+
+    return type(strategy).save_module is Strategy.save_module
+
+
+def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffers | None) -> StagedState:
+    """Take this process's part of the state from the live objects: copied into ``buffers`` when given.
+
+    Without ``buffers`` the staged tensors are the live ones (a synchronous save writes them at once).
+    A strategy with a format of its own (sharded files), or whose weights need gathering, writes
+    those files here, on the calling thread; the rest waits in the returned state.
+    """
     strategy = accelerator.strategy
+    staged = StagedState()
+
+    def copy(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors if buffers is None else buffers.copy(prefix, tensors)
+
+    def add_file(name: str, state: Any) -> None:
+        skeleton, tensors = split_state(state)
+        staged.files.append((name, skeleton, copy(f"{name}/", tensors)))
+
     optimizers = [opt.optimizer for opt in accelerator._optimizers]
     own_format = strategy.save_training_state(accelerator._models, optimizers, scratch)
     for index, model in enumerate(accelerator._models):
-        if not own_format:
-            strategy.save_module(model, scratch / f"{_name('model', index)}.safetensors")
+        name = f"{_name('model', index)}.safetensors"
+        if own_format:
+            pass
+        elif not _writes_whole_weights(strategy):
+            strategy.save_module(model, scratch / name)
+        elif accelerator.is_main_process:
+            staged.models.append((name, copy(f"{name}/", accelerator.unwrap_model(model).state_dict())))
         if accelerator.accumulation.micro_step:
             # Inside an accumulation group the gradients are part of the state: without them
             # the resumed group would miss the micro-batches already done. Each process has its
@@ -152,22 +217,23 @@ def _write_state(accelerator: Accelerator, scratch: Path, before_commit: Callabl
             grads = {name: _local(p.grad).detach().contiguous().cpu()
                      for name, p in accelerator.unwrap_model(model).named_parameters() if p.grad is not None}
             if grads:
-                save_file(grads, str(scratch / _gradients_file(index, accelerator.process_index)))
+                grads_file = _gradients_file(index, accelerator.process_index)
+                staged.tensors.append((grads_file, copy(f"{grads_file}/", grads)))
     meta, tensors = capture_rng_state()
-    save_state_files({"meta": meta, "tensors": tensors}, scratch, f"random_states_{accelerator.process_index}")
+    add_file(f"random_states_{accelerator.process_index}", {"meta": meta, "tensors": tensors})
     # Optimizer state may be sharded, so every process asks the strategy for it.
     optimizer_states = [] if own_format else [strategy.optimizer_state_dict(opt) for opt in optimizers]
     if accelerator.is_main_process:
         for index, state in enumerate(optimizer_states):
-            save_state_files(state, scratch, _name("optimizer", index))
+            add_file(_name("optimizer", index), state)
         for index, scheduler in enumerate(accelerator._schedulers):
-            save_state_files(scheduler.state_dict(), scratch, _name("scheduler", index))
+            add_file(_name("scheduler", index), scheduler.state_dict())
         for index, loader in enumerate(accelerator._dataloaders):
-            save_state_files(loader.state_dict(), scratch, _name("dataloader", index))
+            add_file(_name("dataloader", index), loader.state_dict())
         for index, obj in enumerate(accelerator._custom_objects):
-            save_state_files(obj.state_dict(), scratch, _name("custom", index))
-        save_state_files(accelerator.precision.state_dict(), scratch, "precision")
-        write_json(scratch / "accelerator.json", {
+            add_file(_name("custom", index), obj.state_dict())
+        add_file("precision", accelerator.precision.state_dict())
+        staged.info = {
             "format_version": FORMAT_VERSION,
             "counts": _counts(accelerator),
             "mixed_precision": accelerator.mixed_precision,
@@ -175,25 +241,73 @@ def _write_state(accelerator: Accelerator, scratch: Path, before_commit: Callabl
             "strategy": accelerator.strategy.name,
             "accumulation": accelerator.accumulation.state_dict(),
             "save_iteration": accelerator.save_iteration,
-        })
-    if before_commit is not None:
-        before_commit(scratch)
+        }
+    return staged
 
 
 def _as_write_error(error: Exception, target: Path, needed: int, free: int | None) -> Exception:
     return write_error(error, target, needed, free) if out_of_space(error) or not_writable(error) else error
 
 
+@dataclass
+class _Commit:
+    """How a save's files are agreed on and put in place (on the calling thread, or the writer's)."""
+
+    scratch: Path
+    target: Path
+    main: bool
+    needed: int
+    free: int
+    gather: Callable[[Any], list[Any]]
+    broadcast: Callable[[Any], Any]
+    after_commit: Callable[[Path], None] | None
+
+    def run(self, write: Callable[[], None]) -> None:
+        """``write()`` on every process; once all succeeded, the manifest and the swap (main process)."""
+        scratch, target, main = self.scratch, self.target, self.main
+        error: Exception | None = None
+        try:
+            try:
+                write()
+            except Exception as caught:
+                error = _as_write_error(caught, target, self.needed, self.free)
+            agree_on_error(error, self.gather)  # in place of a barrier: all files are written
+            if main:
+                try:
+                    write_manifest(scratch)
+                    commit_directory(scratch, target)
+                except Exception as caught:
+                    error = _as_write_error(caught, target, self.needed, self.free)
+        except BaseException:
+            if main:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        if main and error is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        elif main:
+            remove_leftovers(target, "old")  # the new checkpoint is in place: copies crashed saves left are no longer needed
+        raise_agreed(error, [self.broadcast(error_report(error) if main else None)])
+        if self.after_commit is not None:
+            self.after_commit(target)
+
+
 def save_accelerator_state(accelerator: Accelerator, target: Path,
-                           before_commit: Callable[[Path], None] | None = None) -> None:
+                           before_commit: Callable[[Path], None] | None = None,
+                           after_commit: Callable[[Path], None] | None = None, blocking: bool = True) -> None:
     """Write every piece into a scratch directory, then (main process) add the manifest and swap it in.
 
-    ``before_commit`` runs with the scratch directory once everything is written and before it
-    replaces ``target`` (a place for callbacks to add files of their own). Whatever fails (a full
+    ``before_commit`` runs with the scratch directory, on the calling thread, before the
+    checkpoint is put in place (a place for callbacks to add files of their own);
+    ``after_commit(target)`` runs on every process once it is in place. Whatever fails (a full
     disk, a read-only folder, a state that cannot be stored) fails on every process, the scratch
     directory is removed and ``target`` keeps its previous checkpoint.
+
+    With ``blocking=False`` the state is copied into reused buffers here and written by the
+    accelerator's background writer; this returns once the copy is taken.
     """
     strategy, main, target = accelerator.strategy, accelerator.is_main_process, Path(target)
+    writer = accelerator.checkpoint_writer
+    writer.wait()  # the previous asynchronous save is complete (or raises) before this one starts
     needed = estimated_bytes(accelerator)
     scratch: Path | None = None
     error: Exception | None = None
@@ -210,27 +324,32 @@ def save_accelerator_state(accelerator: Accelerator, target: Path,
     shared = strategy.broadcast_object((str(scratch), error_report(error), free) if main else None)
     raise_agreed(error, [shared[1]])
     scratch, free = Path(shared[0]), shared[2]
+    if blocking:
+        def write() -> None:
+            _stage_state(accelerator, scratch, None).write(scratch)
+            if before_commit is not None:
+                before_commit(scratch)
+
+        _Commit(scratch, target, main, needed, free, strategy.all_gather_object, strategy.broadcast_object,
+                after_commit).run(write)
+        return
+    writer.prepare()
+    staged: StagedState | None = None
     try:
-        try:
-            _write_state(accelerator, scratch, before_commit)
-        except Exception as caught:
-            error = _as_write_error(caught, target, needed, free)
-        agree_on_error(error, strategy.all_gather_object)  # in place of a barrier: all files are written
-        if main:
-            try:
-                write_manifest(scratch)
-                commit_directory(scratch, target)
-            except Exception as caught:
-                error = _as_write_error(caught, target, needed, free)
+        staged = _stage_state(accelerator, scratch, accelerator.staging_buffers)
+        if before_commit is not None:
+            before_commit(scratch)
+    except Exception as caught:
+        error = _as_write_error(caught, target, needed, free)
+    try:
+        agree_on_error(error, strategy.all_gather_object)
     except BaseException:
         if main:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if main and error is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    elif main:
-        remove_leftovers(target, "old")  # the new checkpoint is in place: copies crashed saves left are no longer needed
-    raise_agreed(error, [strategy.broadcast_object(error_report(error) if main else None)])
+    commit = _Commit(scratch, target, main, needed, free, writer.all_gather_object, writer.broadcast_object,
+                     after_commit)
+    writer.submit(functools.partial(commit.run, functools.partial(cast(StagedState, staged).write, scratch)))
 
 
 # -- load -----------------------------------------------------------------------------------------------------------

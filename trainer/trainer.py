@@ -34,7 +34,7 @@ from trainer.scheduling import SchedulePlan
 from trainer.step_outputs import call_model, loss_of, optimizers_of, unpack_loss
 from trainer.strategies import Strategy
 from trainer.trainer_arguments import as_duration, check_numbers, compile_plugin, epochs_to_train, refuse_unknown
-from trainer.trainer_checkpoints import TrainerCheckpoints
+from trainer.trainer_checkpoints import TrainerCheckpoints, finish_pending_save
 from trainer.trainer_data import build_dataloader, pad_token_id
 from trainer.trainer_evaluation import TrainerEvaluation, named_sets
 from trainer.trainer_logging import TrainerLogging
@@ -301,10 +301,12 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                 self.call("on_fit_start")
                 while not self._finished():
                     self._train_epoch()
+                self.accelerator.wait_for_checkpoint()  # an asynchronous save is in place (or raises) before the end
                 if self.load_best_at_end:
                     self.load_weights("best")
                 self.call("on_fit_end")
             except BaseException as exception:
+                finish_pending_save(self.accelerator, exception)
                 self.call("on_exception", exception)
                 raise
             finally:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,6 +24,15 @@ if TYPE_CHECKING:
     from trainer.progress import TrainerProgress
 
 
+def finish_pending_save(accelerator: Accelerator, cause: BaseException) -> None:
+    """While ``fit`` fails with ``cause``: let an asynchronous save in progress land; its own failure only warns."""
+    try:
+        accelerator.wait_for_checkpoint()
+    except Exception as error:
+        warnings.warn(f"The asynchronous checkpoint save in progress failed too ({error}) while the run stopped on "
+                      f"{type(cause).__name__}.", RuntimeWarning, stacklevel=3)
+
+
 class TrainerCheckpoints:
     """Mixed into ``Trainer``: everything about writing and finding its checkpoints."""
 
@@ -35,22 +46,33 @@ class TrainerCheckpoints:
     def call(self, event: str, *args: Any) -> None:
         raise NotImplementedError
 
-    def save_checkpoint(self, path: str | os.PathLike, point_latest: bool | None = None) -> Path:
+    def save_checkpoint(self, path: str | os.PathLike, point_latest: bool | None = None, blocking: bool = True,
+                        after_commit: Callable[[Path], None] | None = None) -> Path:
         """Write the whole training state to ``path`` (atomically) and point ``latest`` at it.
 
         ``latest`` is left alone when the weights are not finite (or ``point_latest=False``), so
         that ``fit(resume="latest")`` resumes from the newest checkpoint that can train on.
+        ``blocking=False`` returns once the state is copied; ``latest`` moves (and
+        ``after_commit(path)`` runs, on every process) once a background thread has put it in place.
         """
         path = Path(path)
         if point_latest is None:
             point_latest = self.weights_are_finite()
-        saved = self.accelerator.save_state(path, before_commit=lambda scratch: self.call("on_save_checkpoint", scratch))
-        if self.accelerator.is_main_process and point_latest:
-            self.point_latest_to(saved)
-        elif not point_latest:
+        main = self.accelerator.is_main_process
+
+        def committed(saved: Path) -> None:
+            if main and point_latest:
+                self.point_latest_to(saved)
+            if after_commit is not None:
+                after_commit(saved)
+
+        saved = self.accelerator.save_state(path, before_commit=lambda scratch: self.call("on_save_checkpoint", scratch),
+                                            blocking=blocking, after_commit=committed)
+        if not point_latest:
             self.accelerator.print(f"The weights saved in {saved} are not all finite: 'latest' still names the "
                                    "previous checkpoint.")
-        self.accelerator.wait_for_everyone()
+        if blocking:
+            self.accelerator.wait_for_everyone()
         return saved
 
     def weights_are_finite(self) -> bool:
