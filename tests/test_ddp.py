@@ -39,6 +39,11 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
         counts = json.loads((tmp_path / f"allreduce_k{k}.json").read_text())
         assert counts == {"calls": STEPS, "steps": STEPS}  # one gradient all-reduce per optimizer step
 
+    # An asynchronous save written while DDP went on training holds what a synchronous one of its moment holds.
+    written = {folder: {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()} for folder in ("ckpt_sync", "ckpt_async")}
+    assert {"gradients_0.safetensors", "gradients_1.safetensors", "random_states_1.json"} <= written["ckpt_sync"].keys()
+    assert written["ckpt_async"] == written["ckpt_sync"]
+
     # gather_for_metrics over 101 samples: exactly 101 predictions, in the single-process order.
     gathered = load_file(str(tmp_path / "predictions.safetensors"))
     assert gathered["indices"].tolist() == list(range(101))

@@ -38,11 +38,11 @@ def uninterrupted(tmp_path_factory):
     return trainer.global_step, weights
 
 
-def run_worker(mode, out, stop_at=None, signum=None, processes=1, signalled_rank=0):
+def run_worker(mode, out, stop_at=None, signum=None, processes=1, signalled_rank=0, options=()):
     """Run the worker (under torchrun when ``processes`` > 1); send ``signum`` to one rank at ``stop_at``."""
     launcher = [] if processes == 1 else ["-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                                           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    process = subprocess.Popen([sys.executable, *launcher, str(WORKER), mode, str(out)], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, *launcher, str(WORKER), mode, str(out), *options], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=_worker_env(), cwd=REPO_ROOT,
                                start_new_session=True)
     try:
@@ -79,12 +79,14 @@ def test_signal_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted,
 
 
 def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
-    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-    code, lines, err = run_worker("resume", whole, processes=2)  # no checkpoint yet: an uninterrupted run
+    # With an asynchronous checkpoint at every step: the stop waits for the one being written.
+    whole, interrupted, options = tmp_path / "whole", tmp_path / "interrupted", ["--async-saves"]
+    code, lines, err = run_worker("resume", whole, processes=2, options=options)  # no checkpoint yet: uninterrupted
     assert code == 0, err
     total_steps = max(int(line.split()[1]) for line in lines if line.startswith("step "))
 
-    code, lines, err = run_worker("run", interrupted, stop_at=2, signum=signal.SIGTERM, processes=2, signalled_rank=1)
+    code, lines, err = run_worker("run", interrupted, stop_at=2, signum=signal.SIGTERM, processes=2, signalled_rank=1,
+                                  options=options)
     assert code != 0 and "done" not in lines, err
     stops = [line for line in (err + "\n".join(lines)).splitlines() if "Stopping on SIGTERM at step" in line]
     assert len(stops) == 1, err  # printed once, by process 0, which received no signal itself
@@ -94,7 +96,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
     assert (interrupted / "checkpoints" / "latest").read_text().strip().startswith("epoch=") and \
         f"step={step}" in (interrupted / "checkpoints" / "latest").read_text()
 
-    code, lines, err = run_worker("resume", interrupted, processes=2)
+    code, lines, err = run_worker("resume", interrupted, processes=2, options=options)
     assert code == 0, err
     final, expected = load_file(str(interrupted / "final.safetensors")), load_file(str(whole / "final.safetensors"))
     assert final.keys() == expected.keys()

@@ -88,8 +88,41 @@ def predict(out: Path) -> None:
         save_file({"predictions": torch.cat(predictions), "indices": torch.cat(indices)}, str(out / "predictions.safetensors"))
 
 
+def async_save(out: Path) -> None:
+    """A synchronous and an asynchronous save of the same moment (inside an accumulation group, so each
+    process also writes its gradients); DDP keeps training, its all-reduces running beside the writer's
+    agreement on its own group. The test compares the two folders byte for byte."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Event
+
+    set_seed(0)
+    accelerator = Accelerator(gradient_accumulation_steps=4)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(dataset(), batch_size=8, shuffle=True))
+    train_steps(accelerator, model, optimizer, loader, steps=3)
+    batches = iter(loader)
+    for _ in range(2):  # two micro-batches into the next group
+        x, y = next(batches)
+        with accelerator.accumulate(model):
+            accelerator.backward(F.cross_entropy(model(x), y))
+    iteration = accelerator.save_iteration
+    accelerator.save_state(out / "ckpt_sync")
+    accelerator.save_iteration = iteration
+    gate = Event()  # the writer starts only once training has gone on
+    writer = accelerator.checkpoint_writer
+    writer._executor = ThreadPoolExecutor(max_workers=1)
+    writer._executor.submit(gate.wait)
+    accelerator.save_state(out / "ckpt_async", blocking=False)
+    train_steps(accelerator, model, optimizer, loader, steps=2)
+    gate.set()
+    train_steps(accelerator, model, optimizer, loader, steps=2)
+    accelerator.wait_for_checkpoint()
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    async_save(out)
     uneven(out)
     predict(out)
     for k in (1, 4):
