@@ -366,8 +366,8 @@ def leftovers_of(path: Path) -> list[str]:
 ASYNC_KILL_POINTS = ("mid-files", "files-written", "scratch-complete", "after-swap")  # those on the writer's thread
 
 
-@pytest.mark.parametrize(("point", "blocking"), [(point, True) for point in KILL_POINTS]
-                         + [(point, False) for point in ASYNC_KILL_POINTS])
+@pytest.mark.parametrize(("point", "blocking"), [pytest.param(point, True, id=point) for point in KILL_POINTS]
+                         + [pytest.param(point, False, id=f"{point}-async") for point in ASYNC_KILL_POINTS])
 def test_a_save_killed_at_any_point_leaves_a_loadable_checkpoint(ckpt, point, blocking):
     path, old = ckpt
     write_latest(path.parent, path)
