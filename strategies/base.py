@@ -16,6 +16,7 @@ import functools
 import inspect
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -317,6 +318,17 @@ class Strategy:
         default writes nothing and returns False.
         """
         return False
+
+    def save_training_state_async(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                                  directory: Path, process_group: Any) -> Future[Any] | None:
+        """For an asynchronous save: start writing what ``save_training_state`` writes, in the background.
+
+        Called on every process, on the training thread, with the scratch directory and a process
+        group (gloo) kept for checkpoint writes. Copy what the write needs before returning, and
+        return a future that completes once the files are written; return None (the default) to
+        have ``save_training_state`` called instead, synchronously.
+        """
+        return None
 
     def load_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:

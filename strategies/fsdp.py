@@ -16,6 +16,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -346,6 +347,14 @@ class FSDP(Strategy):
             return False
         fsdp_checkpoint.save_sharded_state(modules, optimizers, Path(directory), self.process_index, self.num_processes)
         return True
+
+    def save_training_state_async(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
+                                  directory: Path, process_group: Any) -> Future[Any] | None:
+        """With SHARDED_STATE_DICT: DCP's ``async_save`` copies the shards now and writes them in the background."""
+        if self.state_dict_type != "SHARDED_STATE_DICT":
+            return None
+        return fsdp_checkpoint.save_sharded_state(modules, optimizers, Path(directory), self.process_index,
+                                                  self.num_processes, background=True, process_group=process_group)
 
     def load_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:

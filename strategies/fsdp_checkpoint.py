@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,14 @@ def _quiet_without_process_group() -> Iterator[None]:
 
 # -- save and load ----------------------------------------------------------------------------------
 def save_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Optimizer], directory: Path,
-                       process_index: int, num_processes: int) -> Path:
+                       process_index: int, num_processes: int, background: bool = False,
+                       process_group: Any = None) -> Future[Any] | None:
     """Write every model's and optimizer's state (each process its own shards) under ``directory/sharded_state``.
 
-    Called on every process; the JSON is written by process 0 only.
+    Called on every process; the JSON is written by process 0 only. With ``background``, DCP's
+    ``async_save`` copies the shards to CPU memory here and writes them from a thread of its own,
+    agreeing with the other processes over ``process_group``: the returned future completes once
+    they are written.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -117,11 +122,16 @@ def save_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
         skeleton, part = split_state(state, _name("optimizer", index), materialize=False)
         tensors.update(part)
         info["optimizers"].append({"prefix": _name("optimizer", index), "state": skeleton})
-    with _quiet_without_process_group():
-        dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
     if process_index == 0:
         (folder / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    return folder
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    if background:
+        alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        started = dcp.async_save(tensors, storage_writer=writer, process_group=process_group, no_dist=alone)
+        return started if isinstance(started, Future) else started.upload_completion
+    with _quiet_without_process_group():
+        dcp.save(tensors, storage_writer=writer)
+    return None
 
 
 def _optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -118,6 +118,17 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(runs):
     assert len([n for n in files if n.startswith("sharded_state/shard-")]) == 2
     straight = load_file(str(runs / "straight.safetensors"))
     assert max_diff(load_file(str(runs / "resumed2.safetensors")), straight) == 0.0
+    # The same moment saved asynchronously (DCP's async_save) while training went on: the same files, the same
+    # bytes but in the shards, whose headers DCP writes in another key order (same entries, same tensor bytes).
+    written = {folder: {p.relative_to(runs / folder).as_posix(): p.read_bytes() for p in (runs / folder).rglob("*")
+                        if p.is_file()} for folder in ("ckpt", "ckpt_async")}
+    assert written["ckpt_async"].keys() == written["ckpt"].keys()
+    for name, data in written["ckpt"].items():
+        if name.startswith("sharded_state/shard-"):
+            ours, theirs = load_file(str(runs / "ckpt_async" / name)), load_file(str(runs / "ckpt" / name))
+            assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        elif name != "manifest.json":  # its checksums are those of the shards
+            assert written["ckpt_async"][name] == data, name
 
     accelerator, model, optimizer = resumable(FSDP(state_dict_type="SHARDED_STATE_DICT"))  # one process, no group
     accelerator.load_state(checkpoint)
@@ -125,6 +136,11 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one_process(runs):
     diff = max_diff(full_weights(accelerator, model), straight)
     print(f"saved on 2 processes, resumed on 1: max abs diff {diff:.2e}")
     assert diff <= 1e-6
+    PartialState._reset_state()
+    from_async, async_model, async_optimizer = resumable(FSDP(state_dict_type="SHARDED_STATE_DICT"))
+    from_async.load_state(runs / "ckpt_async")
+    explicit_steps(from_async, async_model, async_optimizer, STEPS // 2, STEPS)
+    assert max_diff(full_weights(from_async, async_model), full_weights(accelerator, model)) == 0.0
     # One process writes the same format (one shard file), and reads it back.
     accelerator.save_state(runs / "ckpt_one")
     assert sorted(p.name for p in (runs / "ckpt_one" / "sharded_state").iterdir()) == [

@@ -76,6 +76,11 @@ class CheckpointWriter:
         """Whether a write was handed over and not yet waited for."""
         return self._pending is not None
 
+    @property
+    def group(self) -> Any:
+        """The writer's process group (None on one process)."""
+        return self._group
+
     def prepare(self) -> None:
         """Create the writer's process group (a collective: every process calls it, on the training thread)."""
         if self.num_processes > 1 and self._group is None:

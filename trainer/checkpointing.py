@@ -24,6 +24,7 @@ import functools
 import shutil
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -153,9 +154,12 @@ class StagedState:
     tensors: list[tuple[str, dict[str, torch.Tensor]]] = field(default_factory=list)
     files: list[tuple[str, Any, dict[str, torch.Tensor]]] = field(default_factory=list)
     info: dict[str, Any] | None = None
+    started: list[Future[Any]] = field(default_factory=list)  # writes the strategy began in the background
 
     def write(self, scratch: Path) -> None:
-        """Write every file into ``scratch``."""
+        """Write every file into ``scratch`` (once the strategy's own background writes are done)."""
+        for future in self.started:
+            future.result()
         for name, state in self.models:
             save_model(cast("torch.nn.Module", _StateHolder(state)), str(scratch / name))
         for name, tensors in self.tensors:
@@ -183,12 +187,14 @@ def _writes_whole_weights(strategy: Any) -> bool:
     return type(strategy).save_module is Strategy.save_module
 
 
-def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffers | None) -> StagedState:
+def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffers | None,
+                 process_group: Any = None) -> StagedState:
     """Take this process's part of the state from the live objects: copied into ``buffers`` when given.
 
     Without ``buffers`` the staged tensors are the live ones (a synchronous save writes them at once).
-    A strategy with a format of its own (sharded files), or whose weights need gathering, writes
-    those files here, on the calling thread; the rest waits in the returned state.
+    With them, a strategy with a format of its own may start its write in the background
+    (``save_training_state_async``, over ``process_group``); otherwise it writes its files here,
+    as does one whose weights need gathering. The rest waits in the returned state.
     """
     strategy = accelerator.strategy
     staged = StagedState()
@@ -201,7 +207,11 @@ def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffer
         staged.files.append((name, skeleton, copy(f"{name}/", tensors)))
 
     optimizers = [opt.optimizer for opt in accelerator._optimizers]
-    own_format = strategy.save_training_state(accelerator._models, optimizers, scratch)
+    started = None if buffers is None else strategy.save_training_state_async(accelerator._models, optimizers,
+                                                                               scratch, process_group)
+    if started is not None:
+        staged.started.append(started)
+    own_format = started is not None or strategy.save_training_state(accelerator._models, optimizers, scratch)
     for index, model in enumerate(accelerator._models):
         name = f"{_name('model', index)}.safetensors"
         if own_format:
@@ -336,7 +346,7 @@ def save_accelerator_state(accelerator: Accelerator, target: Path,
     writer.prepare()
     staged: StagedState | None = None
     try:
-        staged = _stage_state(accelerator, scratch, accelerator.staging_buffers)
+        staged = _stage_state(accelerator, scratch, accelerator.staging_buffers, writer.group)
         if before_commit is not None:
             before_commit(scratch)
     except Exception as caught:

@@ -214,8 +214,12 @@ def checkpoint_resume(out: Path) -> None:
     """Save a sharded checkpoint at step 10 of 20, then resume it on two processes (the test resumes on one)."""
     accelerator, model, optimizer = resumable(FSDP(state_dict_type="SHARDED_STATE_DICT"))
     explicit_steps(accelerator, model, optimizer, 0, STEPS // 2)
+    iteration = accelerator.save_iteration
     accelerator.save_state(out / "ckpt")
+    accelerator.save_iteration = iteration  # the same moment again, written in the background (DCP's async_save)
+    accelerator.save_state(out / "ckpt_async", blocking=False)
     explicit_steps(accelerator, model, optimizer, STEPS // 2, STEPS)
+    accelerator.wait_for_checkpoint()
     save_main(accelerator, full_weights(accelerator, model), out / "straight.safetensors")
 
     accelerator, model, optimizer = resumable(FSDP(state_dict_type="SHARDED_STATE_DICT"))
