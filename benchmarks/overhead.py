@@ -2,9 +2,11 @@
 
 A small MLP on the CPU (about 1 ms per step) is trained by a plain loop, by the same loop with
 the lines the Accelerator adds, and by the Trainer with its default callbacks (progress bar on,
-drawn to /dev/null, the model summary too; a checkpoint each epoch, outside the timed steps). Epochs of each alternate
-so that drift of the machine's speed affects all alike; the printed figures are ratios of median
-step times (targets: Accelerator <= 1.01, Trainer <= 1.03). The process is pinned to one CPU
+drawn to /dev/null, the model summary, the CSV and MLflow trackers, a checkpoint each epoch,
+outside the timed steps), in one ``fit`` as a training run is. Epochs of each alternate (the
+other loops run before each of the Trainer's epochs, in a new order each round) so that drift of
+the machine's speed affects all alike; the printed figures are ratios of median step times
+(targets: Accelerator <= 1.01, Trainer <= 1.03). The process is pinned to one CPU
 (the last it may use, or ``--cpu``) so that moves between cores, which leave caches cold, do not
 add noise; background threads (MLflow's logging queue) share that CPU, so their work is counted.
 
@@ -27,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -89,33 +92,49 @@ def accumulate_epoch(accelerator, model, optimizer, data, times: list[float]) ->
         start = now
 
 
-class StepTimer(Callback):
-    """Time between consecutive batch ends: one training step, data loading included."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._last: float | None = None
-
-    def on_train_epoch_start(self, trainer) -> None:
-        self._last = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        self.times.append(now - self._last)
-        self._last = now
-
-
 class MLPTrainer(Trainer):
     def training_step(self, batch):
         x, y = batch
         return F.cross_entropy(self.model(x), y)
 
 
-def trainer_epoch(trainer: Trainer, timer: StepTimer, out: list[float]) -> None:
-    timer.times = out
-    trainer.max_epochs += 1
-    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
-        trainer.fit()
+class Rounds(Callback):
+    """Runs the comparison from inside one ``fit``, as a training run is: before each of the
+    Trainer's epochs, one epoch of every other loop, in a new order each round.
+
+    The Trainer's steps are timed between batch ends (data loading included), as the loops time
+    theirs. Its per-run work (trackers starting, the model summary) happens once, in the warm-up.
+    """
+
+    def __init__(self, loops: dict[str, Callable[[list[float]], None]], rounds: int, warmup: int) -> None:
+        self.loops, self.rounds, self.warmup = loops, rounds, warmup
+        self.times: dict[str, list[float]] = {name: [] for name in [*loops, "trainer"]}
+        self.paired: dict[str, list[float]] = {name: [] for name in self.times}
+        self._shuffler = random.Random(0)
+        self._round: dict[str, list[float]] = {}
+        self._last = 0.0
+
+    def on_train_epoch_start(self, trainer) -> None:
+        if trainer.current_epoch == self.warmup:
+            gc.collect()
+            gc.freeze()  # the objects built so far are never scanned again: collections stay cheap and even
+        self._round = {name: [] for name in self.times}
+        for name in self._shuffler.sample(list(self.loops), len(self.loops)):
+            self.loops[name](self._round[name])
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self._round["trainer"].append(now - self._last)
+        self._last = now
+
+    def on_train_epoch_end(self, trainer) -> None:
+        if trainer.current_epoch < self.warmup:
+            return
+        base = statistics.median(self._round["plain"])
+        for name, times in self._round.items():
+            self.times[name] += times
+            self.paired[name].append(statistics.median(times) / base)
 
 
 class FirstStep(Callback):
@@ -203,36 +222,20 @@ def main() -> None:
     _, acc_opt, acc_data = accumulating.prepare(model, plain_opt, DataLoader(dataset, batch_size=args.batch))
 
     PartialState._reset_state()
-    timer = StepTimer()
-    trainer = MLPTrainer(model, plain_opt, train_data=dataset, batch_size=args.batch, shuffle=False,
-                         max_epochs=0, cpu=True, output_dir=tempfile.mkdtemp(prefix="overhead-"),
-                         callbacks=[ProgressBar(enabled=True), timer])
     plain_model = acc_model = model
-
     loops = {
         "plain": lambda out: plain_epoch(plain_model, plain_opt, plain_data, out),
         "accelerator": lambda out: accelerated_epoch(accelerator, model, optimizer, data, out),
         "accumulate": lambda out: accumulate_epoch(accumulating, acc_model, acc_opt, acc_data, out),
-        "trainer": lambda out: trainer_epoch(trainer, timer, out),
     }
-    for _ in range(3):  # warm-up
-        for run in loops.values():
-            run([])
-    times: dict[str, list[float]] = {name: [] for name in loops}
-    paired: dict[str, list[float]] = {name: [] for name in loops}
-    shuffler = random.Random(0)
-    gc.collect()
-    gc.freeze()  # the objects built so far are never scanned again: collections stay cheap and even
-    for _ in range(args.rounds):
-        # A new order each round, so that no loop always runs on a warmer (or colder) cache.
-        order = shuffler.sample(list(loops), len(loops))
-        this_round: dict[str, list[float]] = {name: [] for name in loops}
-        for name in order:
-            loops[name](this_round[name])
-            times[name] += this_round[name]
-        base_round = statistics.median(this_round["plain"])
-        for name in loops:
-            paired[name].append(statistics.median(this_round[name]) / base_round)
+    warmup = 3
+    rounds = Rounds(loops, args.rounds, warmup)
+    trainer = MLPTrainer(model, plain_opt, train_data=dataset, batch_size=args.batch, shuffle=False,
+                         max_epochs=warmup + args.rounds, cpu=True, output_dir=tempfile.mkdtemp(prefix="overhead-"),
+                         callbacks=[ProgressBar(enabled=True), rounds])
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        trainer.fit()
+    times, paired = rounds.times, rounds.paired
 
     base = statistics.median(times["plain"])
     pinned = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "any"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .base import EVENTS, Callback
@@ -57,10 +57,16 @@ class CallbackBus:
     def state_key(callback: Any) -> str:
         return getattr(callback, "state_key", type(callback).__qualname__)
 
-    def call(self, event: str, trainer: TrainerView, *args: Any) -> None:
-        """Run ``event`` on every callback that handles it, in order, with ``trainer`` and the event's arguments."""
-        for handler in self.handlers[event]:
-            handler(trainer, *args)
+    def caller(self, trainer: TrainerView) -> Callable[..., None]:
+        """The dispatch for ``trainer``: ``call(event, *args)`` runs ``event`` on every callback that handles it,
+        in order, with ``trainer`` and the event's arguments (one function call per event: it runs at every step)."""
+        handlers = self.handlers
+
+        def call(event: str, *args: Any) -> None:
+            for handler in handlers[event]:
+                handler(trainer, *args)
+
+        return call
 
     def check_fit(self, trainer: TrainerView) -> None:
         """Ask every callback whether it can act in this run (``Callback.check_fit``); the first refusal raises."""

@@ -227,7 +227,11 @@ class Strategy:
         Return None where an engine keeps the gradients away from the parameters (the check that
         a step has gradients to apply is then left out).
         """
-        return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+        for group in optimizer.param_groups:  # loops, not any(<generator>): this runs at every step
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    return True
+        return False
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float,
                         norm_type: float = 2.0) -> torch.Tensor | None:

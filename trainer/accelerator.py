@@ -159,6 +159,7 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self._schedulers: list[AcceleratedScheduler] = []
         self._dataloaders: list[PreparedDataLoader] = []
         self._custom_objects: list[Any] = []
+        self._micro_step: MicroStep | None = None  # what accumulate() returns, kept for the same models
         self.checkpoint_writer = CheckpointWriter(self.state.num_processes)
         self._staging: StagingBuffers | None = None
 
@@ -331,7 +332,10 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
     # -- the training step ------------------------------------------------------------------------------
     def accumulate(self, *models: nn.Module) -> AbstractContextManager[None]:
         """One micro-step: gradients synchronise and the optimizer steps only at group boundaries."""
-        return MicroStep(self.accumulation, self.strategy, models)
+        step = self._micro_step
+        if step is None or step.models != models:
+            step = self._micro_step = MicroStep(self.accumulation, self.strategy, models)
+        return step
 
     def backward(self, loss: torch.Tensor, num_tokens: Any = None, **kwargs: Any) -> None:
         """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once."""

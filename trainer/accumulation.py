@@ -41,8 +41,8 @@ class _BatchSource(Protocol):
 class MicroStep:
     """One micro-step of ``policy``: the context ``accelerator.accumulate`` returns.
 
-    A class, not a generator: it runs on every training step. Inside a group (not at its boundary)
-    backward does not synchronise the models' gradients.
+    A class, not a generator: it runs on every training step (and the accelerator keeps one per set
+    of models). Inside a group (not at its boundary) backward does not synchronise the models' gradients.
     """
 
     __slots__ = ("models", "policy", "stack", "strategy")
@@ -60,8 +60,9 @@ class MicroStep:
                 stack.enter_context(self.strategy.no_backward_sync(model))
 
     def __exit__(self, *exc_info: Any) -> bool | None:
-        if self.stack is not None:
-            return self.stack.__exit__(*exc_info)
+        stack, self.stack = self.stack, None
+        if stack is not None:
+            return stack.__exit__(*exc_info)
         return None
 
 

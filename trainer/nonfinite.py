@@ -46,9 +46,6 @@ class NonFiniteGuard:
     @staticmethod
     def _bad_loss(losses: list[torch.Tensor]) -> float | None:
         """The first non-finite value among ``losses`` (one-element tensors), or None."""
-        if len(losses) == 1 and losses[0].is_cpu:  # the common case, on every step
-            value = losses[0].item()
-            return None if math.isfinite(value) else value
         if losses[0].is_cpu:  # a group's losses all lie on one device
             values = [loss.item() for loss in losses]
         else:
@@ -64,6 +61,9 @@ class NonFiniteGuard:
 
         ``step`` is the step about to be taken; ``recovery()`` describes the newest usable checkpoint.
         """
+        if (len(losses) == 1 and grad_norm is None and self._any_true is None and losses[0].is_cpu
+                and math.isfinite(losses[0].item())):  # the common case, on every step: one finite CPU loss
+            return True
         bad_loss = self._bad_loss(losses)
         norm = float(grad_norm) if grad_norm is not None else 0.0
         nonfinite = bad_loss is not None or not math.isfinite(norm)

@@ -185,9 +185,12 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                           "num_processes": self.accelerator.num_processes}
         self._stop.by_agreement = self.accelerator.num_processes > 1
         self._nonfinite = NonFiniteGuard(on_nonfinite, self._agree_at_step if self._stop.by_agreement else None)
+        self._scaled = self.accelerator.scaler is not None  # fp16 loss scaling: the scaler judges the gradients
         timer = [Timer(duration)] if duration is not None else []
         self.callbacks = CallbackBus(self._default_callbacks([*(callbacks or []), *timer, *trackers], progress_bar,
                                                              model_summary, checkpoint))
+        # call(event, *args): run the event on every callback that handles it, in the bus's order, this trainer first
+        self.call = self.callbacks.caller(self)
 
         self.model = self.accelerator.prepare(model)
         build: dict[str, Any] = {"collate_fn": collate_fn, "num_workers": num_workers,
@@ -282,10 +285,6 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
             raise ValueError("estimated_stepping_batches needs max_steps, or train_data whose length is known.")
         return min(limits)
 
-    def call(self, event: str, *args: Any) -> None:
-        """Run ``event`` on every callback that defines it, in the bus's order, with this trainer first."""
-        self.callbacks.call(event, self, *args)
-
     # -- fit ------------------------------------------------------------------------------------------
     def fit(self, resume: str | os.PathLike | None = None) -> dict[str, float]:
         """Train until ``max_epochs``/``max_steps`` or until a callback sets ``should_stop``.
@@ -322,22 +321,24 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
             batches = self.train_loader
         else:  # resuming inside this epoch: its first batches are skipped, not loaded
             batches = accelerator.skip_first_batches(self.train_loader, progress.batch_in_epoch)
+        accumulation = accelerator.accumulation
         for batch in batches:
             batch_idx = progress.batch_in_epoch
             self.call("on_train_batch_start", batch, batch_idx)
             outputs = self._training_micro_step(batch)
             progress.batch_in_epoch += 1
             self.call("on_train_batch_end", outputs, batch, batch_idx)
-            if self._validation_due_after_step():
-                self.validate()
-            if accelerator.sync_gradients and (signum := self._stop.requested()) is not None:
-                self.stop_on_signal(signum)  # saves a checkpoint, then raises TrainingInterrupted
+            if accumulation.sync_gradients:  # an optimizer step ended here
+                if self._validation_due_after_step():
+                    self.validate()
+                if (signum := self._stop.requested()) is not None:
+                    self.stop_on_signal(signum)  # saves a checkpoint, then raises TrainingInterrupted
             if (self.should_stop or self._reached_max_steps()) and not self.train_loader.end_of_dataloader:
                 return  # stopped inside the epoch: its end (validation, on_train_epoch_end) does not run
         self._end_epoch()
 
     def _training_micro_step(self, batch: Any) -> Any:
-        accelerator = self.accelerator
+        accelerator, progress = self.accelerator, self.progress
         with accelerator.accumulate(self.model):
             outputs = self.training_step(batch)
             loss, num_tokens = unpack_loss(outputs)
@@ -345,19 +346,21 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
             self.call("on_before_backward", loss)
             accelerator.backward(loss, num_tokens=num_tokens)
             self.call("on_after_backward")
-            if accelerator.sync_gradients:
+            if accelerator.accumulation.sync_gradients:
                 norm = accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip else None
-                if self._nonfinite.step_allowed(self._group_losses, None if accelerator.scaler else norm,
-                                                self.progress.global_step + 1, self._recovery_hint):
+                if self._nonfinite.step_allowed(self._group_losses, None if self._scaled else norm,
+                                                progress.global_step + 1, self._recovery_hint):
                     self.call("on_before_optimizer_step", self.optimizer)
                     self.optimizer.step()
-                    self._schedule.after_optimizer_step(self.progress.global_step + 1, self.metrics)
+                    self._schedule.after_optimizer_step(progress.global_step + 1, self.metrics)
                 else:
                     self.optimizer.step_was_skipped = True  # as after an fp16 overflow: EMA leaves it out
                     self._group_losses.clear()  # a skipped step's losses are not logged
                 self.optimizer.zero_grad()
-                self.progress.global_step += 1
-                self._log_training_loss()
+                progress.global_step += 1
+                if progress.global_step % self.log_every_n_steps == 0:
+                    self._log_training_loss()
+                self._group_losses.clear()
         return outputs
 
     def _end_epoch(self) -> None:
@@ -398,9 +401,10 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         return self.max_steps is not None and self.progress.global_step >= self.max_steps
 
     def _validation_due_after_step(self) -> bool:
+        """After an optimizer step: whether validation is due at this step."""
         n = self.eval_every_n_steps
-        return (self.eval_loader is not None and n is not None and self.accelerator.sync_gradients
-                and self.progress.global_step % n == 0 and self.progress.validated_at != self.progress.position)
+        return (self.eval_loader is not None and n is not None and self.progress.global_step % n == 0
+                and self.progress.validated_at != self.progress.position)
 
     def _validation_due_after_epoch(self) -> bool:
         n = self.eval_every_n_epochs
@@ -408,12 +412,11 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                 and self.progress.validated_at != self.progress.position)
 
     def _log_training_loss(self) -> None:
-        # The group's losses, kept detached: the non-finite check read them before the step; the
-        # mean is logged only on logged steps.
+        # The group's losses, kept detached: the non-finite check read them before the step; their
+        # mean is logged on logged steps (none when the step was skipped).
         losses = self._group_losses
-        if losses and self.progress.global_step % self.log_every_n_steps == 0:
+        if losses:
             self.log("train_loss", losses[0] if len(losses) == 1 else torch.stack(losses).float().mean())
-        losses.clear()
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
         optimizer, scheduler, when = optimizers_of(optimizer if optimizer is not None else self.configure_optimizers(),

@@ -7,7 +7,7 @@ import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -43,8 +43,7 @@ class TrainerCheckpoints:
     progress: TrainerProgress
     _stop: StopSignals
 
-    def call(self, event: str, *args: Any) -> None:
-        raise NotImplementedError
+    call: Callable[..., None]  # the Trainer's event dispatch: call(event, *args)
 
     def save_checkpoint(self, path: str | os.PathLike, point_latest: bool | None = None, blocking: bool = True,
                         after_commit: Callable[[Path], None] | None = None) -> Path:

@@ -40,8 +40,7 @@ class TrainerEvaluation:
     eval_loaders: dict[str, Any]
     _predict_build: dict[str, Any]
 
-    def call(self, event: str, *args: Any) -> None:
-        raise NotImplementedError
+    call: Callable[..., None]  # the Trainer's event dispatch: call(event, *args)
 
     def log_dict(self, values: Mapping[str, Any], sync: bool = False) -> None:
         raise NotImplementedError
