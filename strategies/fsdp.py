@@ -19,15 +19,18 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import fsdp_checkpoint
+from . import fsdp_checkpoint, tensor_parallel
 from .base import Strategy, check_loaded_keys
+
+if TYPE_CHECKING:
+    from trainer.parallelism import ParallelismConfig
 from .spec import Option, StrategySpec
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
@@ -108,7 +111,8 @@ class FSDP(Strategy):
                  offload_params: bool = False, state_dict_type: str = "FULL_STATE_DICT",
                  activation_checkpointing: bool = False, mixed_precision: str | torch.dtype | None = "auto",
                  backward_prefetch: str = "BACKWARD_PRE", forward_prefetch: bool = False,
-                 cpu_ram_efficient_loading: bool = False, sync_module_states: bool = True) -> None:
+                 cpu_ram_efficient_loading: bool = False, sync_module_states: bool = True,
+                 parallelism: ParallelismConfig | None = None) -> None:
         super().__init__()
         if not callable(auto_wrap_policy) and auto_wrap_policy not in WRAP_POLICIES:
             raise ValueError(f"FSDP(auto_wrap_policy={auto_wrap_policy!r}): use one of {list(WRAP_POLICIES)} or a "
@@ -148,6 +152,7 @@ class FSDP(Strategy):
         self.mixed_precision = mixed_precision
         self.backward_prefetch, self.forward_prefetch = backward_prefetch, forward_prefetch
         self.cpu_ram_efficient_loading, self.sync_module_states = cpu_ram_efficient_loading, sync_module_states
+        self.parallelism = parallelism  # an N-D layout (data-parallel replicate x shard x tensor), or None
         self._module: nn.Module | None = None
         self._replaced: dict[int, nn.Parameter] = {}
         self._mesh: Any = None
@@ -155,9 +160,20 @@ class FSDP(Strategy):
 
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
         super().setup_environment(device, process_index, num_processes)
+        if self.parallelism is not None:
+            self.parallelism.check_processes(num_processes)  # before any work
         if self.is_distributed:
             self._mesh = None  # built when the first model is prepared (every process takes part)
             self._shard_layout()  # an impossible hybrid layout fails here, before any work
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        """Data is sharded over the data-parallel processes; those of one tensor-parallel group read the same batches."""
+        if not self.is_distributed:
+            return None
+        if self.parallelism is None:
+            return {"num_replicas": self.num_processes, "rank": self.process_index}
+        return {"num_replicas": self.parallelism.dp_size, "rank": self.parallelism.dp_rank(self.process_index)}
 
     def setup_policies(self, precision: Any, accumulation: Any) -> Any:
         """Remember the precision policy's compute dtype: with ``mixed_precision="auto"`` the units follow it."""
@@ -170,6 +186,8 @@ class FSDP(Strategy):
     def _shard_layout(self) -> tuple[int, int] | None:
         """(replicas, processes per shard group) for a 2-D mesh, or None for a 1-D (fully sharded) one."""
         n = self.num_processes
+        if self.parallelism is not None:
+            return None  # the layout's own mesh
         if self.mesh_layout == "shard":
             return None
         if self.mesh_layout == "replicate":
@@ -194,7 +212,9 @@ class FSDP(Strategy):
 
         if self._mesh is None:
             layout = self._shard_layout()
-            if layout is None:
+            if self.parallelism is not None:
+                self._mesh = self.parallelism.build_device_mesh(self.root_device.type)
+            elif layout is None:
                 self._mesh = init_device_mesh(self.root_device.type, (self.num_processes,), mesh_dim_names=("shard",))
             else:
                 self._mesh = init_device_mesh(self.root_device.type, layout, mesh_dim_names=("replicate", "shard"))
@@ -273,15 +293,19 @@ class FSDP(Strategy):
         # With cpu_ram_efficient_loading no process materialises the whole model on the device: all
         # shard on meta, allocate their own shards, then take process 0's values.
         module = module.to("meta") if from_rank0 else module.to(self.root_device)
-        options: dict[str, Any] = {"mesh": self._device_mesh(), "mp_policy": self._precision_policy(module)}
+        mesh = self._device_mesh()
+        if self.parallelism is not None and self.parallelism.tp_size > 1:
+            tensor_parallel.parallelize(module, mesh["tp"], self.parallelism.tp_plan)
+        shard_mesh = mesh if self.parallelism is None else tensor_parallel.data_parallel_mesh(mesh)
+        options: dict[str, Any] = {"mesh": shard_mesh, "mp_policy": self._precision_policy(module)}
         if self.offload_params:
             # Pinned memory needs an accelerator; on a CPU-only machine the shards are on the CPU anyway.
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu")
-        for unit in units:
+        for unit in units if shard_mesh is not None else []:
             fully_shard(unit, reshard_after_forward=self.reshard_after_forward, **options)
-        # The root's parameters are used first in backward: by default (None) it keeps them after forward.
-        fully_shard(module, reshard_after_forward=None if self.reshard_after_forward else False, **options)
-        if self.forward_prefetch:
+        if shard_mesh is not None:  # the root's parameters are used first in backward: by default (None) kept after forward
+            fully_shard(module, reshard_after_forward=None if self.reshard_after_forward else False, **options)
+        if self.forward_prefetch and shard_mesh is not None:
             ordered = [u for u in module.modules() if any(u is unit for unit in units)]
             for unit, following in zip(ordered, ordered[1:], strict=False):
                 cast(FSDPModule, unit).set_modules_to_forward_prefetch([cast(FSDPModule, following)])
@@ -335,9 +359,25 @@ class FSDP(Strategy):
             module.set_requires_gradient_sync(True)
 
     def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip by the norm of the whole gradient: the sharded norm is reduced over every process by DTensor."""
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type=norm_type)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        """Clip by the norm of the whole gradient: each mesh's part reduced over its processes by DTensor, then combined.
+
+        With tensor parallelism the parameters lie on two meshes (data-parallel x tensor-parallel
+        for the split layers, data-parallel for the rest); DTensor reduces a norm over one mesh only.
+        """
+        by_mesh: dict[Any, list[torch.Tensor]] = {}
+        for parameter in parameters:
+            if parameter.grad is not None:
+                by_mesh.setdefault(getattr(parameter.grad, "device_mesh", None), []).append(parameter)
+        norms = []
+        for group in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm([cast(torch.Tensor, p.grad) for p in group], norm_type)
+            norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not norms:
+            return torch.zeros((), device=self.root_device)
+        total = torch.nn.utils.get_total_norm(norms, norm_type)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        return total
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],

@@ -344,9 +344,10 @@ def test_the_constructor_takes_every_argument_of_accelerates():
     assert not set(upstream) - set(inspect.signature(Accelerator).parameters)
     Accelerator(cpu=True, rng_types=["torch", "generator"])  # accepted: shuffling is seeded, nothing to sync
     for arguments, message in (({"rng_types": ["torhc"]}, r"rng_types=\['torhc'\]: not a random number generator"),
-                               ({"parallelism_config": object()}, "parallelism_config= is not available"),
                                ({"torch_tp_plugin": object()}, "torch_tp_plugin= is not available"),
                                ({"deepspeed_plugin": DeepSpeedPlugin(), "deepspeed_plugins": DeepSpeedPlugin()},
                                 "deepspeed_plugin= and deepspeed_plugins= were both given")):
         with pytest.raises(ValueError, match=message):
             Accelerator(cpu=True, **arguments)
+    with pytest.raises(TypeError, match=r"parallelism_config= takes a ParallelismConfig"):  # the sizes: tests/test_parallelism.py
+        Accelerator(cpu=True, parallelism_config=object())

@@ -25,6 +25,7 @@ from trainer.inference import (
     load_checkpoint_and_dispatch,
 )
 from trainer.notebook import debug_launcher, notebook_launcher
+from trainer.parallelism import ParallelismConfig
 from trainer.precision import Float16Precision, MixedPrecision, Precision, resolve_precision
 from trainer.random_state import set_seed
 from trainer.state import PartialState
@@ -71,6 +72,7 @@ __all__ = [
     "GradientAccumulation",
     "Inferencer",
     "MixedPrecision",
+    "ParallelismConfig",
     "PartialState",
     "Precision",
     "PreparedDataLoader",
@@ -99,4 +101,4 @@ def __getattr__(name: str) -> object:
         return prepare_pippy
     from trainer.utils.unavailable import refusing_getattr
 
-    return refusing_getattr("trainer", ("ParallelismConfig", "load_checkpoint_in_model", "cpu_offload_with_hook"))(name)
+    return refusing_getattr("trainer", ("load_checkpoint_in_model", "cpu_offload_with_hook"))(name)

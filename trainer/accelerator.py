@@ -86,8 +86,9 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         dynamo_plugin: a ``TorchDynamoPlugin`` (backend, mode, fullgraph, regional compilation...) instead.
         deepspeed_plugins: Accelerate's other name for ``deepspeed_plugin``.
         rng_types: checked and accepted: shuffling is seeded here, so no random state needs syncing.
-        torch_tp_plugin: not available (tensor parallelism is a strategy option here).
-        parallelism_config: not available (N-D parallelism is a strategy option here).
+        torch_tp_plugin: not available (give ``parallelism_config=ParallelismConfig(tp_size=...)``).
+        parallelism_config: a ``ParallelismConfig``: data-parallel replicate x shard and tensor-parallel
+            sizes, laid out on one ``DeviceMesh`` and trained with the FSDP strategy.
     """
 
     def __init__(

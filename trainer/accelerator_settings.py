@@ -68,12 +68,13 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
         if deepspeed_plugin is not None:
             raise ValueError("deepspeed_plugin= and deepspeed_plugins= were both given: they are one argument; give one.")
         deepspeed_plugin = deepspeed_plugins
-    for name, value in (("torch_tp_plugin", torch_tp_plugin), ("parallelism_config", parallelism_config)):
-        if value is not None:
-            raise ValueError(f"{name}= is not available: tensor, context and data parallel sizes are strategy options "
-                             "here (strategy='megatron' for tensor parallelism, 'fsdp' for sharding).")
+    if torch_tp_plugin is not None:
+        raise ValueError("torch_tp_plugin= is not available: give the tensor-parallel size as "
+                         "parallelism_config=ParallelismConfig(tp_size=...).")
     _check_rng_types(rng_types)
     _plugins(settings, fsdp_plugin, _one_deepspeed_plugin(deepspeed_plugin), megatron_lm_plugin)
+    if parallelism_config is not None:
+        _parallelism(settings, parallelism_config)
     settings.accumulation = _accumulation(gradient_accumulation_steps, gradient_accumulation_plugin, accumulation_normalize)
     if dynamo_plugin is not None and dynamo_backend is not None:
         raise ValueError("dynamo_backend= and dynamo_plugin= were both given: set the backend in the TorchDynamoPlugin.")
@@ -168,6 +169,22 @@ def _one_deepspeed_plugin(plugin: Any) -> DeepSpeedPlugin | None:
     if plugin is not None and not isinstance(plugin, DeepSpeedPlugin):
         raise TypeError(f"deepspeed_plugin= takes a DeepSpeedPlugin, got {type(plugin).__name__}.")
     return plugin
+
+
+def _parallelism(settings: Settings, config: Any) -> None:
+    """An N-D layout runs on the FSDP strategy: fully_shard over the data-parallel dimensions, tensor parallelism inside."""
+    from trainer.parallelism import ParallelismConfig
+
+    if not isinstance(config, ParallelismConfig):
+        raise TypeError(f"parallelism_config= takes a ParallelismConfig(dp_replicate_size=..., dp_shard_size=..., "
+                        f"tp_size=...), not a {type(config).__name__}.")
+    chosen = settings.strategy
+    if isinstance(chosen, Strategy) or (chosen is not None and registry.canonical_name(chosen) not in ("auto", "fsdp")):
+        name = type(chosen).__name__ if isinstance(chosen, Strategy) else repr(chosen)
+        raise ValueError(f"parallelism_config= lays out FSDP's data-parallel and tensor-parallel dimensions, and the "
+                         f"strategy is {name}: leave strategy= out (or use 'fsdp' with the FSDP options in fsdp_plugin).")
+    settings.strategy = "fsdp"
+    settings.strategy_arguments.setdefault("fsdp", {})["parallelism"] = config
 
 
 def _plugins(settings: Settings, *plugins: StrategyPlugin | None) -> None:

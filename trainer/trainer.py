@@ -27,6 +27,7 @@ from trainer.fit_checks import fit_session, refuse_empty
 from trainer.graceful_stop import DEFAULT_SIGNALS, StopSignals
 from trainer.metrics import LogRecord
 from trainer.nonfinite import NonFiniteGuard
+from trainer.parallelism import ParallelismConfig
 from trainer.progress import TrainerProgress
 from trainer.random_state import set_seed
 from trainer.run_limits import DataLimits
@@ -72,6 +73,8 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         compile: ``True`` or a dict of ``torch.compile`` arguments: compile the model in place
             (checkpoint keys stay the model's own).
         strategy: ``"auto"`` reads what ``trainer launch`` set; a name or a Strategy (see ``Accelerator``).
+        parallelism: a ``ParallelismConfig`` (data-parallel replicate x shard, tensor-parallel sizes):
+            the model is laid out on its ``DeviceMesh`` (``Accelerator(parallelism_config=...)``).
         precision: ``"auto"`` reads what ``trainer launch`` set; ``"bf16"``, ``"fp16"``, ``"no"``...
         accumulate: micro-batches per optimizer step (default: what ``trainer launch`` set, else 1).
         accumulation_normalize: ``"mean"``, or ``"tokens"`` for losses summed over tokens
@@ -128,6 +131,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         compile: bool | Mapping[str, Any] = False,
         load_best_at_end: bool = False,
         strategy: str | Strategy = "auto",
+        parallelism: ParallelismConfig | None = None,
         precision: str = "auto",
         accumulate: int | None = None,
         accumulation_normalize: str = "mean",
@@ -166,7 +170,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         self.accelerator = Accelerator(
             mixed_precision=None if precision == "auto" else precision, gradient_accumulation_steps=accumulate,
             accumulation_normalize=accumulation_normalize, strategy=None if strategy == "auto" else strategy, cpu=cpu,
-            dynamo_plugin=compile_plugin(compile))
+            dynamo_plugin=compile_plugin(compile), parallelism_config=parallelism)
         self.max_epochs, self.max_steps = epochs_to_train(max_epochs, max_steps), max_steps
         self.load_best_at_end = load_best_at_end
         self.grad_clip = grad_clip

@@ -4,6 +4,7 @@ Thin aliases over the project's own classes (the strategies' options, the precis
 accumulation policies, ``PartialState``), never a second implementation.
 """
 
+from trainer.parallelism import ParallelismConfig
 from trainer.random_state import set_seed
 from trainer.utils import availability as _availability
 from trainer.utils.availability import *  # noqa: F403 - the is_*_available functions
@@ -137,6 +138,7 @@ __all__ = [
     "AutocastKwargs", "ComputeEnvironment", "CustomDtype", "DDPCommunicationHookType", "DataLoaderConfiguration",
     "DeepSpeedPlugin", "DistributedDataParallelKwargs", "DistributedType", "DynamoBackend", "FullyShardedDataParallelPlugin",
     "GradScalerKwargs", "GradientAccumulationPlugin", "InitProcessGroupKwargs", "KwargsHandler", "LoggerType",
+    "ParallelismConfig",
     "MegatronLMPlugin", "PrecisionType", "ProjectConfiguration", "RNGType", "SageMakerDistributedType",
     "CannotPadNestedTensorWarning", "DistributedOperationException", "broadcast", "broadcast_object_list", "concatenate",
     "convert_outputs_to_fp32", "convert_to_fp32", "copy_tensor_to_devices", "find_batch_size", "find_device",

@@ -21,7 +21,7 @@ _FP8 = "fp8 training goes through torchao here: use Accelerator(mixed_precision=
 _BNB = "quantized loading: use trainer.inference.QuantizationConfig with load_checkpoint_and_dispatch(..., quantization=)"
 _OFFLOAD = ("offloading is the Inferencer's job here: use load_checkpoint_and_dispatch(model, checkpoint, device_map=..., "
             "offload_folder=...), cpu_offload(model) or disk_offload(model, folder)")
-_PARALLEL = "tensor, context and sequence parallelism are strategy options here, not separate plugins"
+_PARALLEL = "tensor, data and context parallel sizes go in ParallelismConfig (Accelerator(parallelism_config=...))"
 
 REASONS: dict[str, str] = {
     **dict.fromkeys(["DeepSpeedEngineWrapper", "DeepSpeedOptimizerWrapper", "DeepSpeedSchedulerWrapper",
@@ -55,7 +55,7 @@ REASONS: dict[str, str] = {
                      "check_tied_parameters_on_same_device", "retie_parameters", "ensure_weights_retied",
                      "get_module_children_bottom_up", "load_checkpoint_in_model"], _OFFLOAD),
     **dict.fromkeys(["TorchTensorParallelPlugin", "TorchTensorParallelConfig", "TorchContextParallelConfig",
-                     "ParallelismConfig", "model_has_dtensor"], _PARALLEL),
+                     "model_has_dtensor"], _PARALLEL),
     "cpu_offload_with_hook": ("hooks that move a model back and forth between pipeline steps are not available; "
                               "use cpu_offload(model) (weights stream to the device per forward)"),
     "compile_regions": "compile the model with Accelerator(dynamo_backend=...) or torch.compile(model)",

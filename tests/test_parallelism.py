@@ -1,0 +1,128 @@
+"""N-D parallelism on 4 CPU processes (gloo): data-parallel replicate x shard and tensor parallelism equal one process.
+
+A small Llama (built from a transformers config) takes 20 AdamW steps with gradient clipping on
+fixed global batches, with accumulation 1 and 2, under each layout; its weights then equal those
+of the same steps on one process within 1e-5, and each process holds about 1 / (dp_shard x tp) of
+the parameter and optimizer bytes. One launch runs every layout.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distributed_helpers import WORKERS_DIR, run_distributed
+from parallel_setup import BATCH, STEPS, llama, llama_trainer, local_bytes, train
+from safetensors.torch import load_file
+
+from trainer import Accelerator, ParallelismConfig, PartialState
+
+LAYOUTS = {"dp_shard=2,tp=2": 4, "dp_replicate=2,dp_shard=2": 2, "tp=4": 4}  # layout -> dp_shard x tp
+ACCUMULATION = (1, 2)
+
+
+def tag(layout: str, accumulation: int) -> str:
+    return f"{layout.replace('=', '').replace(',', '_')}_k{accumulation}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("parallel")
+    plan = ";".join(f"{layout}:{k}" for layout in LAYOUTS for k in ACCUMULATION)
+    result = run_distributed(WORKERS_DIR / "parallel_worker.py", nproc=4, args=[str(out), plan], timeout=600)
+    assert all(f"OK rank {rank}" in result.stdout for rank in range(4)), result.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process():
+    """The weights after the same steps on one process, and the whole model's bytes, per accumulation."""
+    found = {}
+    for k in ACCUMULATION:
+        PartialState._reset_state()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=k)
+        model = llama()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        train(accelerator, model, optimizer, k)
+        found[k] = ({name: value.detach().clone() for name, value in model.state_dict().items()},
+                    local_bytes(model, optimizer))
+    PartialState._reset_state()
+    return found
+
+
+@pytest.mark.parametrize("accumulation", ACCUMULATION)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_layout_trains_the_weights_one_process_trains(runs, one_process, layout, accumulation):
+    expected, _ = one_process[accumulation]
+    weights = load_file(str(runs / tag(layout, accumulation) / "model.safetensors"))
+    assert weights.keys() == expected.keys()
+    diff = max((weights[name] - expected[name]).abs().max().item() for name in expected)
+    print(f"{layout}, accumulation {accumulation}: max abs diff from one process {diff:.2e}")
+    assert diff <= 1e-5
+    assert max((expected[name] - llama().state_dict()[name]).abs().max().item() for name in expected) > 1e-2  # it trained
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_process_holds_its_share_of_the_parameters_and_optimizer_state(runs, one_process, layout):
+    _, whole = one_process[1]
+    share = LAYOUTS[layout]
+    for rank in range(4):
+        held = json.loads((runs / f"{tag(layout, 1)}_bytes_{rank}.json").read_text())
+        for kind in ("params", "optimizer"):
+            ratio = held[kind] * share / whole[kind]
+            assert 0.95 <= ratio <= 1.05, (layout, rank, kind, ratio)
+
+
+def test_the_trainer_lays_out_the_model_and_shards_data_over_data_parallel_processes_only(runs, tmp_path):
+    PartialState._reset_state()
+    single = llama_trainer(tmp_path, BATCH)  # one process, the whole global batch at each step
+    single.fit()
+    expected = single.model.state_dict()
+    weights = load_file(str(runs / "trainer" / "model.safetensors"))
+    assert single.global_step == STEPS
+    assert max((weights[name] - expected[name]).abs().max().item() for name in expected) <= 1e-5
+    PartialState._reset_state()
+
+
+def test_a_layout_must_span_the_process_count():
+    config = ParallelismConfig(dp_shard_size=2, tp_size=2)
+    with pytest.raises(ValueError, match=r"ParallelismConfig: dp_shard=2 x tp=2 spans 4 process\(es\), but this run has 1\. "
+                                         r"Launch 4 processes, or choose sizes whose product is 1\."):
+        Accelerator(cpu=True, parallelism_config=config)
+    PartialState._reset_state()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"tp_size": 0}, r"ParallelismConfig\(tp_size=0\): use a whole number >= 1\."),
+    ({"dp_shard_size": 1.5}, r"ParallelismConfig\(dp_shard_size=1\.5\): use a whole number >= 1\."),
+    ({"cp_size": 2}, r"ParallelismConfig\(cp_size=2\): context parallelism is not available here"),
+    ({"pp_size": 2}, r"ParallelismConfig\(pp_size=2\): pipeline-parallel training is not available yet"),
+])
+def test_sizes_that_cannot_work_are_one_clear_error(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        ParallelismConfig(**arguments)
+
+
+def test_parallelism_runs_on_fsdp_and_refuses_another_strategy():
+    with pytest.raises(ValueError, match=r"parallelism_config= lays out FSDP's data-parallel and tensor-parallel "
+                                         r"dimensions, and the strategy is 'ddp'"):
+        Accelerator(cpu=True, strategy="ddp", parallelism_config=ParallelismConfig())
+    with pytest.raises(TypeError, match=r"parallelism_config= takes a ParallelismConfig"):
+        Accelerator(cpu=True, parallelism_config={"tp_size": 2})
+    PartialState._reset_state()
+
+
+def test_a_model_without_a_plan_names_the_missing_tensor_parallel_plan():
+    from trainer.strategies.tensor_parallel import resolve_plan
+
+    with pytest.raises(ValueError, match=r"tp_size=2 needs a tensor-parallel plan, and Sequential names none"):
+        resolve_plan(torch.nn.Sequential(torch.nn.Linear(4, 4)), None, 2)
+    with pytest.raises(ValueError, match=r"lm_head \(colwise_gather_output\) has 64 output features, which do "
+                                         r"not split evenly over tp_size=3"):
+        resolve_plan(llama(), None, 3)
+    with pytest.raises(ValueError, match=r"'nothing\.\*' names no submodule of LlamaForCausalLM"):
+        resolve_plan(llama(), {"nothing.*": "colwise"}, 2)
+    with pytest.raises(ValueError, match=r"'lm_head' -> 'diagonal' is not a style this strategy applies"):
+        resolve_plan(llama(), {"lm_head": "diagonal"}, 2)

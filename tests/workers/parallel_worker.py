@@ -1,0 +1,52 @@
+"""N-D parallel runs on 4 CPU processes (gloo) of a small Llama, for tests/test_parallelism.py.
+
+``parallel_worker.py OUT LAYOUT ACCUMULATION``: LAYOUT is ``dp_shard=2,tp=2`` and the like. The
+run takes 20 AdamW steps on fixed global batches (each data-parallel process on its part of
+them), then process 0 writes the full weights, and every process its parameter and optimizer
+bytes, to OUT. The test runs the same steps on one process and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch  # noqa: E402
+from checks import leave  # noqa: E402
+from parallel_setup import BATCH, llama, llama_trainer, local_bytes, train  # noqa: E402
+
+from trainer import Accelerator, ParallelismConfig  # noqa: E402
+
+
+def run(out: Path, layout: str, accumulation: int) -> None:
+    sizes = {f"{name}_size": int(value) for name, value in (part.split("=") for part in layout.split(","))}
+    accelerator = Accelerator(parallelism_config=ParallelismConfig(**sizes), gradient_accumulation_steps=accumulation)
+    model = llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    shard = accelerator.strategy.distributed_sampler_kwargs
+    train(accelerator, model, optimizer, accumulation, shard["rank"], shard["num_replicas"])
+    tag = f"{layout.replace('=', '').replace(',', '_')}_k{accumulation}"
+    accelerator.save_model(model, out / tag)  # the whole weights, gathered onto process 0
+    (out / f"{tag}_bytes_{accelerator.process_index}.json").write_text(json.dumps(local_bytes(model, optimizer)))
+    accelerator.wait_for_everyone()
+
+
+def trainer_run(out: Path) -> None:
+    """The Trainer with parallelism=dp_shard=2 x tp=2: each data-parallel pair reads half of each global batch."""
+    trainer = llama_trainer(out / "trainer_run", BATCH // 2, parallelism=ParallelismConfig(dp_shard_size=2, tp_size=2))
+    trainer.fit()
+    trainer.accelerator.save_model(trainer.model, out / "trainer")
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    for layout, accumulation in (part.split(":") for part in sys.argv[2].split(";")):
+        run(out, layout, int(accumulation))
+    trainer_run(out)
+    print(f"OK rank {os.environ['RANK']}", flush=True)
+    leave()

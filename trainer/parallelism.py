@@ -1,0 +1,98 @@
+"""N-D parallelism sizes and the ``DeviceMesh`` they make: data parallel replicate x shard, tensor, context, pipeline.
+
+``ParallelismConfig`` names how many processes each kind of parallelism spans; their product is
+the process count. The mesh has one named dimension per kind used (size above 1), outermost first:
+``pp``, ``dp_replicate``, ``dp_shard``, ``cp``, ``tp`` (tensor parallelism innermost, where
+processes talk most). Data is sharded over the data-parallel processes only (``dp_replicate`` x
+``dp_shard``): the processes of one tensor-parallel group read the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DIMENSIONS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # the mesh's order, outermost first
+
+
+@dataclass
+class ParallelismConfig:
+    """How many processes each kind of parallelism spans; the product must equal the process count.
+
+    Args:
+        dp_replicate_size: data-parallel replicas (each holds whole, or ``dp_shard``-sharded, weights).
+        dp_shard_size: processes the weights, gradients and optimizer state are sharded over (FSDP).
+        tp_size: processes each layer of the tensor-parallel plan is split over.
+        cp_size: context parallelism (sequence split across processes): not available on this setup.
+        pp_size: pipeline stages: not available for training yet.
+        tp_plan: the tensor-parallel plan, ``{"<module name pattern>": "colwise" | "rowwise" | ParallelStyle}``;
+            by default the model's own (``config.base_model_tp_plan`` of transformers models).
+    """
+
+    dp_replicate_size: int = 1
+    dp_shard_size: int = 1
+    tp_size: int = 1
+    cp_size: int = 1
+    pp_size: int = 1
+    tp_plan: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "pp_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ParallelismConfig({name}={value!r}): use a whole number >= 1.")
+        if self.cp_size > 1:
+            raise ValueError(f"ParallelismConfig(cp_size={self.cp_size}): context parallelism is not available here "
+                             "(it needs torch's context-parallel attention on CUDA devices). Use cp_size=1.")
+        if self.pp_size > 1:
+            raise ValueError(f"ParallelismConfig(pp_size={self.pp_size}): pipeline-parallel training is not available "
+                             "yet (prepare_pippy runs pipelined inference). Use pp_size=1.")
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Every dimension's size, by name, in the mesh's order."""
+        return {name: getattr(self, f"{name}_size") for name in DIMENSIONS}
+
+    @property
+    def total_size(self) -> int:
+        """The number of processes the layout needs."""
+        total = 1
+        for size in self.sizes.values():
+            total *= size
+        return total
+
+    @property
+    def dp_size(self) -> int:
+        """The data-parallel processes: how many different batches each step reads."""
+        return self.dp_replicate_size * self.dp_shard_size
+
+    @property
+    def mesh_dims(self) -> tuple[str, ...]:
+        """The names of the mesh's dimensions: the kinds used (size above 1), outermost first.
+
+        ``dp_shard`` stays (of size 1) beside ``dp_replicate``: replicated data parallelism is a
+        2-D (replicate x shard) FSDP mesh.
+        """
+        sizes = self.sizes
+        return tuple(name for name, size in sizes.items()
+                     if size > 1 or (name == "dp_shard" and sizes["dp_replicate"] > 1))
+
+    def dp_rank(self, process_index: int) -> int:
+        """Which data-parallel shard of the data process ``process_index`` reads (row-major mesh order)."""
+        inner = self.cp_size * self.tp_size
+        return (process_index // inner) % self.dp_size
+
+    def check_processes(self, num_processes: int) -> None:
+        """Raise unless the layout spans exactly ``num_processes`` processes."""
+        if self.total_size != num_processes:
+            used = " x ".join(f"{name}={size}" for name, size in self.sizes.items() if size > 1) or "1"
+            raise ValueError(f"ParallelismConfig: {used} spans {self.total_size} process(es), but this run has "
+                             f"{num_processes}. Launch {self.total_size} processes, or choose sizes whose product "
+                             f"is {num_processes}.")
+
+    def build_device_mesh(self, device_type: str) -> Any:
+        """The ``DeviceMesh`` of the used dimensions (one dimension ``dp_shard`` of size 1 when none is used)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        names = self.mesh_dims or ("dp_shard",)
+        return init_device_mesh(device_type, tuple(self.sizes[name] for name in names), mesh_dim_names=names)
