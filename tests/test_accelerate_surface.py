@@ -252,7 +252,8 @@ def test_launch_takes_accelerate_launch_flags(tmp_path):
     assert sorted(line for line in out.splitlines() if line.startswith("rank")) == [
         "rank 0 EAGER True 1", "rank 1 EAGER True 1"]
     for flags, reason in ((["--tpu"], "--tpu is not available: TPU pod launches"),
-                          (["--parallelism_config_tp_size", "2"], "--parallelism_config_tp_size is not available"),
+                          (["--parallelism_config_cp_size", "2"], "--parallelism_config_cp_size is not available"),
+                          (["--parallelism_config_tp_size", "two"], "--parallelism_config_tp_size two: give a whole"),
                           (["--dynamo_backend", "indutor"], "Did you mean 'inductor'?")):
         code, _, err = run_cli("launch", *flags, str(script))
         assert code == 2 and err.startswith("trainer launch: ") and reason in err and len(err.splitlines()) == 1, err

@@ -126,3 +126,30 @@ def test_a_model_without_a_plan_names_the_missing_tensor_parallel_plan():
         resolve_plan(llama(), {"nothing.*": "colwise"}, 2)
     with pytest.raises(ValueError, match=r"'lm_head' -> 'diagonal' is not a style this strategy applies"):
         resolve_plan(llama(), {"lm_head": "diagonal"}, 2)
+
+
+def test_a_launch_configuration_section_and_flags_lay_out_the_processes(tmp_path):
+    from distributed_helpers import run_cli
+
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch\nfrom trainer import Accelerator\naccelerator = Accelerator()\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))\n"
+        "model._tp_plan = {'0': 'colwise', '2': 'rowwise'}  # the model's own plan, as transformers models carry\n"
+        "model = accelerator.prepare(model)\nlayout = accelerator.strategy.parallelism\n"
+        "shard = accelerator.strategy.distributed_sampler_kwargs\n"
+        "print(f'rank {accelerator.process_index} {accelerator.strategy.name} {layout.mesh_dims} '\n"
+        "      f'data {shard[\"rank\"]} of {shard[\"num_replicas\"]}', flush=True)\n")
+    config = tmp_path / "nd.yaml"
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\nuse_cpu: true\n"
+                      "parallelism_config:\n  parallelism_config_dp_shard_size: 4\n")
+    code, out, err = run_cli("launch", "--config_file", str(config), "--parallelism_config_dp_shard_size", "2",
+                             "--parallelism_config_tp_size", "2", "--quiet", str(script))
+    assert code == 0, err
+    assert sorted(line for line in out.splitlines() if line.startswith("rank")) == [
+        f"rank {rank} fsdp ('dp_shard', 'tp') data {rank // 2} of 2" for rank in range(4)]
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\nuse_cpu: true\n"
+                      "parallelism_config:\n  parallelism_config_dp_shard_size: 3\n")
+    code, _, err = run_cli("launch", "--config_file", str(config), str(script))
+    assert code == 2 and err.strip() == ("trainer launch: parallelism_config: the sizes span 3 processes but "
+                                         "num_processes is 4: make their product equal num_processes."), err

@@ -10,6 +10,7 @@ kind, are one clear error.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ def settle(*, strategy: str | Strategy | None, kwargs_handlers: Iterable[KwargsH
                          "parallelism_config=ParallelismConfig(tp_size=...).")
     _check_rng_types(rng_types)
     _plugins(settings, fsdp_plugin, _one_deepspeed_plugin(deepspeed_plugin), megatron_lm_plugin)
+    if parallelism_config is None and os.environ.get(variables.PARALLELISM):  # the launch's parallelism_config
+        from trainer.parallelism import ParallelismConfig
+
+        parallelism_config = ParallelismConfig(**json.loads(os.environ[variables.PARALLELISM]))
     if parallelism_config is not None:
         _parallelism(settings, parallelism_config)
     settings.accumulation = _accumulation(gradient_accumulation_steps, gradient_accumulation_plugin, accumulation_normalize)

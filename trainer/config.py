@@ -96,8 +96,9 @@ LAUNCH_KEYS: dict[str, Key] = {
                                   for name in ("amax_history_len", "amax_compute_algo", "fp8_format", "interval",
                                                "margin", "override_linear_precision", "use_autocast_during_eval",
                                                "opt_level", "enable_fsdp_float8_all_gather", "pad_inner_dim")}}),
-    "parallelism_config": Key((dict,), "Accelerate's N-D parallelism sizes. Sizes above 1 stop the launch: N-D "
-                                       "parallelism is not available in `trainer launch` yet.",
+    "parallelism_config": Key((dict,), "N-D parallelism sizes (`ParallelismConfig`): `parallelism_config_dp_replicate_size`, "
+                                       "`_dp_shard_size` and `_tp_size`, whose product is the process count; context "
+                                       "and sequence parallel sizes above 1 stop the launch.",
                               section={f"parallelism_config_{name}": Key((int, str, bool), "")
                                        for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size",
                                                     "cp_backend", "cp_comm_strategy", "sp_size", "sp_backend",
@@ -164,11 +165,32 @@ def check_launchable(config: dict[str, Any]) -> None:
     if backend != "AO":
         raise ConfigError(f"fp8_config.backend: {config['fp8_config']['backend']!r} is not available: fp8 runs through "
                           "torchao here; set backend: AO (or remove fp8_config) and keep mixed_precision: fp8.")
-    sizes = {key: value for key, value in config.get("parallelism_config", {}).items()
-             if key.endswith("_size") and isinstance(value, int) and value > 1}
+    section = config.get("parallelism_config", {})
+    refused = {key: value for key, value in section.items() if key.removeprefix("parallelism_config_") in
+               ("cp_size", "sp_size") and isinstance(value, int) and value > 1}
+    if refused:
+        raise ConfigError(f"parallelism_config: {', '.join(f'{k}={v}' for k, v in refused.items())} is not available: "
+                          "context and sequence parallelism are not available here; keep them at 1.")
+    sizes = parallelism_sizes(config)
     if sizes:
-        raise ConfigError(f"parallelism_config: {', '.join(f'{k}={v}' for k, v in sizes.items())} is not available: "
-                          "N-D parallelism is not available in trainer launch; use the fsdp or megatron strategy.")
+        from trainer.parallelism import ParallelismConfig
+
+        try:
+            layout = ParallelismConfig(**sizes)
+        except ValueError as error:
+            raise ConfigError(f"parallelism_config: {error}") from None
+        processes = config.get("num_processes")
+        if isinstance(processes, int) and processes != layout.total_size:
+            raise ConfigError(f"parallelism_config: the sizes span {layout.total_size} processes but num_processes is "
+                              f"{processes}: make their product equal num_processes.")
+
+
+def parallelism_sizes(config: dict[str, Any]) -> dict[str, Any]:
+    """``ParallelismConfig``'s arguments from the ``parallelism_config`` section, when a size above 1 is set."""
+    section = config.get("parallelism_config", {})
+    sizes = {name: section.get(f"parallelism_config_{name}", section.get(name, 1))
+             for name in ("dp_replicate_size", "dp_shard_size", "tp_size")}
+    return sizes if any(isinstance(v, int) and not isinstance(v, bool) and v > 1 for v in sizes.values()) else {}
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
@@ -319,4 +341,7 @@ def process_environment(config: dict[str, Any]) -> dict[str, str]:
     for other in registry.strategy_specs():
         if other.section is not None and other.environment_variable is not None and config.get(other.section):
             env[other.environment_variable] = json.dumps(config[other.section])
+    sizes = parallelism_sizes(config)
+    if sizes:
+        env[variables.PARALLELISM] = json.dumps(sizes)
     return env

@@ -12,4 +12,5 @@ ACCUMULATION = "TRAINER_GRADIENT_ACCUMULATION_STEPS"  # micro-batches per optimi
 USE_CPU = "TRAINER_USE_CPU"  # "1": run on the CPU even where an accelerator is present
 PROCESS_GROUP_TIMEOUT = "TRAINER_PROCESS_GROUP_TIMEOUT"  # seconds a collective waits (a launch sets 600 by default)
 DYNAMO = "TRAINER_DYNAMO_CONFIG"  # the YAML dynamo_config section, as JSON: torch.compile for prepared models
+PARALLELISM = "TRAINER_PARALLELISM_CONFIG"  # ParallelismConfig's sizes, as JSON (the parallelism_config section)
 RESTART_COUNT = "TRAINER_RESTART_COUNT"  # 0 on a launch's first attempt, 1 after this machine's first restart...

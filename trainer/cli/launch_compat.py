@@ -27,6 +27,7 @@ _REFUSED = {
 }
 _PARALLELISM = ["cp_backend", "cp_comm_strategy", "cp_size", "dp_replicate_size", "dp_shard_size",
                 "sp_attn_implementation", "sp_backend", "sp_seq_length", "sp_seq_length_is_variable", "sp_size", "tp_size"]
+_LAYOUT_SIZES = ("dp_replicate_size", "dp_shard_size", "tp_size")  # ParallelismConfig's, applied to the configuration
 _VALUE_FLAGS_REFUSED = ["aws_access_key_id", "aws_secret_access_key", "deepspeed_hostfile", "deepspeed_exclusion_filter",
                         "deepspeed_inclusion_filter", "deepspeed_multinode_launcher", "mpirun_hostfile",
                         "deepspeed_moe_layer_cls_names", "fsdp_version", "vm"]
@@ -70,8 +71,14 @@ def refusal(args: argparse.Namespace) -> str | None:
         if vars(args).get(name) not in (None, False):
             return f"--{name} is not available: {reason}."
     for name in _PARALLELISM:
-        if vars(args).get(f"parallelism_config_{name}") is not None:
-            return f"--parallelism_config_{name} is not available: N-D parallelism is a strategy option here."
+        if name not in _LAYOUT_SIZES and vars(args).get(f"parallelism_config_{name}") is not None:
+            return (f"--parallelism_config_{name} is not available: context and sequence parallelism are not available "
+                    "here (the data-parallel and tensor-parallel sizes are).")
+    for name in _LAYOUT_SIZES:
+        value = vars(args).get(f"parallelism_config_{name}")
+        if value is not None and (value is True or not str(value).isdigit() or int(value) < 1):
+            return f"--parallelism_config_{name} {'' if value is True else value}: give a whole number >= 1.".replace(
+                " :", ":")
     return None
 
 
@@ -82,6 +89,10 @@ def apply(args: argparse.Namespace, config: dict[str, Any]) -> None:
     dynamo = {key: value for key, value in dynamo.items() if value is not None}
     if dynamo:
         config["dynamo_config"] = {**config.get("dynamo_config", {}), **dynamo}
+    sizes = {f"parallelism_config_{name}": int(vars(args)[f"parallelism_config_{name}"]) for name in _LAYOUT_SIZES
+             if vars(args).get(f"parallelism_config_{name}") is not None}
+    if sizes:
+        config["parallelism_config"] = {**config.get("parallelism_config", {}), **sizes}
     if args.gpu_ids is not None:
         config["gpu_ids"] = args.gpu_ids
     if args.debug:
