@@ -24,10 +24,10 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def train(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
-          rank: int = 0, replicas: int = 1) -> None:
-    """STEPS optimizer steps; each takes the step's global batch in ``accumulation`` micro-batches, each split
+          rank: int = 0, replicas: int = 1, steps: range = range(STEPS)) -> None:
+    """Optimizer steps ``steps``; each takes the step's global batch in ``accumulation`` micro-batches, each split
     over the ``replicas`` data-parallel processes (this one reads part ``rank``)."""
-    for step in range(STEPS):
+    for step in steps:
         tokens = global_batch(step)
         micro = BATCH // accumulation
         for k in range(accumulation):

@@ -153,3 +153,30 @@ def test_a_launch_configuration_section_and_flags_lay_out_the_processes(tmp_path
     code, _, err = run_cli("launch", "--config_file", str(config), str(script))
     assert code == 2 and err.strip() == ("trainer launch: parallelism_config: the sizes span 3 processes but "
                                          "num_processes is 4: make their product equal num_processes."), err
+
+
+@pytest.mark.parametrize("kind", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_a_checkpoint_of_one_layout_resumes_on_another_and_on_one_process(runs, kind, tmp_path):
+    from distributed_helpers import run_cli
+
+    from trainer.utils import FullyShardedDataParallelPlugin
+
+    straight = load_file(str(runs / f"straight_{kind}" / "model.safetensors"))  # dp_shard=2 x tp=2, steps 0-20
+    resumed4 = load_file(str(runs / f"resumed4_{kind}" / "model.safetensors"))  # saved at step 10, resumed on dp_shard=4
+    assert max((resumed4[name] - straight[name]).abs().max().item() for name in straight) <= 1e-5
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(state_dict_type=kind))
+    model = llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.load_state(runs / f"ckpt_{kind}")
+    at_save = {name: value.clone() for name, value in model.state_dict().items()}
+    train(accelerator, model, optimizer, 1, steps=range(10, STEPS))
+    one = model.state_dict()
+    assert max((one[name] - straight[name]).abs().max().item() for name in straight) <= 1e-5
+    PartialState._reset_state()
+    if kind == "SHARDED_STATE_DICT":  # the shards of four processes merge into the whole weights of step 10
+        code, _, err = run_cli("merge-weights", str(runs / f"ckpt_{kind}"), str(tmp_path / "merged"))
+        assert code == 0, err
+        merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+        assert merged.keys() == at_save.keys() and all(torch.equal(merged[name], at_save[name]) for name in at_save)

@@ -36,6 +36,37 @@ def run(out: Path, layout: str, accumulation: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def prepared(layout: str, state_dict_type: str) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
+    from trainer.utils import FullyShardedDataParallelPlugin
+
+    sizes = {f"{name}_size": int(value) for name, value in (part.split("=") for part in layout.split(","))}
+    accelerator = Accelerator(parallelism_config=ParallelismConfig(**sizes),
+                              fsdp_plugin=FullyShardedDataParallelPlugin(state_dict_type=state_dict_type))
+    model = llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
+
+
+def steps(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, first: int, last: int) -> None:
+    shard = accelerator.strategy.distributed_sampler_kwargs
+    train(accelerator, model, optimizer, 1, shard["rank"], shard["num_replicas"], range(first, last))
+
+
+def checkpoints(out: Path) -> None:
+    """Save on dp_shard=2 x tp=2 at step 10 of 20 (whole and sharded state), go on to 20; resume on dp_shard=4."""
+    for kind in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
+        accelerator, model, optimizer = prepared("dp_shard=2,tp=2", kind)
+        steps(accelerator, model, optimizer, 0, 10)
+        accelerator.save_state(out / f"ckpt_{kind}")
+        steps(accelerator, model, optimizer, 10, 20)
+        accelerator.save_model(model, out / f"straight_{kind}")
+        accelerator, model, optimizer = prepared("dp_shard=4", kind)
+        accelerator.load_state(out / f"ckpt_{kind}")
+        steps(accelerator, model, optimizer, 10, 20)
+        accelerator.save_model(model, out / f"resumed4_{kind}")
+
+
 def trainer_run(out: Path) -> None:
     """The Trainer with parallelism=dp_shard=2 x tp=2: each data-parallel pair reads half of each global batch."""
     trainer = llama_trainer(out / "trainer_run", BATCH // 2, parallelism=ParallelismConfig(dp_shard_size=2, tp_size=2))
@@ -48,5 +79,6 @@ if __name__ == "__main__":
     for layout, accumulation in (part.split(":") for part in sys.argv[2].split(";")):
         run(out, layout, int(accumulation))
     trainer_run(out)
+    checkpoints(out)
     print(f"OK rank {os.environ['RANK']}", flush=True)
     leave()
