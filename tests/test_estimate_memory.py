@@ -327,6 +327,9 @@ def test_cli_unknown_model_type_suggests_the_closest(cli_runs):
     (["gpt2", "--config", "n_layer"], "--config takes key=value pairs"),
     (["torch.nn:Linear", "--config", "in_features=2"], "--config and --task apply to transformers models"),
     (["meta-llama/Llama-2-7b-hf"], "this command works offline"),
+    (["gpt2", "--parallelism", "dp_shrd=8"], "--parallelism: 'dp_shrd' is not a dimension (did you mean 'dp_shard'?)"),
+    (["gpt2", "--parallelism", "tp=eight"], "--parallelism: 'tp=eight' needs a whole number, as in tp=8"),
+    (["gpt2", "--parallelism", "pp=2"], "--parallelism: ParallelismConfig(pp_size=2): pipeline-parallel training is not"),
 ])
 def test_errors_are_one_sentence_and_status_2(capsys, args, message):
     assert main(["estimate-memory", *args]) == 2
@@ -351,3 +354,16 @@ def test_a_local_folder_and_its_config_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["estimate-memory", str(tmp_path / "empty")]) == 2
     assert "without a config.json" in capsys.readouterr().err
+
+
+def test_a_layout_adds_the_training_memory_per_device(capsys):
+    args = ["estimate-memory", "models:mlp", "--kwargs", "hidden=32", "features=8", "--dtypes", "float32"]
+    assert main([*args, "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)[0]
+    assert main([*args, "--parallelism", "dp_shard=2,tp=2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["training_per_device_bytes"] == whole["training_bytes"] // 4 + whole["largest_layer_bytes"] // 2
+    assert main([*args, "--parallelism", "dp_shard=2,tp=2"]) == 0
+    table = capsys.readouterr().out
+    assert "laid out as dp_shard=2,tp=2 (4 devices)" in table.splitlines()[0] and "training per device" in table
+    assert format_bytes(row["training_per_device_bytes"]) in table

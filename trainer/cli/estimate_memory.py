@@ -31,6 +31,7 @@ from torch import nn
 from trainer.cli.errors import CliError
 from trainer.inference.estimate import DTYPES, INFERENCE_OVERHEAD, OPTIMIZER_STATES, estimate_memory
 from trainer.inference.meta import init_empty_weights
+from trainer.parallelism import ParallelismConfig
 
 # --task: the transformers Auto class that builds the model; "auto" follows the config's
 # ``architectures`` (a local config.json usually names one) and falls back to the base model.
@@ -65,18 +66,56 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help=f"the dtypes to estimate, among {', '.join(DTYPES)} (default: all)")
     parser.add_argument("--optimizer", choices=list(OPTIMIZER_STATES), default="adam",
                         help="the optimizer whose fp32 states training keeps (default: adam)")
+    parser.add_argument("--parallelism", metavar="DIM=SIZE,...",
+                        help="a training layout, e.g. dp_shard=8,tp=8 (dp_replicate, dp_shard, tp): adds the training "
+                             "memory per device")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    layout = parse_parallelism(args.parallelism) if args.parallelism else None  # before the model is built
     model, description = build_model(args.model, task=args.task, config=args.config, kwargs=args.kwargs)
     rows = estimate_memory(model, args.dtypes, optimizer=args.optimizer)
+    if layout is not None:
+        for row in rows:
+            row.update(per_device(row, layout))
+        description += f", laid out as {args.parallelism} ({layout.total_size} devices)"
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows, description, args.optimizer))
     return 0
+
+
+def parse_parallelism(text: str) -> ParallelismConfig:
+    """``dp_shard=8,tp=8`` as a ``ParallelismConfig``; a bad part is one error naming it."""
+    sizes: dict[str, Any] = {}
+    for part in (piece.strip() for piece in text.split(",") if piece.strip()):
+        name, _, value = part.partition("=")
+        key = f"{name.strip()}_size"
+        if key not in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "pp_size"):
+            close = difflib.get_close_matches(name.strip(), ["dp_replicate", "dp_shard", "tp"], n=1)
+            raise CliError(f"--parallelism: {name.strip()!r} is not a dimension"
+                           + (f" (did you mean {close[0]!r}?)" if close else "") + "; use dp_replicate, dp_shard and tp.")
+        if not value.strip().isdigit():
+            raise CliError(f"--parallelism: {part!r} needs a whole number, as in {name.strip()}=8.")
+        sizes[key] = int(value)
+    try:
+        return ParallelismConfig(**sizes)
+    except ValueError as error:
+        raise CliError(f"--parallelism: {error}") from None
+
+
+def per_device(row: dict[str, Any], layout: ParallelismConfig) -> dict[str, int]:
+    """Training memory per device under ``layout``: the sharded state, plus one gathered layer.
+
+    Weights, gradients and optimizer state are split over ``dp_shard x tp`` devices (tensor
+    parallelism splits the planned layers; the few it leaves whole are counted as split too);
+    FSDP gathers one layer at a time for its forward and backward, itself split over ``tp``.
+    """
+    shards = layout.dp_shard_size * layout.tp_size
+    return {"training_per_device_bytes": row["training_bytes"] // shards + row["largest_layer_bytes"] // layout.tp_size}
 
 
 # --- building the model on the meta device -------------------------------------------------------------
@@ -284,6 +323,11 @@ def format_table(rows: list[dict[str, Any]], description: str, optimizer: str = 
     cells = [[row["dtype"], f"{format_bytes(row['largest_layer_bytes'])} ({row['largest_layer'] or 'the whole model'})",
               format_bytes(row["total_bytes"]), format_bytes(row["inference_bytes"]), format_bytes(row["training_bytes"])]
              for row in rows]
+    laid_out = bool(rows) and "training_per_device_bytes" in rows[0]
+    if laid_out:
+        header.append("training per device")
+        for cell, row in zip(cells, rows):
+            cell.append(format_bytes(row["training_per_device_bytes"]))
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
     lines = [f"Memory for {description}:", ""]
     for line in [header, ["-" * w for w in widths], *cells]:
@@ -294,4 +338,6 @@ def format_table(rows: list[dict[str, Any]], description: str, optimizer: str = 
               f"+ {INFERENCE_OVERHEAD:.0%} for activations and caches;",
               f"training: weights + gradients + {states} fp32 {optimizer} state(s) per parameter "
               "(+ an fp32 master copy for float16/bfloat16), activations not included."]
+    if laid_out:
+        lines.append("training per device: training / (dp_shard x tp) + the largest layer / tp (gathered in turn).")
     return "\n".join(lines)
