@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,24 @@ def run_dir(finished_run, tmp_path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     return out
+
+
+# -- a full disk (the checkpoint fault cases) ----------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB tmpfs, with a checkpoint saved on it and ``latest`` pointing at it (skipped without root)."""
+    from fault_helpers import saved_checkpoint
+
+    from trainer.checkpoint_state import write_latest
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        path, weights = saved_checkpoint(mount)
+        write_latest(mount, path)
+        yield mount, path, weights
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

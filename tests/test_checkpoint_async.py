@@ -9,20 +9,19 @@ part-way through on the writer's thread are in ``test_faults_checkpoint.py``.)
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from fault_helpers import assert_still_loads, prepared, saved_checkpoint, train_steps
+from fault_helpers import assert_still_loads, prepared, train_steps
 from trainer_setup import make_trainer
 
 from trainer import PartialState
 from trainer.callbacks import ModelCheckpoint
 from trainer.checkpoint_errors import CheckpointWriteError
-from trainer.checkpoint_state import find_latest, write_latest
+from trainer.checkpoint_state import find_latest
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -90,22 +89,6 @@ def test_the_next_save_and_load_wait_for_the_pending_one(tmp_path):
     accelerator.save_state(tmp_path / "c", blocking=False)
     accelerator.load_state(tmp_path / "c")  # reads the finished checkpoint
     assert files_of(tmp_path / "c").keys() == files_of(tmp_path / "a").keys()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB tmpfs with a checkpoint saved on it and ``latest`` pointing at it."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        path, saved = saved_checkpoint(mount)
-        write_latest(mount, path)
-        yield mount, path, saved
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_disk_that_fills_up_during_an_async_write_fails_at_the_next_wait_and_keeps_the_previous_checkpoint(small_disk):

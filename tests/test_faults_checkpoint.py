@@ -417,22 +417,6 @@ def test_a_live_writers_scratch_folder_is_not_removed(ckpt):
 
 
 # -- a full or read-only disk ---------------------------------------------------------------------------------------
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MiB tmpfs, with a checkpoint saved on it and ``latest`` pointing at it."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        path, weights = saved_checkpoint(mount)
-        write_latest(mount, path)
-        yield mount, path, weights
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def assert_previous_checkpoint_kept(mount: Path, path: Path, weights: dict[str, torch.Tensor]) -> None:
     assert sorted(p.name for p in mount.iterdir()) == ["ckpt", "latest"]  # no scratch folder left
     assert find_latest(mount) == path
