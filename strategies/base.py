@@ -296,6 +296,14 @@ class Strategy:
         return box[0]
 
     # -- checkpoint IO ----------------------------------------------------------------------------
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """Return the module's whole weights by name, for ``accelerator.get_state_dict``.
+
+        Called on every process; a strategy that shards the weights gathers them (process 0 then
+        holds them, on the CPU). The default is the unwrapped module's own ``state_dict()``.
+        """
+        return self.unwrap_module(module).state_dict()
+
     def save_module(self, module: nn.Module, path: Path) -> None:
         """Write the module's full weights as one safetensors file at ``path`` (tied weights stored once).
 

@@ -354,18 +354,21 @@ class DeepSpeed(Strategy):
         raise RuntimeError("Under DeepSpeed the optimizer state is partitioned: restore it with accelerator.load_state().")
 
     # -- full weights --------------------------------------------------------------------------------------------
-    def save_module(self, module: nn.Module, path: Path) -> None:
-        """Rank 0 writes the full weights as one safetensors file that loads into the plain model.
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The full weights (under ZeRO-3 gathered from every process: the training-dtype weights with
+        ``zero3_save_16bit_model``, the consolidated fp32 master weights otherwise)."""
+        if not isinstance(module, DeepSpeedModule):
+            return super().full_state_dict(module)
+        self.engine  # noqa: B018 - built here if the model has not run yet: the weights live in it
+        return checkpoint_files.gather_full_weights(_import_deepspeed(), module.module, self.zero_stage,
+                                                    self.zero3_save_16bit_model)
 
-        Under ZeRO-3 the weights are gathered from every process: the training-dtype weights with
-        ``zero3_save_16bit_model``, the consolidated fp32 master weights otherwise.
-        """
+    def save_module(self, module: nn.Module, path: Path) -> None:
+        """Rank 0 writes the full weights (``full_state_dict``) as one safetensors file that loads into the plain model."""
         if not isinstance(module, DeepSpeedModule):
             super().save_module(module, path)
             return
-        self.engine  # noqa: B018 - built here if the model has not run yet: the weights live in it
-        state = checkpoint_files.gather_full_weights(_import_deepspeed(), module.module, self.zero_stage,
-                                                     self.zero3_save_16bit_model)
+        state = self.full_state_dict(module)
         if self.process_index == 0:
             save_file(state, str(path), metadata={"format": "pt"})
 

@@ -132,6 +132,10 @@ class FSDP(Strategy):
         if not (mixed_precision is None or mixed_precision == "auto" or isinstance(mixed_precision, torch.dtype)):
             raise ValueError(f"FSDP(mixed_precision={mixed_precision!r}): use \"auto\" (follow the Accelerator's precision), "
                              "a torch dtype (torch.bfloat16) or None (the parameters' own dtype).")
+        if parallelism is not None and SHARDING_STRATEGIES[sharding][0] != "shard":
+            raise ValueError(f"FSDP(sharding_strategy={sharding!r}) lays out replicas itself, and a ParallelismConfig was "
+                             "given too: set the layout once, with ParallelismConfig(dp_replicate_size=..., "
+                             "dp_shard_size=...), and keep sharding_strategy FULL_SHARD or SHARD_GRAD_OP.")
         if hybrid_shard_size is not None and hybrid_shard_size < 1:
             raise ValueError(f"FSDP(hybrid_shard_size={hybrid_shard_size}): a shard group has at least one process.")
         if isinstance(transformer_layer_cls_to_wrap, str):
@@ -410,13 +414,19 @@ class FSDP(Strategy):
 
         return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
 
-    def save_module(self, module: nn.Module, path: Path) -> None:
-        """One safetensors file of whole tensors, gathered onto process 0's CPU and written there."""
+    def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole tensors, gathered onto process 0's CPU (the other processes get an empty dict)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = get_model_state_dict(module, options=self._options())
+        if not self.is_distributed:
+            return module.state_dict()
+        return cast(dict[str, torch.Tensor], get_model_state_dict(module, options=self._options()))
+
+    def save_module(self, module: nn.Module, path: Path) -> None:
+        """One safetensors file of whole tensors, gathered onto process 0's CPU and written there."""
+        state = self.full_state_dict(module)
         if self.process_index == 0:
-            save_file({k: cast(torch.Tensor, v).contiguous() for k, v in state.items()}, str(path))
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
     def load_module(self, module: nn.Module, path: Path, strict: bool = True) -> None:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict

@@ -159,3 +159,21 @@ def test_the_staging_copies_are_reused_from_one_async_save_to_the_next(tmp_path)
     accelerator.wait_for_checkpoint()
     assert {key: buffer.data_ptr() for key, buffer in accelerator.staging_buffers._buffers.items()} == buffers
     assert_still_loads(tmp_path / "b", weights(accelerator, model))
+
+
+def test_an_accelerator_pickles_while_an_async_save_is_being_written(tmp_path):
+    import pickle
+
+    from trainer import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # as Accelerate's own test pickles it: a model, no optimizer
+    accelerator.prepare(torch.nn.Linear(4, 4))
+    gate = hold_writer(accelerator)
+    try:
+        accelerator.save_state(tmp_path / "ckpt", blocking=False)
+        copy = pickle.loads(pickle.dumps(accelerator))  # its writer's thread, lock and pending write stay behind
+        assert not copy.checkpoint_writer.pending and accelerator.checkpoint_writer.pending
+    finally:
+        gate.set()
+    accelerator.wait_for_checkpoint()
+    assert (tmp_path / "ckpt" / "accelerator.json").is_file()

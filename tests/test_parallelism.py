@@ -114,6 +114,16 @@ def test_parallelism_runs_on_fsdp_and_refuses_another_strategy():
     PartialState._reset_state()
 
 
+def test_a_layout_given_twice_is_one_clear_error():
+    from trainer.utils import FullyShardedDataParallelPlugin
+
+    with pytest.raises(ValueError, match=r"FSDP\(sharding_strategy='HYBRID_SHARD'\) lays out replicas itself, and a "
+                                         r"ParallelismConfig was given too"):
+        Accelerator(cpu=True, parallelism_config=ParallelismConfig(),
+                    fsdp_plugin=FullyShardedDataParallelPlugin(sharding_strategy="HYBRID_SHARD"))
+    PartialState._reset_state()
+
+
 def test_a_model_without_a_plan_names_the_missing_tensor_parallel_plan():
     from trainer.strategies.tensor_parallel import resolve_plan
 

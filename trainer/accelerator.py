@@ -498,7 +498,13 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
              safe_serialization=safe_serialization)
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
-        return (self.unwrap_model(model) if unwrap else model).state_dict()
+        """The model's whole weights by name; a sharding strategy gathers them (onto the main process) first.
+
+        Call it on every process. ``unwrap=False`` gives the prepared wrapper's own ``state_dict()``.
+        """
+        if not unwrap:
+            return model.state_dict()
+        return self.strategy.full_state_dict(model)
 
     # -- end ------------------------------------------------------------------------------------------------
     def end_training(self) -> None:

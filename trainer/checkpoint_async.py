@@ -117,6 +117,13 @@ class CheckpointWriter:
         dist.broadcast_object_list(box, src=src, group=self._group)
         return box[0]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A pickled accelerator takes its writer's settings, not its thread, lock or pending write."""
+        return {"num_processes": self.num_processes}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["num_processes"])  # type: ignore[misc]
+
     def close(self) -> None:
         """Wait for the pending write, then stop the thread (raises the write's error)."""
         try:

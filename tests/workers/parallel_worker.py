@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 from checks import leave  # noqa: E402
 from parallel_setup import BATCH, llama, llama_trainer, local_bytes, train  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from trainer import Accelerator, ParallelismConfig  # noqa: E402
 
@@ -31,7 +32,10 @@ def run(out: Path, layout: str, accumulation: int) -> None:
     shard = accelerator.strategy.distributed_sampler_kwargs
     train(accelerator, model, optimizer, accumulation, shard["rank"], shard["num_replicas"])
     tag = f"{layout.replace('=', '').replace(',', '_')}_k{accumulation}"
-    accelerator.save_model(model, out / tag)  # the whole weights, gathered onto process 0
+    weights = accelerator.get_state_dict(model)  # the whole weights, gathered onto process 0
+    if accelerator.is_main_process:
+        (out / tag).mkdir()
+        save_file({name: value.contiguous() for name, value in weights.items()}, str(out / tag / "model.safetensors"))
     (out / f"{tag}_bytes_{accelerator.process_index}.json").write_text(json.dumps(local_bytes(model, optimizer)))
     accelerator.wait_for_everyone()
 
