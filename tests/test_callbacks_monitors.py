@@ -248,6 +248,7 @@ def test_bad_arguments_are_one_clear_error(build, message):
 
 DDP_SCRIPT = """
 import json, sys, time
+from pathlib import Path
 import torch, torch.nn.functional as F
 from torch.utils.data import TensorDataset
 from trainer import Trainer
@@ -283,8 +284,10 @@ _, by_step = trainer.logged_since(0)
 rates = {s: v["throughput/samples_per_sec"] for s, v in by_step.items() if "throughput/samples_per_sec" in v}
 # What this process saw: 4 samples a step on each of the 2 processes, over its own clock.
 own = {s: 2 * 4 * (s - max(s - 4, 1)) / (stopwatch.marks[s] - stopwatch.marks[max(s - 4, 1)]) for s in rates}
-print("RESULT", json.dumps({"rank": trainer.accelerator.process_index, "rates": rates, "own": own,
-                            "ema": ema.averaged_state_dict()["weight"].tolist()}))
+# Each process its own file: two processes' writes to one pipe may interleave once they exceed PIPE_BUF.
+rank = trainer.accelerator.process_index
+(Path(sys.argv[1]) / f"result_{rank}.json").write_text(json.dumps({
+    "rank": rank, "rates": rates, "own": own, "ema": ema.averaged_state_dict()["weight"].tolist()}))
 """
 
 
@@ -293,8 +296,7 @@ def test_two_processes_sum_their_samples_print_one_summary_and_keep_one_ema(tmp_
     script = tmp_path / "ddp_monitors.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     result = run_distributed(script, nproc=2, args=[str(tmp_path / "out")])
-    reports = sorted((json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
-                      if line.startswith("RESULT")), key=lambda report: report["rank"])
+    reports = [json.loads((tmp_path / "out" / f"result_{rank}.json").read_text()) for rank in (0, 1)]
     assert [report["rank"] for report in reports] == [0, 1]
     assert result.stdout.count("Trainable params") == 1
     assert reports[0]["rates"] == reports[1]["rates"] and sorted(reports[0]["rates"]) == ["12", "4", "8"]
