@@ -28,10 +28,10 @@ from torch import nn
 
 from . import fsdp_checkpoint, tensor_parallel
 from .base import Strategy, check_loaded_keys
+from .spec import Option, StrategySpec
 
 if TYPE_CHECKING:
     from trainer.parallelism import ParallelismConfig
-from .spec import Option, StrategySpec
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 # Sharding strategy (FSDP1's names and numbers) -> (mesh layout, reshard parameters after forward).
@@ -190,9 +190,7 @@ class FSDP(Strategy):
     def _shard_layout(self) -> tuple[int, int] | None:
         """(replicas, processes per shard group) for a 2-D mesh, or None for a 1-D (fully sharded) one."""
         n = self.num_processes
-        if self.parallelism is not None:
-            return None  # the layout's own mesh
-        if self.mesh_layout == "shard":
+        if self.mesh_layout == "shard":  # always so beside a ParallelismConfig (the constructor refuses the others)
             return None
         if self.mesh_layout == "replicate":
             return n, 1
@@ -214,11 +212,11 @@ class FSDP(Strategy):
     def _device_mesh(self) -> Any:
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self._mesh is None:
+        if self._mesh is None and self.parallelism is not None:
+            self._mesh = self.parallelism.build_device_mesh(self.root_device.type)
+        elif self._mesh is None:
             layout = self._shard_layout()
-            if self.parallelism is not None:
-                self._mesh = self.parallelism.build_device_mesh(self.root_device.type)
-            elif layout is None:
+            if layout is None:
                 self._mesh = init_device_mesh(self.root_device.type, (self.num_processes,), mesh_dim_names=("shard",))
             else:
                 self._mesh = init_device_mesh(self.root_device.type, layout, mesh_dim_names=("replicate", "shard"))

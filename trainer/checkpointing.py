@@ -214,11 +214,9 @@ def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffer
     own_format = started is not None or strategy.save_training_state(accelerator._models, optimizers, scratch)
     for index, model in enumerate(accelerator._models):
         name = f"{_name('model', index)}.safetensors"
-        if own_format:
-            pass
-        elif not _writes_whole_weights(strategy):
+        if not own_format and not _writes_whole_weights(strategy):  # gathered by the strategy: written here
             strategy.save_module(model, scratch / name)
-        elif accelerator.is_main_process:
+        elif not own_format and accelerator.is_main_process:
             staged.models.append((name, copy(f"{name}/", accelerator.unwrap_model(model).state_dict())))
         if accelerator.accumulation.micro_step:
             # Inside an accumulation group the gradients are part of the state: without them

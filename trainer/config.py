@@ -188,8 +188,10 @@ def check_launchable(config: dict[str, Any]) -> None:
 def parallelism_sizes(config: dict[str, Any]) -> dict[str, Any]:
     """``ParallelismConfig``'s arguments from the ``parallelism_config`` section, when a size above 1 is set."""
     section = config.get("parallelism_config", {})
+    from trainer.parallelism import TRAINED
+
     sizes = {name: section.get(f"parallelism_config_{name}", section.get(name, 1))
-             for name in ("dp_replicate_size", "dp_shard_size", "tp_size")}
+             for name in (f"{dimension}_size" for dimension in TRAINED)}
     return sizes if any(isinstance(v, int) and not isinstance(v, bool) and v > 1 for v in sizes.values()) else {}
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DIMENSIONS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # the mesh's order, outermost first
+TRAINED = ("dp_replicate", "dp_shard", "tp")  # the dimensions training can lay out here (cp and pp are refused)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ParallelismConfig:
     tp_plan: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "pp_size"):
+        for name in (f"{dimension}_size" for dimension in DIMENSIONS):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ParallelismConfig({name}={value!r}): use a whole number >= 1.")

@@ -70,9 +70,7 @@ class TrainerCheckpoints:
         if not point_latest:
             self.accelerator.print(f"The weights saved in {saved} are not all finite: 'latest' still names the "
                                    "previous checkpoint.")
-        if blocking:
-            self.accelerator.wait_for_everyone()
-        return saved
+        return saved  # a blocking save_state returned once every process saw latest point at it
 
     def weights_are_finite(self) -> bool:
         """Whether every weight of the model is finite (on every process)."""

@@ -31,7 +31,7 @@ from torch import nn
 from trainer.cli.errors import CliError
 from trainer.inference.estimate import DTYPES, INFERENCE_OVERHEAD, OPTIMIZER_STATES, estimate_memory
 from trainer.inference.meta import init_empty_weights
-from trainer.parallelism import ParallelismConfig
+from trainer.parallelism import DIMENSIONS, TRAINED, ParallelismConfig
 
 # --task: the transformers Auto class that builds the model; "auto" follows the config's
 # ``architectures`` (a local config.json usually names one) and falls back to the base model.
@@ -93,14 +93,14 @@ def parse_parallelism(text: str) -> ParallelismConfig:
     sizes: dict[str, Any] = {}
     for part in (piece.strip() for piece in text.split(",") if piece.strip()):
         name, _, value = part.partition("=")
-        key = f"{name.strip()}_size"
-        if key not in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size", "pp_size"):
-            close = difflib.get_close_matches(name.strip(), ["dp_replicate", "dp_shard", "tp"], n=1)
-            raise CliError(f"--parallelism: {name.strip()!r} is not a dimension"
-                           + (f" (did you mean {close[0]!r}?)" if close else "") + "; use dp_replicate, dp_shard and tp.")
+        name = name.strip()
+        if name not in DIMENSIONS:
+            close = difflib.get_close_matches(name, TRAINED, n=1)
+            raise CliError(f"--parallelism: {name!r} is not a dimension" + (f" (did you mean {close[0]!r}?)" if close else "")
+                           + f"; use {', '.join(TRAINED[:-1])} and {TRAINED[-1]}.")
         if not value.strip().isdigit():
-            raise CliError(f"--parallelism: {part!r} needs a whole number, as in {name.strip()}=8.")
-        sizes[key] = int(value)
+            raise CliError(f"--parallelism: {part!r} needs a whole number, as in {name}=8.")
+        sizes[f"{name}_size"] = int(value)
     try:
         return ParallelismConfig(**sizes)
     except ValueError as error:

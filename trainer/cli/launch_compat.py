@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from trainer.parallelism import TRAINED
+
 _REFUSED = {
     **dict.fromkeys(["tpu", "tpu_cluster", "no_tpu_cluster", "tpu_use_sudo", "vm", "downcast_bf16"],
                     "TPU pod launches are not available; run on the TPU host with --use_xla"),
@@ -27,7 +29,7 @@ _REFUSED = {
 }
 _PARALLELISM = ["cp_backend", "cp_comm_strategy", "cp_size", "dp_replicate_size", "dp_shard_size",
                 "sp_attn_implementation", "sp_backend", "sp_seq_length", "sp_seq_length_is_variable", "sp_size", "tp_size"]
-_LAYOUT_SIZES = ("dp_replicate_size", "dp_shard_size", "tp_size")  # ParallelismConfig's, applied to the configuration
+_LAYOUT_SIZES = tuple(f"{dimension}_size" for dimension in TRAINED)  # applied to the configuration
 _VALUE_FLAGS_REFUSED = ["aws_access_key_id", "aws_secret_access_key", "deepspeed_hostfile", "deepspeed_exclusion_filter",
                         "deepspeed_inclusion_filter", "deepspeed_multinode_launcher", "mpirun_hostfile",
                         "deepspeed_moe_layer_cls_names", "fsdp_version", "vm"]
@@ -77,8 +79,8 @@ def refusal(args: argparse.Namespace) -> str | None:
     for name in _LAYOUT_SIZES:
         value = vars(args).get(f"parallelism_config_{name}")
         if value is not None and (value is True or not str(value).isdigit() or int(value) < 1):
-            return f"--parallelism_config_{name} {'' if value is True else value}: give a whole number >= 1.".replace(
-                " :", ":")
+            given = "" if value is True else f" {value}"
+            return f"--parallelism_config_{name}{given}: give a whole number >= 1."
     return None
 
 
