@@ -32,6 +32,7 @@ from .spec import Option, StrategySpec
 
 if TYPE_CHECKING:
     from trainer.parallelism import ParallelismConfig
+    from trainer.strategies.pipeline_parallel import PipelineStages
 
 WRAP_POLICIES = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
 # Sharding strategy (FSDP1's names and numbers) -> (mesh layout, reshard parameters after forward).
@@ -160,6 +161,7 @@ class FSDP(Strategy):
         self._module: nn.Module | None = None
         self._replaced: dict[int, nn.Parameter] = {}
         self._mesh: Any = None
+        self._pipelines: list[PipelineStages] = []
         self._precision_seen, self._precision_dtype = False, None
 
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
@@ -264,7 +266,11 @@ class FSDP(Strategy):
         """Checkpoint and shard the wrap units, then the model; start every process from process 0's weights.
 
         Every process must call it with the same model structure: the steps below are collective.
+        With pipeline stages (``pp_size > 1``) the model is returned whole, in a ``PipelineStages``
+        that cuts it and shards its stage at the first ``forward_backward``.
         """
+        if self.is_distributed and self.parallelism is not None and self.parallelism.pp_size > 1:
+            return self._pipeline(module)
         units = self._units(module)
         if self.activation_checkpointing:
             leaves = [u for u in units if not any(other is not u and _contains(u, other) for other in units)]
@@ -328,8 +334,40 @@ class FSDP(Strategy):
         self._module = module
         return module
 
+    def _pipeline(self, module: nn.Module) -> nn.Module:
+        from trainer.strategies.pipeline_parallel import PipelineStages
+
+        config = cast("ParallelismConfig", self.parallelism)
+        pp = self._device_mesh()["pp"]
+        stages = PipelineStages(module.to(self.root_device), pp_group=pp.get_group(), num_stages=config.pp_size,
+                                stage_index=pp.get_local_rank(), schedule=config.pp_schedule,
+                                microbatches=config.pp_microbatches or config.pp_size,
+                                split_points=config.pp_split_points, shard=self._shard_stage, device=self.root_device)
+        self._pipelines.append(stages)
+        self._module = stages
+        return stages
+
+    def _shard_stage(self, stage: nn.Module) -> nn.Module:
+        """Start a pipeline stage from the weights of its first data-parallel process, then shard it over the
+        data-parallel processes (one shard unit: a traced stage calls no submodule of its own)."""
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = tensor_parallel.data_parallel_mesh(self._device_mesh())
+        if mesh is None:
+            return stage
+        for name in mesh.mesh_dim_names:
+            group = mesh.get_group(name)
+            for tensor in (*stage.parameters(), *stage.buffers()):
+                dist.broadcast(tensor.data, src=dist.get_global_rank(group, 0), group=group)
+        fully_shard(stage, mesh=mesh, mp_policy=self._precision_policy(stage),
+                    reshard_after_forward=None if self.reshard_after_forward else False)
+        return stage
+
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Point an optimizer built before ``prepare`` at the sharded parameters that replaced the originals."""
+        for stages in self._pipelines:  # the stage is built later: its optimizer is re-pointed then
+            if any(_holds(stages, p) for group in optimizer.param_groups for p in group["params"]):
+                stages.track(optimizer)
         if optimizer.state and self._replaced:
             raise ValueError("Prepare the optimizer before it has stepped: FSDP replaces the model's parameters, "
                              "and existing optimizer state could not follow them.")
@@ -374,9 +412,11 @@ class FSDP(Strategy):
         for group in by_mesh.values():
             norm = torch.nn.utils.get_total_norm([cast(torch.Tensor, p.grad) for p in group], norm_type)
             norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        total = torch.nn.utils.get_total_norm(norms, norm_type) if norms else torch.zeros((), device=self.root_device)
+        if self._pipelines:  # each stage holds part of the model: the whole norm combines theirs
+            total = _combine_norms(total, norm_type, self._device_mesh()["pp"].get_group())
         if not norms:
-            return torch.zeros((), device=self.root_device)
-        total = torch.nn.utils.get_total_norm(norms, norm_type)
+            return total
         for group in by_mesh.values():
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
         return total
@@ -410,7 +450,7 @@ class FSDP(Strategy):
     def _options(self, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kwargs)
+        return StateDictOptions(**{"full_state_dict": True, "cpu_offload": True, **kwargs})
 
     def full_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
         """The whole tensors, gathered onto process 0's CPU (the other processes get an empty dict)."""
@@ -418,6 +458,12 @@ class FSDP(Strategy):
 
         if not self.is_distributed:
             return module.state_dict()
+        if any(module is stages for stages in self._pipelines):  # each stage gathers its part, then process 0 all
+            stages = cast("PipelineStages", module)
+            local = cast(dict[str, torch.Tensor], get_model_state_dict(module, options=self._options(cpu_offload=False))
+                         if stages.built else module.state_dict())
+            whole = stages.whole_state_dict({name: value.cpu() for name, value in local.items()})
+            return whole if self.process_index == 0 else {}
         return cast(dict[str, torch.Tensor], get_model_state_dict(module, options=self._options()))
 
     def save_module(self, module: nn.Module, path: Path) -> None:
@@ -464,6 +510,21 @@ class FSDP(Strategy):
         if self._module is None:
             raise RuntimeError("FSDP needs the model prepared before its optimizer state can be saved or loaded.")
         return self._module
+
+
+def _combine_norms(norm: torch.Tensor, norm_type: float, group: Any) -> torch.Tensor:
+    """The norm of the concatenation of every process's part, from each part's ``norm``."""
+    if norm_type == float("inf"):
+        norm = norm.clone()
+        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=group)
+        return norm
+    powered = norm.double() ** norm_type
+    dist.all_reduce(powered, group=group)
+    return (powered ** (1.0 / norm_type)).to(norm.dtype)
+
+
+def _holds(module: nn.Module, parameter: torch.Tensor) -> bool:
+    return any(p is parameter for p in module.parameters())
 
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:

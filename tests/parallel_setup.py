@@ -23,10 +23,18 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(step))
 
 
+def causal_lm_loss(output: Any, tokens: torch.Tensor) -> torch.Tensor:
+    """The loss transformers computes from ``labels=tokens``: each position predicts the next token, mean over them."""
+    logits = getattr(output, "logits", output)  # a whole model's output object, or a pipeline stage's logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             tokens[:, 1:].reshape(-1))
+
+
 def train(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
-          rank: int = 0, replicas: int = 1, steps: range = range(STEPS)) -> None:
+          rank: int = 0, replicas: int = 1, steps: range = range(STEPS), forward_backward: bool = False) -> None:
     """Optimizer steps ``steps``; each takes the step's global batch in ``accumulation`` micro-batches, each split
-    over the ``replicas`` data-parallel processes (this one reads part ``rank``)."""
+    over the ``replicas`` data-parallel processes (this one reads part ``rank``). With ``forward_backward``
+    the step is ``accelerator.forward_backward`` (which pipeline stages need), else ``backward`` of the model's loss."""
     for step in steps:
         tokens = global_batch(step)
         micro = BATCH // accumulation
@@ -34,7 +42,10 @@ def train(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optim
             part = tokens[k * micro:(k + 1) * micro]
             mine = part[rank * micro // replicas:(rank + 1) * micro // replicas]
             with accelerator.accumulate(model):
-                accelerator.backward(model(input_ids=mine, labels=mine).loss)
+                if forward_backward:
+                    accelerator.forward_backward(model, causal_lm_loss, mine, target=mine)
+                else:
+                    accelerator.backward(model(input_ids=mine, labels=mine).loss)
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad()

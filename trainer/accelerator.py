@@ -156,6 +156,7 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self.step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self.save_iteration = settings.project.iteration
         self._models: list[nn.Module] = []
+        self._differentiated: torch.Tensor | None = None  # the last loss forward_backward returned
         self._optimizers: list[AcceleratedOptimizer] = []
         self._schedulers: list[AcceleratedScheduler] = []
         self._dataloaders: list[PreparedDataLoader] = []
@@ -339,11 +340,37 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         return step
 
     def backward(self, loss: torch.Tensor, num_tokens: Any = None, **kwargs: Any) -> None:
-        """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once."""
+        """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once.
+
+        A loss that ``forward_backward`` returned has had its backward: it is left alone.
+        """
+        if loss is self._differentiated:
+            return
         wrappers.check_loss_has_graph(loss)
         loss = self.accumulation.scale_loss(loss, num_tokens)
         loss = self.precision.scale_loss(loss)
         self.strategy.backward(loss, self._models[0] if len(self._models) == 1 else None, **kwargs)
+
+    def forward_backward(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], *args: Any, target: Any = None,
+                         **kwargs: Any) -> torch.Tensor:
+        """Run ``loss_fn(model(*args, **kwargs), target)`` and its backward; return the loss, detached.
+
+        The step written this way runs on every layout, pipeline stages (``pp_size > 1``) included:
+        there the batch is cut into micro-batches that a schedule passes through the stages, forward
+        and backward interleaved, and the loss returned is their mean, on every process. With pipeline
+        stages, ``loss_fn`` receives the last stage's output as the traced graph gives it (a
+        transformers model's logits tensor, not its output object).
+        """
+        pipelined = getattr(model, "forward_backward", None)
+        if pipelined is not None:
+            loss = pipelined(loss_fn, args, kwargs, target,
+                             lambda micro: self.precision.scale_loss(self.accumulation.scale_loss(micro)))
+        else:
+            loss = loss_fn(model(*args, **kwargs), target)
+            self.backward(loss)
+            loss = loss.detach()
+        self._differentiated = loss
+        return loss
 
     def autocast(self, **kwargs: Any) -> Any:
         """The precision policy's autocast, for code outside the prepared model's forward."""

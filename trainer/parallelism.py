@@ -9,11 +9,13 @@ processes talk most). Data is sharded over the data-parallel processes only (``d
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 DIMENSIONS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")  # the mesh's order, outermost first
-TRAINED = ("dp_replicate", "dp_shard", "tp")  # the dimensions training can lay out here (cp and pp are refused)
+TRAINED = ("pp", "dp_replicate", "dp_shard", "tp")  # the dimensions training can lay out here (cp is refused)
+PP_SCHEDULES = ("GPipe", "1F1B")
 
 
 @dataclass
@@ -25,7 +27,14 @@ class ParallelismConfig:
         dp_shard_size: processes the weights, gradients and optimizer state are sharded over (FSDP).
         tp_size: processes each layer of the tensor-parallel plan is split over.
         cp_size: context parallelism (sequence split across processes): not available on this setup.
-        pp_size: pipeline stages: not available for training yet.
+        pp_size: pipeline stages: the model is cut into this many consecutive stages, one per process
+            of a pipeline (train with ``accelerator.forward_backward``; see ``trainer.strategies.pipeline_parallel``).
+        pp_schedule: how the stages interleave micro-batches: ``"1F1B"`` (one forward, one backward in
+            turn: fewer activations held) or ``"GPipe"`` (every forward, then every backward).
+        pp_microbatches: micro-batches each batch is cut into; by default ``pp_size``. More keep the
+            stages busier; each must still be a whole batch dimension.
+        pp_split_points: ``"auto"`` (the model's repeated blocks cut evenly) or the names of the modules
+            each later stage begins with, e.g. ``["model.layers.16"]``.
         tp_plan: the tensor-parallel plan, ``{"<module name pattern>": "colwise" | "rowwise" | ParallelStyle}``;
             by default the model's own (``config.base_model_tp_plan`` of transformers models).
     """
@@ -35,6 +44,9 @@ class ParallelismConfig:
     tp_size: int = 1
     cp_size: int = 1
     pp_size: int = 1
+    pp_schedule: str = "1F1B"
+    pp_microbatches: int | None = None
+    pp_split_points: str | list[str] = "auto"
     tp_plan: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,9 +57,17 @@ class ParallelismConfig:
         if self.cp_size > 1:
             raise ValueError(f"ParallelismConfig(cp_size={self.cp_size}): context parallelism is not available here "
                              "(it needs torch's context-parallel attention on CUDA devices). Use cp_size=1.")
-        if self.pp_size > 1:
-            raise ValueError(f"ParallelismConfig(pp_size={self.pp_size}): pipeline-parallel training is not available "
-                             "yet (prepare_pippy runs pipelined inference). Use pp_size=1.")
+        if self.pp_schedule.lower() not in {name.lower() for name in PP_SCHEDULES}:
+            close = difflib.get_close_matches(self.pp_schedule, PP_SCHEDULES, n=1, cutoff=0.3)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"ParallelismConfig(pp_schedule={self.pp_schedule!r}) is not a pipeline schedule.{hint} "
+                             f"Choose one of {', '.join(PP_SCHEDULES)}.")
+        if self.pp_microbatches is not None and (not isinstance(self.pp_microbatches, int) or self.pp_microbatches < 1):
+            raise ValueError(f"ParallelismConfig(pp_microbatches={self.pp_microbatches!r}): use a whole number >= 1.")
+        if self.pp_size > 1 and self.tp_size > 1:
+            raise ValueError(f"ParallelismConfig(pp_size={self.pp_size}, tp_size={self.tp_size}): pipeline stages are "
+                             "traced graphs, which a tensor-parallel plan cannot split. Combine pp_size with dp_shard_size "
+                             "and dp_replicate_size, or tp_size with those, not pp_size with tp_size.")
 
     @property
     def sizes(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -23,14 +24,22 @@ from safetensors.torch import save_file  # noqa: E402
 from trainer import Accelerator, ParallelismConfig  # noqa: E402
 
 
+def settings(layout: str) -> dict[str, Any]:
+    """``dp_shard=2,tp=2`` -> ParallelismConfig's keywords (sizes get ``_size``; ``pp_schedule=GPipe`` stays)."""
+    parts = dict(part.split("=") for part in layout.split(","))
+    return {(name if not value.isdigit() else f"{name}_size"): (int(value) if value.isdigit() else value)
+            for name, value in parts.items()}
+
+
 def run(out: Path, layout: str, accumulation: int) -> None:
-    sizes = {f"{name}_size": int(value) for name, value in (part.split("=") for part in layout.split(","))}
-    accelerator = Accelerator(parallelism_config=ParallelismConfig(**sizes), gradient_accumulation_steps=accumulation)
+    config = ParallelismConfig(**settings(layout))
+    accelerator = Accelerator(parallelism_config=config, gradient_accumulation_steps=accumulation)
     model = llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model, optimizer = accelerator.prepare(model, optimizer)
     shard = accelerator.strategy.distributed_sampler_kwargs
-    train(accelerator, model, optimizer, accumulation, shard["rank"], shard["num_replicas"])
+    train(accelerator, model, optimizer, accumulation, shard["rank"], shard["num_replicas"],
+          forward_backward=config.pp_size > 1)
     tag = f"{layout.replace('=', '').replace(',', '_')}_k{accumulation}"
     weights = accelerator.get_state_dict(model)  # the whole weights, gathered onto process 0
     if accelerator.is_main_process:
