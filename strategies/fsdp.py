@@ -424,17 +424,22 @@ class FSDP(Strategy):
     # -- checkpoints -----------------------------------------------------------------------------------
     def save_training_state(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                             directory: Path) -> bool:
-        """With SHARDED_STATE_DICT, every process writes its own shards (DCP, safetensors)."""
-        if self.state_dict_type != "SHARDED_STATE_DICT":
+        """With SHARDED_STATE_DICT, every process writes its own shards (DCP, safetensors).
+
+        Pipeline stages always do: no process holds the whole model to write it.
+        """
+        if self.state_dict_type != "SHARDED_STATE_DICT" and not self._pipelines:
             return False
+        self._require_stages("save_state")
         fsdp_checkpoint.save_sharded_state(modules, optimizers, Path(directory), self.process_index, self.num_processes)
         return True
 
     def save_training_state_async(self, modules: list[nn.Module], optimizers: list[torch.optim.Optimizer],
                                   directory: Path, process_group: Any) -> Future[Any] | None:
         """With SHARDED_STATE_DICT: DCP's ``async_save`` copies the shards now and writes them in the background."""
-        if self.state_dict_type != "SHARDED_STATE_DICT":
+        if self.state_dict_type != "SHARDED_STATE_DICT" and not self._pipelines:
             return None
+        self._require_stages("save_state")
         return fsdp_checkpoint.save_sharded_state(modules, optimizers, Path(directory), self.process_index,
                                                   self.num_processes, background=True, process_group=process_group)
 
@@ -443,9 +448,18 @@ class FSDP(Strategy):
         """Read a sharded checkpoint whatever ``state_dict_type`` is, and whatever number of processes wrote it."""
         folder = Path(directory) / fsdp_checkpoint.DIRECTORY
         if not (folder / fsdp_checkpoint.INFO_FILE).is_file():
+            if self._pipelines:
+                raise ValueError(f"{directory} holds no sharded state, and pipeline stages load only sharded "
+                                 "checkpoints (every checkpoint written with pipeline stages, or with FSDP's "
+                                 "state_dict_type='SHARDED_STATE_DICT').")
             return False
+        self._require_stages("load_state")
         fsdp_checkpoint.load_sharded_state(modules, optimizers, folder)
         return True
+
+    def _require_stages(self, doing: str) -> None:
+        for stages in self._pipelines:
+            stages.require_built(doing)
 
     def _options(self, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions

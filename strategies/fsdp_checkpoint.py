@@ -122,6 +122,11 @@ def save_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
         skeleton, part = split_state(state, _name("optimizer", index), materialize=False)
         tensors.update(part)
         info["optimizers"].append({"prefix": _name("optimizer", index), "state": skeleton})
+    gathers: list[Any] = [getattr(m, "gather_to_first_stage", None) for m in modules]
+    gather = next((g for g in gathers if g is not None), None)
+    if gather is not None:  # pipeline stages: one JSON of the whole model, from every stage's part
+        parts = gather(info)
+        info = _merge_stage_infos(parts) if parts is not None else info
     if process_index == 0:
         (folder / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n")
     writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
@@ -132,6 +137,25 @@ def save_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
     with _quiet_without_process_group():
         dcp.save(tensors, storage_writer=writer)
     return None
+
+
+def _merge_stage_infos(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One description of the whole model from its pipeline stages' (each names only its own parameters)."""
+    merged = {**parts[0], "models": [], "optimizers": []}
+    for index, model in enumerate(parts[0]["models"]):
+        state: dict[str, Any] = {}
+        for part in parts:
+            state.update(part["models"][index]["state"])
+        merged["models"].append({**model, "state": state})
+    for index, optimizer in enumerate(parts[0]["optimizers"]):
+        saved = [part["optimizers"][index]["state"] for part in parts]
+        per_parameter: dict[str, Any] = {}
+        for stage in saved:
+            per_parameter.update(stage["state"])
+        groups = [{**group, "params": [name for stage in saved for name in stage["param_groups"][g]["params"]]}
+                  for g, group in enumerate(saved[0]["param_groups"])]
+        merged["optimizers"].append({**optimizer, "state": {**saved[0], "state": per_parameter, "param_groups": groups}})
+    return merged
 
 
 def _optimizer_state_dict(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -207,10 +231,15 @@ def load_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
     for module, saved in zip(modules, saved_models, strict=False):
         _, part = _split_model_state(module, get_model_state_dict(module), saved["prefix"])
         wanted = set(tensor_keys(saved["state"]))
-        _check_keys(folder, saved["prefix"], set(part), wanted, strict)
+        whole: list[str] | None = getattr(module, "state_keys", None)  # a pipeline stage: part of these
+        _check_keys(folder, saved["prefix"], set(part) if whole is None else {f"{saved['prefix']}.{k}" for k in whole},
+                    wanted, strict)
         targets.update({k: v for k, v in part.items() if k in wanted})
-    for optimizer, saved in zip(optimizers, saved_optimizers, strict=False):
-        live = get_optimizer_state_dict(owner_of(optimizer, modules), optimizer)  # a fresh one is initialised
+    for index, (optimizer, saved) in enumerate(zip(optimizers, saved_optimizers, strict=False)):
+        owner = owner_of(optimizer, modules)
+        live = get_optimizer_state_dict(owner, optimizer)  # a fresh one is initialised
+        if hasattr(owner, "state_keys"):  # a pipeline stage reads the state of its own parameters only
+            saved_optimizers[index] = saved = {**saved, "state": _only_parameters(saved["state"], live)}
         _, part = split_state(live, saved["prefix"], materialize=False)
         wanted = set(tensor_keys(saved["state"]))
         missing = sorted(wanted - set(part))
@@ -230,6 +259,14 @@ def load_sharded_state(modules: list[nn.Module], optimizers: list[torch.optim.Op
         set_optimizer_state_dict(owner_of(optimizer, modules), optimizer, state)
         if not state["state"]:  # saved before its first step: it must stay without state (no step counted)
             optimizer.state.clear()
+
+
+def _only_parameters(saved: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """The part of a saved optimizer state (keyed by parameter name) for the parameters ``live`` steps."""
+    mine = {name for group in live["param_groups"] for name in group["params"]}
+    return {**saved, "state": {name: value for name, value in saved["state"].items() if name in mine},
+            "param_groups": [{**group, "params": [name for name in group["params"] if name in mine]}
+                             for group in saved["param_groups"]]}
 
 
 def _check_keys(folder: Path, prefix: str, live: set[str], saved: set[str], strict: bool) -> None:

@@ -113,7 +113,8 @@ class PipelineStages(nn.Module):
         if self.built:
             return
         assert self.whole is not None
-        microbatch = first_microbatch(tuple(args), dict(kwargs), self.microbatches, source="the batch")
+        microbatch = first_microbatch(tuple(args), dict(kwargs), self.microbatches, source="the batch",
+                                      count="ParallelismConfig.pp_microbatches")
         stage, self.split_points = build_stage(self.whole, self.split_points, self.num_stages, self.stage_index,
                                                microbatch, self._device, group=self.pp_group)
         before = {name: parameter for name, parameter in stage.submod.named_parameters()}
@@ -169,13 +170,26 @@ class PipelineStages(nn.Module):
         dist.broadcast(loss, src=dist.get_global_rank(self.pp_group, self.num_stages - 1), group=self.pp_group)
         return loss
 
+    def gather_to_first_stage(self, obj: Any) -> list[Any] | None:
+        """Every stage's ``obj``, in stage order, on the pipeline's first process (None elsewhere).
+        Collective over the pipeline group."""
+        parts: list[Any] | None = [None] * self.num_stages if self.is_first_stage else None
+        dist.gather_object(obj, parts, dst=dist.get_global_rank(self.pp_group, 0), group=self.pp_group)
+        return parts
+
+    def require_built(self, doing: str) -> None:
+        """Raise unless the stage is built (``doing``: what needs it, for the message)."""
+        if not self.built:
+            raise RuntimeError(
+                f"{doing} needs this process's pipeline stage, which is cut from the model at the first forward_backward: "
+                "call model.build(*batch) with a batch as forward_backward receives it (or take one step) first.")
+
     def whole_state_dict(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every stage's ``local`` (whole) tensors, merged on the pipeline's first process in the model's order;
         the other processes get an empty dict. Collective over the pipeline group."""
         if not self.built:
             return local if self.is_first_stage else {}
-        parts: list[Any] | None = [None] * self.num_stages if self.is_first_stage else None
-        dist.gather_object(local, parts, dst=dist.get_global_rank(self.pp_group, 0), group=self.pp_group)
+        parts = self.gather_to_first_stage(local)
         if parts is None:
             return {}
         merged: dict[str, torch.Tensor] = {}

@@ -67,13 +67,16 @@ def token_dataset() -> torch.utils.data.TensorDataset:
     return torch.utils.data.TensorDataset(torch.cat([global_batch(step) for step in range(STEPS)]))
 
 
-def llama_trainer(output_dir: Any, batch_size: int, **settings: Any) -> Any:
-    """A Trainer over ``token_dataset`` (no shuffling, no checkpoints or trackers), AdamW at 1e-2, clipping at 1."""
+def llama_trainer(output_dir: Any, batch_size: int, pipelined: bool = False, **settings: Any) -> Any:
+    """A Trainer over ``token_dataset`` (no shuffling, no checkpoints or trackers), AdamW at 1e-2, clipping at 1;
+    ``pipelined``: its step is ``accelerator.forward_backward`` (as pipeline stages need)."""
     from trainer import Trainer
 
     class LlamaTrainer(Trainer):
         def training_step(self, batch: Any) -> torch.Tensor:
             (tokens,) = batch
+            if pipelined:
+                return self.accelerator.forward_backward(self.model, causal_lm_loss, tokens, target=tokens)
             return self.model(input_ids=tokens, labels=tokens).loss
 
         def configure_optimizers(self) -> torch.optim.Optimizer:

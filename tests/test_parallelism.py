@@ -1,9 +1,11 @@
-"""N-D parallelism on 4 CPU processes (gloo): data-parallel replicate x shard and tensor parallelism equal one process.
+"""N-D parallelism on 4 CPU processes (gloo): data-parallel replicate x shard, tensor and pipeline parallelism
+equal one process.
 
 A small Llama (built from a transformers config) takes 20 AdamW steps with gradient clipping on
-fixed global batches, with accumulation 1 and 2, under each layout; its weights then equal those
-of the same steps on one process within 1e-5, and each process holds about 1 / (dp_shard x tp) of
-the parameter and optimizer bytes. One launch runs every layout.
+fixed global batches, with accumulation 1 and 2, under each layout (pipeline stages with the GPipe
+and the 1F1B schedule); its weights then equal those of the same steps on one process within 1e-5,
+and each process holds about 1 / (dp_shard x tp x pp) of the parameter and optimizer bytes. One
+launch runs every layout.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from safetensors.torch import load_file
 
 from trainer import Accelerator, ParallelismConfig, PartialState
 
-LAYOUTS = {"dp_shard=2,tp=2": 4, "dp_replicate=2,dp_shard=2": 2, "tp=4": 4}  # layout -> dp_shard x tp
+LAYOUTS = {"dp_shard=2,tp=2": 4, "dp_replicate=2,dp_shard=2": 2, "tp=4": 4,  # layout -> dp_shard x tp x pp
+           "pp=2,dp_shard=2,pp_schedule=GPipe": 4, "pp=2,dp_shard=2,pp_schedule=1F1B": 4}
 ACCUMULATION = (1, 2)
 
 
@@ -81,9 +84,11 @@ def test_the_trainer_lays_out_the_model_and_shards_data_over_data_parallel_proce
     single = llama_trainer(tmp_path, BATCH)  # one process, the whole global batch at each step
     single.fit()
     expected = single.model.state_dict()
-    weights = load_file(str(runs / "trainer" / "model.safetensors"))
     assert single.global_step == STEPS
-    assert max((weights[name] - expected[name]).abs().max().item() for name in expected) <= 1e-5
+    for run in ("trainer", "trainer_pp"):  # dp_shard=2 x tp=2; pp=2 x dp_shard=2 with accelerator.forward_backward
+        weights = load_file(str(runs / run / "model.safetensors"))
+        assert weights.keys() == expected.keys()
+        assert max((weights[name] - expected[name]).abs().max().item() for name in expected) <= 1e-5, run
     PartialState._reset_state()
 
 
@@ -99,7 +104,10 @@ def test_a_layout_must_span_the_process_count():
     ({"tp_size": 0}, r"ParallelismConfig\(tp_size=0\): use a whole number >= 1\."),
     ({"dp_shard_size": 1.5}, r"ParallelismConfig\(dp_shard_size=1\.5\): use a whole number >= 1\."),
     ({"cp_size": 2}, r"ParallelismConfig\(cp_size=2\): context parallelism is not available here"),
-    ({"pp_size": 2}, r"ParallelismConfig\(pp_size=2\): pipeline-parallel training is not available yet"),
+    ({"pp_size": 2, "pp_schedule": "1f1"}, r"ParallelismConfig\(pp_schedule='1f1'\) is not a pipeline schedule\. "
+                                           r"Did you mean '1F1B'\? Choose one of GPipe, 1F1B\."),
+    ({"pp_size": 2, "pp_microbatches": 0}, r"ParallelismConfig\(pp_microbatches=0\): use a whole number >= 1\."),
+    ({"pp_size": 2, "tp_size": 2}, r"ParallelismConfig\(pp_size=2, tp_size=2\): pipeline stages are traced graphs"),
 ])
 def test_sizes_that_cannot_work_are_one_clear_error(arguments, message):
     with pytest.raises(ValueError, match=message):
@@ -192,3 +200,59 @@ def test_a_checkpoint_of_one_layout_resumes_on_another_and_on_one_process(runs, 
         assert code == 0, err
         merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
         assert merged.keys() == at_save.keys() and all(torch.equal(merged[name], at_save[name]) for name in at_save)
+
+
+def test_forward_backward_on_one_process_is_the_loss_and_backward_it_stands_for():
+    """The step a pipelined layout needs gives, on a whole model, the weights of model(...) + backward."""
+    from parallel_setup import causal_lm_loss
+
+    found = []
+    for fused in (False, True):
+        PartialState._reset_state()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+        model = llama()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        train(accelerator, model, optimizer, 2, steps=range(5), forward_backward=fused)
+        found.append(model.state_dict())
+    PartialState._reset_state()
+    assert max((found[0][name] - found[1][name]).abs().max().item() for name in found[0]) <= 1e-6
+    tokens = torch.randint(0, 64, (2, 16))
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(llama())
+    loss = accelerator.forward_backward(model, causal_lm_loss, tokens, target=tokens)
+    assert not loss.requires_grad and torch.allclose(loss, model(input_ids=tokens, labels=tokens).loss)
+    accelerator.backward(loss)  # the loss forward_backward returned has had its backward: nothing happens
+    PartialState._reset_state()
+
+
+def test_pipeline_stage_checkpoints_resume_on_other_layouts_and_merge(runs, tmp_path):
+    """pp=2 x dp_shard=2 saved at step 10 resumes on dp_shard=4 and on one process; stages resume a
+    dp_shard=2 x tp=2 checkpoint; merge-weights gives the whole weights of step 10."""
+    from distributed_helpers import run_cli
+
+    from trainer.utils import FullyShardedDataParallelPlugin
+
+    straight = load_file(str(runs / "straight_pp" / "model.safetensors"))
+    resumed4 = load_file(str(runs / "resumed4_pp" / "model.safetensors"))
+    assert straight.keys() == resumed4.keys() == llama().state_dict().keys()
+    assert max((resumed4[name] - straight[name]).abs().max().item() for name in straight) <= 1e-5
+    from_tp = load_file(str(runs / "pp_resumed_from_tp" / "model.safetensors"))
+    tp_straight = load_file(str(runs / "straight_SHARDED_STATE_DICT" / "model.safetensors"))
+    assert max((from_tp[name] - tp_straight[name]).abs().max().item() for name in tp_straight) <= 1e-5
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin())  # any state_dict_type reads it
+    model = llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.load_state(runs / "ckpt_pp")
+    at_save = {name: value.clone() for name, value in model.state_dict().items()}
+    train(accelerator, model, optimizer, 1, steps=range(10, STEPS))
+    one = model.state_dict()
+    assert max((one[name] - straight[name]).abs().max().item() for name in straight) <= 1e-5
+    PartialState._reset_state()
+    code, _, err = run_cli("merge-weights", str(runs / "ckpt_pp"), str(tmp_path / "merged"))
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert merged.keys() == at_save.keys() and all(torch.equal(merged[name], at_save[name]) for name in at_save)

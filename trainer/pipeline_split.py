@@ -150,7 +150,7 @@ def inputs_through_first_stage(graph_module: fx.GraphModule) -> fx.GraphModule:
 
 
 def first_microbatch(args: tuple[Any, ...], kwargs: dict[str, Any], num_chunks: int,
-                     source: str = "example_args") -> tuple[tuple[Any, ...], dict[str, Any]]:
+                     source: str = "example_args", count: str = "num_chunks") -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The first of ``num_chunks`` micro-batches of the example: the stages are traced at micro-batch size."""
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be at least 1, got {num_chunks}.")
@@ -160,9 +160,9 @@ def first_microbatch(args: tuple[Any, ...], kwargs: dict[str, Any], num_chunks: 
                          "e.g. (input_ids,).")
     if batch_size % num_chunks:
         raise ValueError(
-            f"The batch size of {source} ({batch_size}) is not divisible into {num_chunks} micro-batches: each "
-            f"micro-batch must have the same size. Use a batch size that is a multiple of {num_chunks}, or a "
-            f"number of micro-batches that divides {batch_size}.")
+            f"The batch size of {source} ({batch_size}) is not divisible by {count} ({num_chunks}): each "
+            f"micro-batch must have the same size. Use a batch size that is a multiple of {num_chunks}, or "
+            f"a {count} that divides {batch_size}.")
     size = batch_size // num_chunks
 
     def first(tensor: torch.Tensor) -> torch.Tensor:

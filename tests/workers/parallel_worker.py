@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
 from checks import leave  # noqa: E402
-from parallel_setup import BATCH, llama, llama_trainer, local_bytes, train  # noqa: E402
+from parallel_setup import BATCH, global_batch, llama, llama_trainer, local_bytes, train  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from trainer import Accelerator, ParallelismConfig  # noqa: E402
@@ -52,8 +52,7 @@ def run(out: Path, layout: str, accumulation: int) -> None:
 def prepared(layout: str, state_dict_type: str) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer]:
     from trainer.utils import FullyShardedDataParallelPlugin
 
-    sizes = {f"{name}_size": int(value) for name, value in (part.split("=") for part in layout.split(","))}
-    accelerator = Accelerator(parallelism_config=ParallelismConfig(**sizes),
+    accelerator = Accelerator(parallelism_config=ParallelismConfig(**settings(layout)),
                               fsdp_plugin=FullyShardedDataParallelPlugin(state_dict_type=state_dict_type))
     model = llama()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -63,7 +62,8 @@ def prepared(layout: str, state_dict_type: str) -> tuple[Accelerator, torch.nn.M
 
 def steps(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, first: int, last: int) -> None:
     shard = accelerator.strategy.distributed_sampler_kwargs
-    train(accelerator, model, optimizer, 1, shard["rank"], shard["num_replicas"], range(first, last))
+    train(accelerator, model, optimizer, 1, shard["rank"], shard["num_replicas"], range(first, last),
+          forward_backward=accelerator.strategy.parallelism.pp_size > 1)
 
 
 def checkpoints(out: Path) -> None:
@@ -80,11 +80,36 @@ def checkpoints(out: Path) -> None:
         accelerator.save_model(model, out / f"resumed4_{kind}")
 
 
+def pipeline_checkpoints(out: Path) -> None:
+    """Save on pp=2 x dp_shard=2 at step 10 of 20, go on to 20, resume on dp_shard=4; and resume the
+    dp_shard=2 x tp=2 checkpoint of ``checkpoints`` on pipeline stages."""
+    pipelined = "pp=2,dp_shard=2"
+    accelerator, model, optimizer = prepared(pipelined, "FULL_STATE_DICT")  # stages write sharded state anyway
+    steps(accelerator, model, optimizer, 0, 10)
+    accelerator.save_state(out / "ckpt_pp")
+    steps(accelerator, model, optimizer, 10, 20)
+    accelerator.save_model(model, out / "straight_pp")
+    accelerator, model, optimizer = prepared("dp_shard=4", "SHARDED_STATE_DICT")
+    accelerator.load_state(out / "ckpt_pp")
+    steps(accelerator, model, optimizer, 10, 20)
+    accelerator.save_model(model, out / "resumed4_pp")
+    accelerator, model, optimizer = prepared(pipelined, "SHARDED_STATE_DICT")
+    shard = accelerator.strategy.distributed_sampler_kwargs
+    model.build(global_batch(10)[shard["rank"] * BATCH // 2:(shard["rank"] + 1) * BATCH // 2])  # a batch of the run
+    accelerator.load_state(out / "ckpt_SHARDED_STATE_DICT")
+    steps(accelerator, model, optimizer, 10, 20)
+    accelerator.save_model(model, out / "pp_resumed_from_tp")
+
+
 def trainer_run(out: Path) -> None:
     """The Trainer with parallelism=dp_shard=2 x tp=2: each data-parallel pair reads half of each global batch."""
     trainer = llama_trainer(out / "trainer_run", BATCH // 2, parallelism=ParallelismConfig(dp_shard_size=2, tp_size=2))
     trainer.fit()
     trainer.accelerator.save_model(trainer.model, out / "trainer")
+    trainer = llama_trainer(out / "trainer_pp_run", BATCH // 2, pipelined=True,
+                            parallelism=ParallelismConfig(pp_size=2, dp_shard_size=2))
+    trainer.fit()
+    trainer.accelerator.save_model(trainer.model, out / "trainer_pp")
 
 
 if __name__ == "__main__":
@@ -93,5 +118,6 @@ if __name__ == "__main__":
         run(out, layout, int(accumulation))
     trainer_run(out)
     checkpoints(out)
+    pipeline_checkpoints(out)
     print(f"OK rank {os.environ['RANK']}", flush=True)
     leave()
