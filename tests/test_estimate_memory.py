@@ -329,7 +329,7 @@ def test_cli_unknown_model_type_suggests_the_closest(cli_runs):
     (["meta-llama/Llama-2-7b-hf"], "this command works offline"),
     (["gpt2", "--parallelism", "dp_shrd=8"], "--parallelism: 'dp_shrd' is not a dimension (did you mean 'dp_shard'?)"),
     (["gpt2", "--parallelism", "tp=eight"], "--parallelism: 'tp=eight' needs a whole number, as in tp=8"),
-    (["gpt2", "--parallelism", "pp=2"], "--parallelism: ParallelismConfig(pp_size=2): pipeline-parallel training is not"),
+    (["gpt2", "--parallelism", "pp=2,tp=2"], "--parallelism: ParallelismConfig(pp_size=2, tp_size=2): pipeline stages"),
 ])
 def test_errors_are_one_sentence_and_status_2(capsys, args, message):
     assert main(["estimate-memory", *args]) == 2
@@ -367,3 +367,6 @@ def test_a_layout_adds_the_training_memory_per_device(capsys):
     table = capsys.readouterr().out
     assert "laid out as dp_shard=2,tp=2 (4 devices)" in table.splitlines()[0] and "training per device" in table
     assert format_bytes(row["training_per_device_bytes"]) in table
+    assert main([*args, "--parallelism", "pp=2,dp_shard=2", "--json"]) == 0  # a stage is gathered whole
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["training_per_device_bytes"] == whole["training_bytes"] // 4 + whole["total_bytes"] // 2

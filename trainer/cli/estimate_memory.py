@@ -110,12 +110,14 @@ def parse_parallelism(text: str) -> ParallelismConfig:
 def per_device(row: dict[str, Any], layout: ParallelismConfig) -> dict[str, int]:
     """Training memory per device under ``layout``: the sharded state, plus one gathered layer.
 
-    Weights, gradients and optimizer state are split over ``dp_shard x tp`` devices (tensor
-    parallelism splits the planned layers; the few it leaves whole are counted as split too);
-    FSDP gathers one layer at a time for its forward and backward, itself split over ``tp``.
+    Weights, gradients and optimizer state are split over ``dp_shard x tp x pp`` devices (tensor
+    parallelism splits the planned layers; the few it leaves whole are counted as split too;
+    pipeline stages hold equal parts). FSDP gathers one layer at a time for its forward and
+    backward, itself split over ``tp``; a pipeline stage is gathered whole (1 / pp of the weights).
     """
-    shards = layout.dp_shard_size * layout.tp_size
-    return {"training_per_device_bytes": row["training_bytes"] // shards + row["largest_layer_bytes"] // layout.tp_size}
+    shards = layout.dp_shard_size * layout.tp_size * layout.pp_size
+    gathered = row["largest_layer_bytes"] // layout.tp_size if layout.pp_size == 1 else row["total_bytes"] // layout.pp_size
+    return {"training_per_device_bytes": row["training_bytes"] // shards + gathered}
 
 
 # --- building the model on the meta device -------------------------------------------------------------
@@ -339,5 +341,6 @@ def format_table(rows: list[dict[str, Any]], description: str, optimizer: str = 
               f"training: weights + gradients + {states} fp32 {optimizer} state(s) per parameter "
               "(+ an fp32 master copy for float16/bfloat16), activations not included."]
     if laid_out:
-        lines.append("training per device: training / (dp_shard x tp) + the largest layer / tp (gathered in turn).")
+        lines.append("training per device: training / (dp_shard x tp x pp) + the largest layer / tp (gathered in turn), "
+                     "or with pp a whole stage (total size / pp).")
     return "\n".join(lines)
