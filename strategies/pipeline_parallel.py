@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.pipeline_split import build_stage, describe, first_microbatch, shapes, sorted_kwargs
+from trainer.pipeline_split import StagePosition, build_stage, describe, first_microbatch, shapes, sorted_kwargs
 
 SCHEDULES = ("GPipe", "1F1B")
 
@@ -39,7 +39,7 @@ def schedule_class(name: str) -> Any:
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name.lower()]
 
 
-class PipelineStages(nn.Module):
+class PipelineStages(StagePosition, nn.Module):
     """This process's stage of a model trained in a pipeline, built at the first ``forward_backward``.
 
     Before it is built, the module holds the whole model (``parameters()`` are all of them);
@@ -81,14 +81,6 @@ class PipelineStages(nn.Module):
             self._parameters[name] = parameter
         for name, buffer in module.named_buffers(recurse=False):
             self._buffers[name] = buffer
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage_index == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_index == self.num_stages - 1
 
     @property
     def built(self) -> bool:

@@ -20,10 +20,25 @@ from torch.distributed.pipelining.stage import _PipelineStage
 
 from trainer.operations import find_batch_size, recursively_apply
 
-__all__ = ["auto_split_points", "build_stage", "checked_split_points", "describe", "first_microbatch", "shapes",
+__all__ = ["StagePosition", "auto_split_points", "build_stage", "checked_split_points", "describe", "first_microbatch", "shapes",
            "sorted_kwargs"]
 
 _PIPE_SPLIT = torch.ops.pippy._pipe_split.default  # the graph op of a split point (registered by pipelining)
+
+
+class StagePosition:
+    """Where this process's stage lies in the pipeline (``stage_index`` of ``num_stages``)."""
+
+    stage_index: int
+    num_stages: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_index == self.num_stages - 1
 
 
 def build_stage(model: nn.Module, split_points: str | Sequence[str], num_stages: int, stage_index: int,

@@ -24,7 +24,15 @@ from torch import nn
 from torch.distributed.pipelining import ScheduleGPipe
 
 from trainer.operations import recursively_apply, send_to_device
-from trainer.pipeline_split import auto_split_points, build_stage, describe, first_microbatch, shapes, sorted_kwargs
+from trainer.pipeline_split import (
+    StagePosition,
+    auto_split_points,
+    build_stage,
+    describe,
+    first_microbatch,
+    shapes,
+    sorted_kwargs,
+)
 from trainer.state import PartialState
 
 __all__ = ["PipelinedModel", "auto_split_points", "prepare_pippy"]
@@ -32,7 +40,7 @@ __all__ = ["PipelinedModel", "auto_split_points", "prepare_pippy"]
 LAUNCH_HINT = "run the script with `trainer launch --num_processes 2 script.py` (one process per stage)"
 
 
-class PipelinedModel(nn.Module):
+class PipelinedModel(StagePosition, nn.Module):
     """This process's stage of a pipelined model, called like the model itself.
 
     Every process calls it with the full batch (the same on every process, as a data loader
@@ -60,14 +68,6 @@ class PipelinedModel(nn.Module):
         # The stages exchange buffers sized by the trace, so every call must match its shapes.
         self._expected = shapes((example_inputs, sorted_kwargs(example_kwargs)))
         self._expected_keys = sorted(example_kwargs)
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.stage_index == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_index == self.num_stages - 1
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run one pipeline step on the batch; the output is the last stage's (see the class docstring)."""
