@@ -45,21 +45,29 @@ def save_partitions(engine: Any, module: nn.Module, folder: Path, zero_stage: in
     if process_index == 0:
         import deepspeed
 
-        write_json(folder / "meta.json", {"zero_stage": zero_stage, "num_processes": num_processes,
-                                          "deepspeed_version": deepspeed.__version__,
-                                          "parameters": {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
-                                                         for n, p in module.named_parameters()}})
+        meta = {"zero_stage": zero_stage, "num_processes": num_processes, "deepspeed_version": deepspeed.__version__,
+                "parameters": {n: list(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                               for n, p in module.named_parameters()}}
+        if zero_stage == 3:  # where each parameter's part lies in a process's flat fp32 groups: the same on every one
+            meta["fragments"] = {n: [int(v) for v in optimizer.grad_position[optimizer.get_param_id(p)]]
+                                 for n, p in module.named_parameters()
+                                 if hasattr(p, "ds_id") and optimizer.get_param_id(p) in optimizer.grad_position}
+        write_json(folder / "meta.json", meta)
 
 
 def load_partitions(engine: Any, module: nn.Module, folder: Path, zero_stage: int, process_index: int,
                     num_processes: int) -> None:
     """Every process reads its partitions back into ``engine``; a different layout is one clear error."""
     meta = read_json(folder / "meta.json")
+    if zero_stage == 3 == meta["zero_stage"] and meta["num_processes"] != num_processes and "fragments" in meta:
+        _reshard_zero3(engine, module, folder, meta, process_index, num_processes)
+        return
     if meta["num_processes"] != num_processes or meta["zero_stage"] != zero_stage:
         raise ValueError(
             f"{folder.parent} holds ZeRO-{meta['zero_stage']} partitions of {meta['num_processes']} process(es); this "
-            f"run is ZeRO-{zero_stage} on {num_processes}. Resume with the same layout, or start a new run "
-            "from full weights written by accelerator.save_model()."
+            f"run is ZeRO-{zero_stage} on {num_processes}. Resume with the same layout (ZeRO-3 partitions also resume "
+            "on another process count), or start a new run from full weights written by accelerator.save_model() "
+            "or `trainer merge-weights`."
         )
     state = load_state_files(folder, f"rank_{process_index}", device="cpu")
     _load_model_partition(module, state.get("model", {}), zero_stage, process_index)
@@ -74,12 +82,109 @@ def load_partitions(engine: Any, module: nn.Module, folder: Path, zero_stage: in
             optimizer.load_state_dict(everyone, load_optimizer_states=True, load_from_fp32_weights=True)
             optimizer.update_lp_params()  # the model's weights from the fp32 master weights
         _checkpoint_event(optimizer, "epilogue")
+    _restore_counters(engine, state)
+
+
+def _restore_counters(engine: Any, state: dict[str, Any]) -> None:
+    """The learning-rate schedule's and the engine's step counters, as one process saved them."""
     if "lr_scheduler" in state and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(state["lr_scheduler"])
     counters = state.get("engine", {})
     engine.global_steps = int(counters.get("global_steps", engine.global_steps))
     engine.global_samples = int(counters.get("global_samples", engine.global_samples))
     engine.skipped_steps = int(counters.get("skipped_steps", engine.skipped_steps))
+
+
+def zero3_whole_tensors(folder: Path, meta: dict[str, Any], names: list[str] | None = None,
+                        states: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+    """The model's whole weights from every process's ZeRO-3 shards (each parameter's flat shards, joined, trimmed
+    of their padding and shaped). ``states`` are the processes' loaded files, read here when not given."""
+    states = states or [load_state_files(folder, f"rank_{rank}", device="cpu") for rank in range(meta["num_processes"])]
+    whole: dict[str, torch.Tensor] = {}
+    for name, shape in meta["parameters"].items():
+        if names is not None and name not in names:
+            continue
+        numel = int(torch.Size(shape).numel())
+        whole[name] = torch.cat([state["model"][name].reshape(-1) for state in states])[:numel].view(shape).clone()
+    return whole
+
+
+def find_partitions(path: Path) -> Path | None:
+    """The ``zero/`` folder of a checkpoint directory (or the folder itself); None if there is none."""
+    for folder in (Path(path) / PARTITIONS_DIR, Path(path)):
+        if (folder / "meta.json").is_file() and (folder / "rank_0.safetensors").is_file():
+            return folder
+    return None
+
+
+def partition_tensor_specs(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Name -> (shape, dtype) of the model's whole weights in a ZeRO partitions folder."""
+    meta = read_json(folder / "meta.json")
+    saved = load_state_files(folder, "rank_0", device="cpu").get("model", {})
+    return {name: (torch.Size(shape), saved[name].dtype) for name, shape in meta["parameters"].items() if name in saved}
+
+
+def load_partition_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The whole weights ``names`` of a ZeRO partitions folder: joined from every process's ZeRO-3 shards, or
+    process 0's whole weights under ZeRO-1/2."""
+    meta = read_json(folder / "meta.json")
+    if meta["zero_stage"] == 3:
+        return zero3_whole_tensors(folder, meta, names)
+    saved = load_state_files(folder, "rank_0", device="cpu").get("model", {})
+    return {name: saved[name] for name in names}
+
+
+def _reshard_zero3(engine: Any, module: nn.Module, folder: Path, meta: dict[str, Any], process_index: int,
+                   num_processes: int) -> None:
+    """Read ZeRO-3 partitions written by another number of processes.
+
+    Each parameter is partitioned on its own (its flat values cut into equal parts, the last
+    padded), in the weights and in the fp32 master weights and moments alike: every process reads
+    every saved part, joins each parameter's, and takes its own part for this process count.
+    """
+    import deepspeed
+
+    states = [load_state_files(folder, f"rank_{rank}", device="cpu") for rank in range(meta["num_processes"])]
+    _load_whole(deepspeed, engine, module, zero3_whole_tensors(folder, meta, states=states), 3)
+    optimizers = [state["optimizer"] for state in states]
+    saved_groups = optimizers[0]["optimizer_state_dict"]
+    moments = [key for key, value in _group_state(saved_groups, 0).items() if torch.is_tensor(value) and value.dim() == 1]
+
+    def mine(name: str, parameter: Any, pick: Any) -> torch.Tensor:
+        group, offset, count = meta["fragments"][name]
+        whole = torch.cat([pick(saved, group).narrow(0, offset, count) for saved in optimizers])[:parameter.ds_numel]
+        part = parameter.ds_tensor.numel()
+        padded = torch.zeros(part * num_processes, dtype=whole.dtype)
+        padded[:whole.numel()] = whole
+        return padded[process_index * part:(process_index + 1) * part]
+
+    zero = engine.optimizer
+    flats = zero.fp32_partitioned_groups_flat
+    for index, flat in enumerate(flats):  # step counts, moments (filled below), per flat group
+        state = zero.optimizer.state[flat]
+        saved = _group_state(saved_groups, min(index, len(saved_groups["param_groups"]) - 1))
+        for key, value in saved.items():
+            state[key] = torch.zeros_like(flat) if key in moments else (value.clone() if torch.is_tensor(value) else value)
+    for name, parameter in module.named_parameters():
+        if name not in meta["fragments"]:
+            continue
+        group, offset, count = zero.grad_position[zero.get_param_id(parameter)]
+        with torch.no_grad():
+            flats[group].narrow(0, offset, count).copy_(
+                mine(name, parameter, lambda saved, g: saved["fp32_flat_groups"][g])[:count])
+            for key in moments:
+                value = mine(name, parameter, lambda saved, g, key=key: _group_state(saved["optimizer_state_dict"], g)[key])
+                zero.optimizer.state[flats[group]][key].narrow(0, offset, count).copy_(value[:count])
+    for group, saved in zip(zero.optimizer.param_groups, saved_groups["param_groups"], strict=False):
+        group.update({key: value for key, value in saved.items() if key != "params"})
+    _restore_optimizer_state(optimizers[0], zero)  # the loss scaler's numbers
+    _restore_counters(engine, states[0])
+
+
+def _group_state(optimizer_state: dict[str, Any], group: int) -> dict[str, Any]:
+    """The torch optimizer state of flat group ``group`` (its key may have become a string on disk)."""
+    per_group = optimizer_state["state"]
+    return per_group[group] if group in per_group else per_group[str(group)]
 
 
 def load_native(engine: Any, folder: Path, trusted: bool) -> None:
@@ -130,6 +235,12 @@ def load_full_weights(deepspeed: Any, engine: Any, module: nn.Module, path: Path
     missing = sorted(set(entries) - set(loaded) - _tied_aliases(entries, loaded))
     unexpected = sorted(set(loaded) - set(entries))
     check_loaded_keys(path, missing, unexpected, strict)
+    _load_whole(deepspeed, engine, module, loaded, zero_stage)
+
+
+def _load_whole(deepspeed: Any, engine: Any, module: nn.Module, loaded: dict[str, torch.Tensor], zero_stage: int) -> None:
+    """Copy whole tensors into the (partitioned) model: ZeRO-3 re-partitions process 0's; fp32 master weights follow."""
+    entries = module.state_dict(keep_vars=True)
     parameters = list(module.parameters())
     gather = deepspeed.zero.GatheredParameters(parameters, modifier_rank=0) if zero_stage == 3 else nullcontext()
     with gather, torch.no_grad():

@@ -60,6 +60,9 @@ def runs(tmp_path_factory) -> Path:
     started = time.monotonic()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DS_ACCELERATOR", "cpu")
+        # a ZeRO-3 checkpoint of four processes first: the two-process runs resume it
+        four = run_distributed(WORKERS_DIR / "deepspeed_worker.py", nproc=4, args=[str(out), "four"], timeout=400)
+        assert all(f"OK rank {rank}" in four.stdout for rank in range(4)), four.stdout
         result = run_distributed(WORKERS_DIR / "deepspeed_worker.py", nproc=2, args=[str(out)], timeout=400)
     (out / "wall.json").write_text(json.dumps({"seconds": time.monotonic() - started}))
     assert "OK rank 0" in result.stdout and "OK rank 1" in result.stdout
@@ -121,6 +124,25 @@ def test_save_with_two_load_with_two_and_continue_equals_an_uninterrupted_run(ru
     files = [p for p in checkpoint.rglob("*") if p.is_file()]
     assert {p.suffix for p in files} == {".json", ".safetensors"}, files
     assert (checkpoint / "zero" / "rank_0.safetensors").is_file() and (checkpoint / "zero" / "rank_1.safetensors").is_file()
+
+
+@needs_deepspeed
+def test_a_zero3_checkpoint_of_four_processes_resumes_on_two_and_merges_into_whole_weights(runs, tmp_path):
+    """Saved by four processes at step 10, resumed by two (same global batches): the weights of the uninterrupted
+    four-process run; `trainer merge-weights` joins the four processes' shards into the weights at the save."""
+    straight = load_file(str(runs / "z3_four_straight" / "model.safetensors"))
+    resumed = load_file(str(runs / "z3_from_four" / "model.safetensors"))
+    diff = max_diff(resumed, straight)
+    print(f"ZeRO-3 saved on 4, resumed on 2 vs uninterrupted on 4: max abs diff {diff:.3g}")
+    assert diff <= 1e-5, diff
+    assert max_diff(straight, load_file(str(runs / "z3_four_at_save" / "model.safetensors"))) > 1e-3  # steps 10-20 moved
+    assert json.loads((runs / "checkpoint_z3_four" / "zero" / "meta.json").read_text())["num_processes"] == 4
+    code, _, err = run_cli("merge-weights", str(runs / "checkpoint_z3_four"), str(tmp_path / "merged"))
+    assert code == 0, err
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    at_save = load_file(str(runs / "z3_four_at_save" / "model.safetensors"))
+    assert merged.keys() == at_save.keys() == make_model().state_dict().keys()
+    assert all(torch.equal(merged[name], at_save[name]) for name in at_save)
 
 
 @needs_deepspeed

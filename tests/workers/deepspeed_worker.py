@@ -34,12 +34,12 @@ def strategy(stage: int, **kwargs) -> DeepSpeed:
     return DeepSpeed(config=config, zero_stage=stage, **kwargs)
 
 
-def setup(stage: int, accumulation: int, **kwargs):
+def setup(stage: int, accumulation: int, batch_size: int = 8, **kwargs):
     set_seed(0)
     accelerator = Accelerator(strategy=strategy(stage, **kwargs), gradient_accumulation_steps=accumulation)
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    loader = DataLoader(dataset(), batch_size=8, shuffle=True)
+    loader = DataLoader(dataset(), batch_size=batch_size, shuffle=True)
     return accelerator, *accelerator.prepare(model, optimizer, loader)
 
 
@@ -126,14 +126,40 @@ def resume(out: Path, stage: int, timings: dict[str, float], checkpoint_format: 
     return accelerator
 
 
+def save_on_four(out: Path) -> None:
+    """ZeRO-3 on four processes (4 x 4 samples a step): ten steps, save_state, ten more."""
+    half = STEPS // 2
+    accelerator, model, optimizer, loader = setup(3, 1, batch_size=4)
+    steps(accelerator, model, optimizer, loader, half)
+    accelerator.save_state(out / "checkpoint_z3_four")
+    accelerator.save_model(model, out / "z3_four_at_save")
+    steps(accelerator, model, optimizer, loader, half, skip=loader.position)
+    accelerator.save_model(model, out / "z3_four_straight")
+    print(f"OK rank {os.environ['RANK']}", flush=True)
+    accelerator.end_training()
+
+
+def resume_from_four(out: Path) -> None:
+    """The four processes' ZeRO-3 checkpoint resumed here on two (2 x 8 samples a step: the same global batches)."""
+    accelerator, model, optimizer, loader = setup(3, 1)
+    accelerator.load_state(out / "checkpoint_z3_four")
+    steps(accelerator, model, optimizer, loader, STEPS // 2, skip=loader.position)
+    accelerator.save_model(model, out / "z3_from_four")
+    accelerator.strategy.teardown()
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
+    if sys.argv[2:] == ["four"]:
+        save_on_four(out)
+        sys.exit(0)
     timings: dict[str, float] = {}
     for stage in (1, 2, 3):
         for accumulation in (1, 2):
             train(out, stage, accumulation, timings)
     for stage, checkpoint_format in ((1, "safetensors"), (2, "safetensors"), (2, "deepspeed")):
         resume(out, stage, timings, checkpoint_format).strategy.teardown()
+    resume_from_four(out)
     # The last run ends as a script does: end_training() with a live ZeRO-3 engine, then a normal exit.
     accelerator = resume(out, 3, timings)
     if accelerator.is_main_process:

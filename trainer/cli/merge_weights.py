@@ -22,11 +22,13 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
 
 from trainer.cli.errors import CliError
+from trainer.strategies.deepspeed_checkpoint import find_partitions, load_partition_tensors, partition_tensor_specs
 from trainer.strategies.fsdp_checkpoint import ShardedCheckpointError, find_sharded_state, load_full_tensors, model_tensor_specs
 
 INDEX = "model.safetensors.index.json"
@@ -79,9 +81,11 @@ def merge_weights(checkpoint: str | Path, output: str | Path, max_shard_size: st
         raise MergeError(f"No checkpoint folder at {checkpoint}; pass the checkpoint directory saved with "
                          "state_dict_type='SHARDED_STATE_DICT' (e.g. outputs/run/checkpoints/checkpoint_3).")
     folder = find_sharded_state(Path(checkpoint))
-    if folder is None:
-        raise MergeError(f"{checkpoint} is not a sharded checkpoint (it has no sharded_state/sharded_state.json); a "
-                         "checkpoint saved with state_dict_type='FULL_STATE_DICT' already holds model.safetensors.")
+    zero = find_partitions(Path(checkpoint)) if folder is None else None
+    if folder is None and zero is None:
+        raise MergeError(f"{checkpoint} is not a sharded checkpoint (it has no sharded_state/sharded_state.json and no "
+                         "DeepSpeed zero/meta.json); a checkpoint saved with state_dict_type='FULL_STATE_DICT' already "
+                         "holds model.safetensors.")
     if isinstance(dtype, str):
         if dtype.lower() not in DTYPES:
             raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
@@ -96,7 +100,14 @@ def merge_weights(checkpoint: str | Path, output: str | Path, max_shard_size: st
     if previous and not overwrite:
         raise MergeError(f"{output} already holds weights ({', '.join(p.name for p in previous)}); choose an empty "
                          "folder, or pass --overwrite to replace them.")
-    specs = model_tensor_specs(folder, model_index)
+    if zero is not None and model_index:
+        raise MergeError(f"{checkpoint} is a DeepSpeed checkpoint, whose engine holds one model: use --model-index 0.")
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        return load_full_tensors(folder, names, model_index) if folder is not None else load_partition_tensors(
+            cast(Path, zero), names)
+
+    specs = model_tensor_specs(folder, model_index) if folder is not None else partition_tensor_specs(cast(Path, zero))
 
     def target_dtype(saved: torch.dtype) -> torch.dtype:
         return dtype if dtype is not None and saved.is_floating_point else saved
@@ -108,7 +119,7 @@ def merge_weights(checkpoint: str | Path, output: str | Path, max_shard_size: st
     weight_map: dict[str, str] = {}
     written = []
     for file_name, tensor_names in zip(names, files, strict=True):
-        tensors = load_full_tensors(folder, tensor_names, model_index)
+        tensors = read(tensor_names)
         tensors = {name: t.to(target_dtype(t.dtype)).contiguous() for name, t in tensors.items()}
         _save(tensors, output / file_name)
         written.append(output / file_name)
