@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.pipeline_split import StagePosition, build_stage, describe, first_microbatch, shapes, sorted_kwargs
+from trainer.pipeline_split import StagePosition, broadcast_output, build_stage, describe, first_microbatch, shapes, sorted_kwargs
 
 SCHEDULES = ("GPipe", "1F1B")
 
@@ -66,6 +66,7 @@ class PipelineStages(StagePosition, nn.Module):
         self._loss_fn: Callable[..., torch.Tensor] | None = None
         self._scale: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._losses: list[torch.Tensor] = []
+        self._dropout = False
 
     whole: nn.Module | None
     stage_module: nn.Module | None
@@ -94,10 +95,40 @@ class PipelineStages(StagePosition, nn.Module):
         self._optimizers.append(optimizer)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(
-            "A pipeline-parallel model (pp_size > 1) runs forward and backward together, micro-batch by micro-batch: "
-            "call loss = accelerator.forward_backward(model, loss_fn, *inputs, target=labels) instead of model(...) "
-            "and accelerator.backward(loss).")
+        """Evaluate a batch through the stages (forward only, no gradients); the last stage's output comes back
+        on every process of the pipeline. Training goes through ``forward_backward`` instead."""
+        if torch.is_grad_enabled() and self.training:
+            raise RuntimeError(
+                "A pipeline-parallel model (pp_size > 1) trains forward and backward together, micro-batch by "
+                "micro-batch: call loss = accelerator.forward_backward(model, loss_fn, *inputs, target=labels) instead "
+                "of model(...) and accelerator.backward(loss). model(...) evaluates, under torch.no_grad().")
+        self.require_built("Evaluating")
+        if self._dropout:
+            raise RuntimeError(
+                "This pipeline stage was traced in training mode with dropout (p > 0), which its graph keeps: evaluating "
+                "through it would drop activations. Evaluate the checkpoints on a layout without pp_size, or set the "
+                "model's dropout to 0 for pipeline-parallel training.")
+        self._check_shapes(args, kwargs)
+        self._loss_fn = None
+        schedule = self._schedule
+        with torch.no_grad():
+            if self.is_first_stage:
+                output = schedule.eval(*args, **kwargs)
+            elif self.is_last_stage:  # the schedule computes a loss where it has a loss function: one row per sample
+                output = schedule.eval(target=torch.zeros(self._expected[0][0][0], device=self._device))
+            else:
+                output = schedule.eval()
+        source = dist.get_global_rank(self.pp_group, self.num_stages - 1)
+        return broadcast_output(output if self.is_last_stage else None, source, self.pp_group, self._device,
+                                self.is_last_stage)
+
+    def _check_shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        got = shapes((tuple(args), sorted_kwargs(dict(kwargs))))
+        if got != self._expected:
+            raise ValueError(
+                f"The pipeline stages were built for batches of shapes {describe(self._expected)}, but this batch has "
+                f"{describe(got)}: the stages exchange buffers of the first batch's size. Give every step batches of "
+                "one shape (drop_last=True, padding to a fixed length).")
 
     def build(self, *args: Any, **kwargs: Any) -> None:
         """Cut the model at the split points, traced on the first micro-batch of ``args``/``kwargs`` (a whole batch
@@ -105,6 +136,7 @@ class PipelineStages(StagePosition, nn.Module):
         if self.built:
             return
         assert self.whole is not None
+        self._dropout = self.whole.training and _has_dropout(self.whole)  # traced in training mode: kept in the graph
         microbatch = first_microbatch(tuple(args), dict(kwargs), self.microbatches, source="the batch",
                                       count="ParallelismConfig.pp_microbatches")
         stage, self.split_points = build_stage(self.whole, self.split_points, self.num_stages, self.stage_index,
@@ -131,7 +163,9 @@ class PipelineStages(StagePosition, nn.Module):
                                                             loss_fn=self._microbatch_loss, scale_grads=False)
 
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
-        assert self._loss_fn is not None and self._scale is not None
+        if self._loss_fn is None:  # evaluating: the schedule asks for no loss of ours
+            return torch.zeros((), device=self._device)
+        assert self._scale is not None
         loss = self._loss_fn(output, target)
         self._losses.append(loss.detach())
         # Each micro-batch's loss counts 1/microbatches of the batch's: their gradients add up to the mean's.
@@ -144,12 +178,7 @@ class PipelineStages(StagePosition, nn.Module):
         ``scale`` turns a loss into the one to differentiate (accumulation's division, fp16's scale).
         """
         self.build(*args, **kwargs)
-        got = shapes((tuple(args), sorted_kwargs(dict(kwargs))))
-        if got != self._expected:
-            raise ValueError(
-                f"The pipeline stages were built for batches of shapes {describe(self._expected)}, but this batch has "
-                f"{describe(got)}: the stages exchange buffers of the first batch's size. Give every step batches of "
-                "one shape (drop_last=True, padding to a fixed length).")
+        self._check_shapes(args, kwargs)
         self._loss_fn, self._scale, self._losses = loss_fn, scale, []
         schedule = self._schedule
         if self.is_first_stage:
@@ -192,3 +221,13 @@ class PipelineStages(StagePosition, nn.Module):
     def extra_repr(self) -> str:
         return (f"stage_index={self.stage_index}, num_stages={self.num_stages}, schedule={self.schedule_name}, "
                 f"microbatches={self.microbatches}, built={self.built}")
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Whether ``model`` drops activations in training mode (a dropout module, or a dropout rate attribute, above 0)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        if any("dropout" in key and isinstance(value, float) and value > 0 for key, value in vars(module).items()):
+            return True
+    return False

@@ -79,6 +79,10 @@ def llama_trainer(output_dir: Any, batch_size: int, pipelined: bool = False, **s
                 return self.accelerator.forward_backward(self.model, causal_lm_loss, tokens, target=tokens)
             return self.model(input_ids=tokens, labels=tokens).loss
 
+        def validation_step(self, batch: Any) -> dict[str, torch.Tensor]:
+            (tokens,) = batch  # pipeline stages evaluate when called: the logits come back on every process
+            return {"val_loss": causal_lm_loss(self.model(tokens) if pipelined else self.model(input_ids=tokens), tokens)}
+
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.model.parameters(), lr=1e-2)
 

@@ -81,15 +81,24 @@ def test_each_process_holds_its_share_of_the_parameters_and_optimizer_state(runs
 
 def test_the_trainer_lays_out_the_model_and_shards_data_over_data_parallel_processes_only(runs, tmp_path):
     PartialState._reset_state()
-    single = llama_trainer(tmp_path, BATCH)  # one process, the whole global batch at each step
-    single.fit()
+    from parallel_setup import token_dataset
+
+    single = llama_trainer(tmp_path, BATCH, eval_data=token_dataset())  # one process, the whole global batch a step
+    metrics = single.fit()
     expected = single.model.state_dict()
     assert single.global_step == STEPS
+    staged = json.loads((runs / "trainer_pp_metrics.json").read_text())  # evaluated through pipeline stages
+    assert abs(staged["val_loss"] - metrics["val_loss"]) <= 1e-5, (staged, metrics)
     for run in ("trainer", "trainer_pp"):  # dp_shard=2 x tp=2; pp=2 x dp_shard=2 with accelerator.forward_backward
         weights = load_file(str(runs / run / "model.safetensors"))
         assert weights.keys() == expected.keys()
         assert max((weights[name] - expected[name]).abs().max().item() for name in expected) <= 1e-5, run
     PartialState._reset_state()
+
+
+def test_stages_traced_with_dropout_refuse_to_evaluate(runs):
+    assert (runs / "pp_dropout_error.txt").read_text().startswith(
+        "This pipeline stage was traced in training mode with dropout (p > 0), which its graph keeps")
 
 
 def test_a_layout_must_span_the_process_count():

@@ -20,8 +20,8 @@ from torch.distributed.pipelining.stage import _PipelineStage
 
 from trainer.operations import find_batch_size, recursively_apply
 
-__all__ = ["StagePosition", "auto_split_points", "build_stage", "checked_split_points", "describe", "first_microbatch", "shapes",
-           "sorted_kwargs"]
+__all__ = ["StagePosition", "auto_split_points", "broadcast_output", "build_stage", "checked_split_points",
+           "describe", "first_microbatch", "shapes", "sorted_kwargs"]
 
 _PIPE_SPLIT = torch.ops.pippy._pipe_split.default  # the graph op of a split point (registered by pipelining)
 
@@ -201,3 +201,30 @@ def sorted_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def describe(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> str:
     return "[" + ", ".join(f"{shape} {str(dtype).removeprefix('torch.')}" for shape, dtype in shapes) + "]"
+
+
+class _TensorSpec:
+    """Shape and dtype of an output tensor, sent ahead so the other processes can receive it."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
+
+
+def broadcast_output(output: Any, source: int, group: Any, device: torch.device, is_source: bool) -> Any:
+    """The output of process ``source`` (a global rank) on every process of ``group`` (None: all of them):
+    its structure first, then each tensor."""
+    import torch.distributed as dist
+
+    holder: list[Any] = [recursively_apply(_TensorSpec, output) if is_source else None]
+    dist.broadcast_object_list(holder, src=source, group=group)
+    if is_source:
+        output = recursively_apply(lambda tensor: tensor.detach().contiguous(), output)
+    else:
+        output = recursively_apply(lambda spec: torch.empty(spec.shape, dtype=spec.dtype, device=device), holder[0],
+                                   test=lambda item: isinstance(item, _TensorSpec))
+    tensors: list[torch.Tensor] = []
+    recursively_apply(tensors.append, output)
+    for tensor in tensors:
+        dist.broadcast(tensor, src=source, group=group)
+    return output

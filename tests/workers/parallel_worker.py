@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402
 from checks import leave  # noqa: E402
-from parallel_setup import BATCH, global_batch, llama, llama_trainer, local_bytes, train  # noqa: E402
+from parallel_setup import BATCH, global_batch, llama, llama_trainer, local_bytes, token_dataset, train  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from trainer import Accelerator, ParallelismConfig  # noqa: E402
@@ -101,15 +101,37 @@ def pipeline_checkpoints(out: Path) -> None:
     accelerator.save_model(model, out / "pp_resumed_from_tp")
 
 
+def dropout_evaluation(out: Path) -> None:
+    """Stages traced in training mode from a model with dropout refuse to evaluate (the graph keeps the dropout)."""
+    accelerator = Accelerator(parallelism_config=ParallelismConfig(pp_size=2, dp_shard_size=2))
+    model = llama()
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.1
+    model = accelerator.prepare(model)
+    shard = accelerator.strategy.distributed_sampler_kwargs
+    tokens = global_batch(0)[shard["rank"] * BATCH // 2:(shard["rank"] + 1) * BATCH // 2]
+    model.build(tokens)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(tokens)
+    except RuntimeError as error:
+        if accelerator.is_main_process:
+            (out / "pp_dropout_error.txt").write_text(str(error))
+
+
 def trainer_run(out: Path) -> None:
     """The Trainer with parallelism=dp_shard=2 x tp=2: each data-parallel pair reads half of each global batch."""
     trainer = llama_trainer(out / "trainer_run", BATCH // 2, parallelism=ParallelismConfig(dp_shard_size=2, tp_size=2))
     trainer.fit()
     trainer.accelerator.save_model(trainer.model, out / "trainer")
-    trainer = llama_trainer(out / "trainer_pp_run", BATCH // 2, pipelined=True,
+    trainer = llama_trainer(out / "trainer_pp_run", BATCH // 2, pipelined=True, eval_data=token_dataset(),
                             parallelism=ParallelismConfig(pp_size=2, dp_shard_size=2))
-    trainer.fit()
+    metrics = trainer.fit()  # validation at the epoch's end runs through the stages too
     trainer.accelerator.save_model(trainer.model, out / "trainer_pp")
+    if trainer.accelerator.is_main_process:
+        (out / "trainer_pp_metrics.json").write_text(json.dumps(metrics))
 
 
 if __name__ == "__main__":
@@ -119,5 +141,6 @@ if __name__ == "__main__":
     trainer_run(out)
     checkpoints(out)
     pipeline_checkpoints(out)
+    dropout_evaluation(out)
     print(f"OK rank {os.environ['RANK']}", flush=True)
     leave()

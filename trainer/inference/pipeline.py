@@ -18,15 +18,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import ScheduleGPipe
 
-from trainer.operations import recursively_apply, send_to_device
+from trainer.operations import send_to_device
 from trainer.pipeline_split import (
     StagePosition,
     auto_split_points,
+    broadcast_output,
     build_stage,
     describe,
     first_microbatch,
@@ -81,7 +81,8 @@ class PipelinedModel(StagePosition, nn.Module):
         if not self.is_last_stage:
             output = None
         if self.gather_output:
-            output = _broadcast_from_last_process(output, device)
+            state = PartialState()
+            output = broadcast_output(output, state.num_processes - 1, None, device, state.is_last_process)
         return output
 
     def _check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -142,30 +143,4 @@ def prepare_pippy(model: nn.Module, split_points: str | Sequence[str] = "auto",
     return PipelinedModel(stage.submod, schedule, stage_index=state.process_index, num_stages=num_stages,
                           num_chunks=num_chunks, gather_output=gather_output, split_points=list(split_points),
                           example_inputs=tuple(example_args), example_kwargs=example_kwargs, config=config)
-
-
-class _TensorSpec:
-    """Shape and dtype of an output tensor, sent ahead so the other processes can receive it."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.shape = tuple(tensor.shape)
-        self.dtype = tensor.dtype
-
-
-def _broadcast_from_last_process(output: Any, device: torch.device) -> Any:
-    """The last process's output on every process: its structure first, then each tensor."""
-    state = PartialState()
-    source = state.num_processes - 1
-    holder: list[Any] = [recursively_apply(_TensorSpec, output) if state.is_last_process else None]
-    dist.broadcast_object_list(holder, src=source)
-    if state.is_last_process:
-        output = recursively_apply(lambda tensor: tensor.detach().contiguous(), output)
-    else:
-        output = recursively_apply(lambda spec: torch.empty(spec.shape, dtype=spec.dtype, device=device), holder[0],
-                                   test=lambda item: isinstance(item, _TensorSpec))
-    tensors: list[torch.Tensor] = []
-    recursively_apply(tensors.append, output)
-    for tensor in tensors:
-        dist.broadcast(tensor, src=source)
-    return output
 
