@@ -453,7 +453,10 @@ class FSDP(Strategy):
                                  "checkpoints (every checkpoint written with pipeline stages, or with FSDP's "
                                  "state_dict_type='SHARDED_STATE_DICT').")
             return False
-        self._require_stages("load_state")
+        unbuilt = [stages for stages in self._pipelines if not stages.built]
+        if unbuilt:  # read once the stages are cut from the model, at the first forward_backward
+            unbuilt[0].after_build(lambda: fsdp_checkpoint.load_sharded_state(modules, optimizers, folder))
+            return True
         fsdp_checkpoint.load_sharded_state(modules, optimizers, folder)
         return True
 

@@ -61,6 +61,7 @@ class PipelineStages(StagePosition, nn.Module):
         self.config = getattr(model, "config", None)
         self._shard, self._device = shard, device
         self._optimizers: list[torch.optim.Optimizer] = []
+        self._after_build: list[Callable[[], None]] = []
         self._schedule: Any = None
         self._expected: Any = None
         self._loss_fn: Callable[..., torch.Tensor] | None = None
@@ -161,6 +162,9 @@ class PipelineStages(StagePosition, nn.Module):
         self._expected = shapes((tuple(args), sorted_kwargs(dict(kwargs))))
         self._schedule = schedule_class(self.schedule_name)(stage, n_microbatches=self.microbatches,
                                                             loss_fn=self._microbatch_loss, scale_grads=False)
+        actions, self._after_build = self._after_build, []
+        for action in actions:
+            action()
 
     def _microbatch_loss(self, output: Any, target: Any) -> torch.Tensor:
         if self._loss_fn is None:  # evaluating: the schedule asks for no loss of ours
@@ -197,6 +201,10 @@ class PipelineStages(StagePosition, nn.Module):
         parts: list[Any] | None = [None] * self.num_stages if self.is_first_stage else None
         dist.gather_object(obj, parts, dst=dist.get_global_rank(self.pp_group, 0), group=self.pp_group)
         return parts
+
+    def after_build(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the stage is built (a checkpoint loaded before the first step is read then)."""
+        self._after_build.append(action)
 
     def require_built(self, doing: str) -> None:
         """Raise unless the stage is built (``doing``: what needs it, for the message)."""

@@ -89,7 +89,8 @@ def test_the_trainer_lays_out_the_model_and_shards_data_over_data_parallel_proce
     assert single.global_step == STEPS
     staged = json.loads((runs / "trainer_pp_metrics.json").read_text())  # evaluated through pipeline stages
     assert abs(staged["val_loss"] - metrics["val_loss"]) <= 1e-5, (staged, metrics)
-    for run in ("trainer", "trainer_pp"):  # dp_shard=2 x tp=2; pp=2 x dp_shard=2 with accelerator.forward_backward
+    # dp_shard=2 x tp=2; pp=2 x dp_shard=2 with accelerator.forward_backward; the same, resumed from step 10
+    for run in ("trainer", "trainer_pp", "trainer_pp_resumed"):
         weights = load_file(str(runs / run / "model.safetensors"))
         assert weights.keys() == expected.keys()
         assert max((weights[name] - expected[name]).abs().max().item() for name in expected) <= 1e-5, run

@@ -94,9 +94,7 @@ def pipeline_checkpoints(out: Path) -> None:
     steps(accelerator, model, optimizer, 10, 20)
     accelerator.save_model(model, out / "resumed4_pp")
     accelerator, model, optimizer = prepared(pipelined, "SHARDED_STATE_DICT")
-    shard = accelerator.strategy.distributed_sampler_kwargs
-    model.build(global_batch(10)[shard["rank"] * BATCH // 2:(shard["rank"] + 1) * BATCH // 2])  # a batch of the run
-    accelerator.load_state(out / "ckpt_SHARDED_STATE_DICT")
+    accelerator.load_state(out / "ckpt_SHARDED_STATE_DICT")  # read into the stages once the first step cuts them
     steps(accelerator, model, optimizer, 10, 20)
     accelerator.save_model(model, out / "pp_resumed_from_tp")
 
@@ -132,6 +130,13 @@ def trainer_run(out: Path) -> None:
     trainer.accelerator.save_model(trainer.model, out / "trainer_pp")
     if trainer.accelerator.is_main_process:
         (out / "trainer_pp_metrics.json").write_text(json.dumps(metrics))
+    layout = ParallelismConfig(pp_size=2, dp_shard_size=2)  # ten steps, a checkpoint, then a new run resumes it
+    first = llama_trainer(out / "trainer_pp_half", BATCH // 2, pipelined=True, max_steps=10, parallelism=layout)
+    first.fit()
+    first.save_checkpoint(out / "trainer_pp_half" / "step10")
+    second = llama_trainer(out / "trainer_pp_rest", BATCH // 2, pipelined=True, parallelism=layout)
+    second.fit(resume=out / "trainer_pp_half" / "step10")  # read into the stages at the first step
+    second.accelerator.save_model(second.model, out / "trainer_pp_resumed")
 
 
 if __name__ == "__main__":
