@@ -254,6 +254,9 @@ def test_launch_takes_accelerate_launch_flags(tmp_path):
     for flags, reason in ((["--tpu"], "--tpu is not available: TPU pod launches"),
                           (["--parallelism_config_cp_size", "2"], "--parallelism_config_cp_size is not available"),
                           (["--parallelism_config_tp_size", "two"], "--parallelism_config_tp_size two: give a whole"),
+                          (["--parallelism_config_pp_size", "0"], "--parallelism_config_pp_size 0: give a whole"),
+                          (["--num_processes", "4", "--parallelism_config_pp_size", "2", "--parallelism_config_tp_size",
+                            "2"], "ParallelismConfig(pp_size=2, tp_size=2): pipeline stages are traced graphs"),
                           (["--dynamo_backend", "indutor"], "Did you mean 'inductor'?")):
         code, _, err = run_cli("launch", *flags, str(script))
         assert code == 2 and err.startswith("trainer launch: ") and reason in err and len(err.splitlines()) == 1, err

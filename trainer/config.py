@@ -97,10 +97,10 @@ LAUNCH_KEYS: dict[str, Key] = {
                                                "margin", "override_linear_precision", "use_autocast_during_eval",
                                                "opt_level", "enable_fsdp_float8_all_gather", "pad_inner_dim")}}),
     "parallelism_config": Key((dict,), "N-D parallelism sizes (`ParallelismConfig`): `parallelism_config_dp_replicate_size`, "
-                                       "`_dp_shard_size` and `_tp_size`, whose product is the process count; context "
+                                       "`_dp_shard_size`, `_tp_size` and `_pp_size`, whose product is the process count; context "
                                        "and sequence parallel sizes above 1 stop the launch.",
                               section={f"parallelism_config_{name}": Key((int, str, bool), "")
-                                       for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "cp_size",
+                                       for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "pp_size", "cp_size",
                                                     "cp_backend", "cp_comm_strategy", "sp_size", "sp_backend",
                                                     "sp_seq_length", "sp_seq_length_is_variable",
                                                     "sp_attn_implementation")}),

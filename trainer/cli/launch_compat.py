@@ -27,7 +27,7 @@ _REFUSED = {
     "enable_cpu_affinity": "CPU affinity is not set by trainer launch; use numactl or taskset around it",
     "use_parallelism_config": "N-D parallelism is a strategy option here",
 }
-_PARALLELISM = ["cp_backend", "cp_comm_strategy", "cp_size", "dp_replicate_size", "dp_shard_size",
+_PARALLELISM = ["cp_backend", "cp_comm_strategy", "cp_size", "dp_replicate_size", "dp_shard_size", "pp_size",
                 "sp_attn_implementation", "sp_backend", "sp_seq_length", "sp_seq_length_is_variable", "sp_size", "tp_size"]
 _LAYOUT_SIZES = tuple(f"{dimension}_size" for dimension in TRAINED)  # applied to the configuration
 _VALUE_FLAGS_REFUSED = ["aws_access_key_id", "aws_secret_access_key", "deepspeed_hostfile", "deepspeed_exclusion_filter",
@@ -75,7 +75,7 @@ def refusal(args: argparse.Namespace) -> str | None:
     for name in _PARALLELISM:
         if name not in _LAYOUT_SIZES and vars(args).get(f"parallelism_config_{name}") is not None:
             return (f"--parallelism_config_{name} is not available: context and sequence parallelism are not available "
-                    "here (the data-parallel and tensor-parallel sizes are).")
+                    "here (the data-parallel, tensor-parallel and pipeline sizes are).")
     for name in _LAYOUT_SIZES:
         value = vars(args).get(f"parallelism_config_{name}")
         if value is not None and (value is True or not str(value).isdigit() or int(value) < 1):
