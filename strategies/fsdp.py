@@ -162,6 +162,7 @@ class FSDP(Strategy):
         self._replaced: dict[int, nn.Parameter] = {}
         self._mesh: Any = None
         self._pipelines: list[PipelineStages] = []
+        self._stage_units: list[str] = []  # the names of the wrap units in the model cut into pipeline stages
         self._precision_seen, self._precision_dtype = False, None
 
     def setup_environment(self, device: torch.device, process_index: int = 0, num_processes: int = 1) -> None:
@@ -339,6 +340,8 @@ class FSDP(Strategy):
 
         config = cast("ParallelismConfig", self.parallelism)
         pp = self._device_mesh()["pp"]
+        units = self._units(module)  # by name: a traced stage keeps the model's module names, and calls them
+        self._stage_units = [name for name, sub in module.named_modules() if any(sub is unit for unit in units)][::-1]
         stages = PipelineStages(module.to(self.root_device), pp_group=pp.get_group(), num_stages=config.pp_size,
                                 stage_index=pp.get_local_rank(), schedule=config.pp_schedule,
                                 microbatches=config.pp_microbatches or config.pp_size,
@@ -349,7 +352,8 @@ class FSDP(Strategy):
 
     def _shard_stage(self, stage: nn.Module) -> nn.Module:
         """Start a pipeline stage from the weights of its first data-parallel process, then shard it over the
-        data-parallel processes (one shard unit: a traced stage calls no submodule of its own)."""
+        data-parallel processes: the model's wrap units it holds (the traced stage calls them as modules), then the
+        stage itself."""
         from torch.distributed.fsdp import fully_shard
 
         mesh = tensor_parallel.data_parallel_mesh(self._device_mesh())
@@ -359,8 +363,12 @@ class FSDP(Strategy):
             group = mesh.get_group(name)
             for tensor in (*stage.parameters(), *stage.buffers()):
                 dist.broadcast(tensor.data, src=dist.get_global_rank(group, 0), group=group)
-        fully_shard(stage, mesh=mesh, mp_policy=self._precision_policy(stage),
-                    reshard_after_forward=None if self.reshard_after_forward else False)
+        options: dict[str, Any] = {"mesh": mesh, "mp_policy": self._precision_policy(stage)}
+        held = dict(stage.named_modules())
+        for name in self._stage_units:  # innermost first
+            if name in held:
+                fully_shard(held[name], reshard_after_forward=self.reshard_after_forward, **options)
+        fully_shard(stage, reshard_after_forward=None if self.reshard_after_forward else False, **options)
         return stage
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

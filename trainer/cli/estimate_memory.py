@@ -113,11 +113,10 @@ def per_device(row: dict[str, Any], layout: ParallelismConfig) -> dict[str, int]
     Weights, gradients and optimizer state are split over ``dp_shard x tp x pp`` devices (tensor
     parallelism splits the planned layers; the few it leaves whole are counted as split too;
     pipeline stages hold equal parts). FSDP gathers one layer at a time for its forward and
-    backward, itself split over ``tp``; a pipeline stage is gathered whole (1 / pp of the weights).
+    backward, itself split over ``tp``.
     """
     shards = layout.dp_shard_size * layout.tp_size * layout.pp_size
-    gathered = row["largest_layer_bytes"] // layout.tp_size if layout.pp_size == 1 else row["total_bytes"] // layout.pp_size
-    return {"training_per_device_bytes": row["training_bytes"] // shards + gathered}
+    return {"training_per_device_bytes": row["training_bytes"] // shards + row["largest_layer_bytes"] // layout.tp_size}
 
 
 # --- building the model on the meta device -------------------------------------------------------------
@@ -341,6 +340,5 @@ def format_table(rows: list[dict[str, Any]], description: str, optimizer: str = 
               f"training: weights + gradients + {states} fp32 {optimizer} state(s) per parameter "
               "(+ an fp32 master copy for float16/bfloat16), activations not included."]
     if laid_out:
-        lines.append("training per device: training / (dp_shard x tp x pp) + the largest layer / tp (gathered in turn), "
-                     "or with pp a whole stage (total size / pp).")
+        lines.append("training per device: training / (dp_shard x tp x pp) + the largest layer / tp (gathered in turn).")
     return "\n".join(lines)
