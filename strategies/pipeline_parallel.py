@@ -29,11 +29,8 @@ from torch import nn
 
 from trainer.pipeline_split import StagePosition, broadcast_output, build_stage, describe, first_microbatch, shapes, sorted_kwargs
 
-SCHEDULES = ("GPipe", "1F1B")
-
-
 def schedule_class(name: str) -> Any:
-    """torch's schedule class for ``name`` (one of ``SCHEDULES``, any case)."""
+    """torch's schedule class for ``name`` (one of ``parallelism.PP_SCHEDULES``, any case)."""
     from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
     return {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[name.lower()]
