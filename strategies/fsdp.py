@@ -10,6 +10,7 @@ the sharded model and whole tensors, and ``torch.distributed.checkpoint`` writes
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import inspect
@@ -339,16 +340,28 @@ class FSDP(Strategy):
         from trainer.strategies.pipeline_parallel import PipelineStages
 
         config = cast("ParallelismConfig", self.parallelism)
+        if self._precision_policy(module).param_dtype == torch.float16:
+            raise ValueError("mixed_precision='fp16' with pipeline stages (pp_size > 1): fp16 loss scaling would have to "
+                             "agree on overflows across stages, which it does not here. Use mixed_precision='bf16' "
+                             "(no loss scaling) or 'no'.")
         pp = self._device_mesh()["pp"]
         units = self._units(module)  # by name: a traced stage keeps the model's module names, and calls them
         self._stage_units = [name for name, sub in module.named_modules() if any(sub is unit for unit in units)][::-1]
         stages = PipelineStages(module.to(self.root_device), pp_group=pp.get_group(), num_stages=config.pp_size,
                                 stage_index=pp.get_local_rank(), schedule=config.pp_schedule,
                                 microbatches=config.pp_microbatches or config.pp_size,
-                                split_points=config.pp_split_points, shard=self._shard_stage, device=self.root_device)
+                                split_points=config.pp_split_points, shard=self._shard_stage, device=self.root_device,
+                                autocast=self._stage_autocast(module))
         self._pipelines.append(stages)
         self._module = stages
         return stages
+
+    def _stage_autocast(self, module: nn.Module) -> Callable[[], Any]:
+        """The autocast that pipeline stages run in: the precision policy's (stages are traced without it)."""
+        dtype = self._precision_policy(module).param_dtype
+        if dtype is None:
+            return contextlib.nullcontext
+        return functools.partial(torch.autocast, self.root_device.type, dtype=dtype)
 
     def _shard_stage(self, stage: nn.Module) -> nn.Module:
         """Start a pipeline stage from the weights of its first data-parallel process, then shard it over the
@@ -363,7 +376,9 @@ class FSDP(Strategy):
             group = mesh.get_group(name)
             for tensor in (*stage.parameters(), *stage.buffers()):
                 dist.broadcast(tensor.data, src=dist.get_global_rank(group, 0), group=group)
-        options: dict[str, Any] = {"mesh": mesh, "mp_policy": self._precision_policy(stage)}
+        # The traced graph holds the dtypes it was traced with: the weights are gathered as they are, and a
+        # mixed-precision policy computes through the autocast the stages run in (_stage_autocast).
+        options: dict[str, Any] = {"mesh": mesh}
         held = dict(stage.named_modules())
         for name in self._stage_units:  # innermost first
             if name in held:

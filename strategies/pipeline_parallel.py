@@ -21,6 +21,7 @@ stages are read back by any layout and merged by ``trainer merge-weights``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.pipeline_split import StagePosition, broadcast_output, build_stage, describe, first_microbatch, shapes, sorted_kwargs
+
 
 def schedule_class(name: str) -> Any:
     """torch's schedule class for ``name`` (one of ``parallelism.PP_SCHEDULES``, any case)."""
@@ -46,7 +48,8 @@ class PipelineStages(StagePosition, nn.Module):
 
     def __init__(self, model: nn.Module, *, pp_group: Any, num_stages: int, stage_index: int,
                  schedule: str, microbatches: int, split_points: str | Sequence[str],
-                 shard: Callable[[nn.Module], nn.Module], device: torch.device) -> None:
+                 shard: Callable[[nn.Module], nn.Module], device: torch.device,
+                 autocast: Callable[[], AbstractContextManager[Any]] = nullcontext) -> None:
         super().__init__()
         # Held outside the registry: the module's children are the model's (later the stage's) own, so
         # parameter names, state dicts and checkpoints are those of the whole model.
@@ -56,7 +59,7 @@ class PipelineStages(StagePosition, nn.Module):
         self.pp_group, self.num_stages, self.stage_index = pp_group, num_stages, stage_index
         self.schedule_name, self.microbatches, self.split_points = schedule, microbatches, split_points
         self.config = getattr(model, "config", None)
-        self._shard, self._device = shard, device
+        self._shard, self._device, self._autocast = shard, device, autocast
         self._optimizers: list[torch.optim.Optimizer] = []
         self._after_build: list[Callable[[], None]] = []
         self._schedule: Any = None
@@ -109,7 +112,7 @@ class PipelineStages(StagePosition, nn.Module):
         self._check_shapes(args, kwargs)
         self._loss_fn = None
         schedule = self._schedule
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             if self.is_first_stage:
                 output = schedule.eval(*args, **kwargs)
             elif self.is_last_stage:  # the schedule computes a loss where it has a loss function: one row per sample
@@ -137,8 +140,15 @@ class PipelineStages(StagePosition, nn.Module):
         self._dropout = self.whole.training and _has_dropout(self.whole)  # traced in training mode: kept in the graph
         microbatch = first_microbatch(tuple(args), dict(kwargs), self.microbatches, source="the batch",
                                       count="ParallelismConfig.pp_microbatches")
-        stage, self.split_points = build_stage(self.whole, self.split_points, self.num_stages, self.stage_index,
-                                               microbatch, self._device, group=self.pp_group)
+        # A precision policy's autocast wrapper is not traced (its context would cut the graph where the stages
+        # cannot follow): the stages run inside the autocast instead.
+        override = vars(self.whole).pop("forward", None)
+        try:
+            stage, self.split_points = build_stage(self.whole, self.split_points, self.num_stages, self.stage_index,
+                                                   microbatch, self._device, group=self.pp_group)
+        finally:
+            if override is not None:
+                vars(self.whole)["forward"] = override
         before = {name: parameter for name, parameter in stage.submod.named_parameters()}
         stage.submod = self._shard(stage.submod)
         after = dict(stage.submod.named_parameters())
@@ -182,12 +192,13 @@ class PipelineStages(StagePosition, nn.Module):
         self._check_shapes(args, kwargs)
         self._loss_fn, self._scale, self._losses = loss_fn, scale, []
         schedule = self._schedule
-        if self.is_first_stage:
-            schedule.step(*args, **kwargs, return_outputs=False)
-        elif self.is_last_stage:
-            schedule.step(target=target, return_outputs=False)
-        else:
-            schedule.step(return_outputs=False)
+        with self._autocast():
+            if self.is_first_stage:
+                schedule.step(*args, **kwargs, return_outputs=False)
+            elif self.is_last_stage:
+                schedule.step(target=target, return_outputs=False)
+            else:
+                schedule.step(return_outputs=False)
         loss = torch.stack(self._losses).mean() if self.is_last_stage else torch.zeros((), device=self._device)
         dist.broadcast(loss, src=dist.get_global_rank(self.pp_group, self.num_stages - 1), group=self.pp_group)
         return loss

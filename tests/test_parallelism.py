@@ -102,6 +102,25 @@ def test_stages_traced_with_dropout_refuse_to_evaluate(runs):
         "This pipeline stage was traced in training mode with dropout (p > 0), which its graph keeps")
 
 
+def test_pipeline_stages_train_in_bf16_and_refuse_fp16(runs):
+    """bf16 runs the stages in autocast: five steps land where one process's bf16 steps do, to bf16's precision
+    (AdamW at 1e-2 moves each weight about 1e-2 a step); fp16's loss scaling is refused at prepare."""
+    assert (runs / "pp_fp16_error.txt").read_text().startswith(
+        "mixed_precision='fp16' with pipeline stages (pp_size > 1): fp16 loss scaling would have to agree")
+    staged = load_file(str(runs / "pp_bf16" / "model.safetensors"))
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    train(accelerator, model, optimizer, 1, steps=range(5))
+    PartialState._reset_state()
+    one = model.state_dict()
+    assert staged.keys() == one.keys() and all(torch.isfinite(value).all() for value in staged.values())
+    assert max((staged[name] - one[name]).abs().max().item() for name in one) <= 3e-2
+    assert max((staged[name] - llama().state_dict()[name]).abs().max().item() for name in one) > 4e-2  # it trained
+
+
 def test_a_layout_must_span_the_process_count():
     config = ParallelismConfig(dp_shard_size=2, tp_size=2)
     with pytest.raises(ValueError, match=r"ParallelismConfig: dp_shard=2 x tp=2 spans 4 process\(es\), but this run has 1\. "

@@ -119,6 +119,25 @@ def dropout_evaluation(out: Path) -> None:
             (out / "pp_dropout_error.txt").write_text(str(error))
 
 
+def pipeline_precision(out: Path) -> None:
+    """bf16 through pipeline stages (the stages run in the policy's autocast): five steps; fp16 is refused at prepare."""
+    accelerator = Accelerator(mixed_precision="bf16", parallelism_config=ParallelismConfig(pp_size=2, dp_shard_size=2))
+    model = llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    shard = accelerator.strategy.distributed_sampler_kwargs
+    train(accelerator, model, optimizer, 1, shard["rank"], shard["num_replicas"], range(5), forward_backward=True)
+    weights = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        (out / "pp_bf16").mkdir()
+        save_file({name: value.contiguous() for name, value in weights.items()}, str(out / "pp_bf16" / "model.safetensors"))
+    try:
+        Accelerator(mixed_precision="fp16", parallelism_config=ParallelismConfig(pp_size=2, dp_shard_size=2)).prepare(llama())
+    except ValueError as error:
+        if accelerator.is_main_process:
+            (out / "pp_fp16_error.txt").write_text(str(error))
+
+
 def trainer_run(out: Path) -> None:
     """The Trainer with parallelism=dp_shard=2 x tp=2: each data-parallel pair reads half of each global batch."""
     trainer = llama_trainer(out / "trainer_run", BATCH // 2, parallelism=ParallelismConfig(dp_shard_size=2, tp_size=2))
@@ -147,5 +166,6 @@ if __name__ == "__main__":
     checkpoints(out)
     pipeline_checkpoints(out)
     dropout_evaluation(out)
+    pipeline_precision(out)
     print(f"OK rank {os.environ['RANK']}", flush=True)
     leave()
