@@ -340,7 +340,8 @@ class FSDP(Strategy):
         from trainer.strategies.pipeline_parallel import PipelineStages
 
         config = cast("ParallelismConfig", self.parallelism)
-        if self._precision_policy(module).param_dtype == torch.float16:
+        dtype = self._precision_policy(module).param_dtype
+        if dtype == torch.float16:
             raise ValueError("mixed_precision='fp16' with pipeline stages (pp_size > 1): fp16 loss scaling would have to "
                              "agree on overflows across stages, which it does not here. Use mixed_precision='bf16' "
                              "(no loss scaling) or 'no'.")
@@ -351,14 +352,14 @@ class FSDP(Strategy):
                                 stage_index=pp.get_local_rank(), schedule=config.pp_schedule,
                                 microbatches=config.pp_microbatches or config.pp_size,
                                 split_points=config.pp_split_points, shard=self._shard_stage, device=self.root_device,
-                                autocast=self._stage_autocast(module))
+                                autocast=self._stage_autocast(dtype))
         self._pipelines.append(stages)
         self._module = stages
         return stages
 
-    def _stage_autocast(self, module: nn.Module) -> Callable[[], Any]:
-        """The autocast that pipeline stages run in: the precision policy's (stages are traced without it)."""
-        dtype = self._precision_policy(module).param_dtype
+    def _stage_autocast(self, dtype: torch.dtype | None) -> Callable[[], Any]:
+        """The autocast that pipeline stages run in: the precision policy's compute ``dtype`` (stages are traced
+        without the policy's wrapper)."""
         if dtype is None:
             return contextlib.nullcontext
         return functools.partial(torch.autocast, self.root_device.type, dtype=dtype)
@@ -374,8 +375,9 @@ class FSDP(Strategy):
             return stage
         for name in mesh.mesh_dim_names:
             group = mesh.get_group(name)
+            source = dist.get_global_rank(group, 0)
             for tensor in (*stage.parameters(), *stage.buffers()):
-                dist.broadcast(tensor.data, src=dist.get_global_rank(group, 0), group=group)
+                dist.broadcast(tensor.data, src=source, group=group)
         # The traced graph holds the dtypes it was traced with: the weights are gathered as they are, and a
         # mixed-precision policy computes through the autocast the stages run in (_stage_autocast).
         options: dict[str, Any] = {"mesh": mesh}
@@ -389,7 +391,8 @@ class FSDP(Strategy):
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Point an optimizer built before ``prepare`` at the sharded parameters that replaced the originals."""
         for stages in self._pipelines:  # the stage is built later: its optimizer is re-pointed then
-            if any(_holds(stages, p) for group in optimizer.param_groups for p in group["params"]):
+            held = {id(p) for p in stages.parameters()}
+            if any(id(p) in held for group in optimizer.param_groups for p in group["params"]):
                 stages.track(optimizer)
         if optimizer.state and self._replaced:
             raise ValueError("Prepare the optimizer before it has stepped: FSDP replaces the model's parameters, "
@@ -561,10 +564,6 @@ def _combine_norms(norm: torch.Tensor, norm_type: float, group: Any) -> torch.Te
     powered = norm.double() ** norm_type
     dist.all_reduce(powered, group=group)
     return (powered ** (1.0 / norm_type)).to(norm.dtype)
-
-
-def _holds(module: nn.Module, parameter: torch.Tensor) -> bool:
-    return any(p is parameter for p in module.parameters())
 
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:

@@ -85,6 +85,11 @@ class PipelineStages(StagePosition, nn.Module):
             self._buffers[name] = buffer
 
     @property
+    def _last_stage_rank(self) -> int:
+        """The global rank of this pipeline's last stage (where the loss and the output are)."""
+        return dist.get_global_rank(self.pp_group, self.num_stages - 1)
+
+    @property
     def built(self) -> bool:
         return self.stage_module is not None
 
@@ -119,9 +124,8 @@ class PipelineStages(StagePosition, nn.Module):
                 output = schedule.eval(target=torch.zeros(self._expected[0][0][0], device=self._device))
             else:
                 output = schedule.eval()
-        source = dist.get_global_rank(self.pp_group, self.num_stages - 1)
-        return broadcast_output(output if self.is_last_stage else None, source, self.pp_group, self._device,
-                                self.is_last_stage)
+        return broadcast_output(output if self.is_last_stage else None, self._last_stage_rank, self.pp_group,
+                                self._device, self.is_last_stage)
 
     def _check_shapes(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         got = shapes((tuple(args), sorted_kwargs(dict(kwargs))))
@@ -200,7 +204,7 @@ class PipelineStages(StagePosition, nn.Module):
             else:
                 schedule.step(return_outputs=False)
         loss = torch.stack(self._losses).mean() if self.is_last_stage else torch.zeros((), device=self._device)
-        dist.broadcast(loss, src=dist.get_global_rank(self.pp_group, self.num_stages - 1), group=self.pp_group)
+        dist.broadcast(loss, src=self._last_stage_rank, group=self.pp_group)
         return loss
 
     def gather_to_first_stage(self, obj: Any) -> list[Any] | None:
