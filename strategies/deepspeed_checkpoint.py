@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .base import check_loaded_keys
-from .state_format import load_state_files, read_json, save_state_files, write_json
+from .state_format import load_state_entries, load_state_files, read_json, save_state_files, write_json
 
 PARTITIONS_DIR, NATIVE_DIR = "zero", "deepspeed"
 _LOSS_SCALER_KEY = "__loss_scaler__"
@@ -95,17 +95,14 @@ def _restore_counters(engine: Any, state: dict[str, Any]) -> None:
     engine.skipped_steps = int(counters.get("skipped_steps", engine.skipped_steps))
 
 
-def zero3_whole_tensors(folder: Path, meta: dict[str, Any], names: list[str] | None = None,
-                        states: list[dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
-    """The model's whole weights from every process's ZeRO-3 shards (each parameter's flat shards, joined, trimmed
-    of their padding and shaped). ``states`` are the processes' loaded files, read here when not given."""
-    states = states or [load_state_files(folder, f"rank_{rank}", device="cpu") for rank in range(meta["num_processes"])]
+def zero3_whole_tensors(meta: dict[str, Any], shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The whole weights from every process's ZeRO-3 shards of them (``shards[rank]``: name -> flat shard): each
+    parameter's shards joined, trimmed of their padding and shaped."""
     whole: dict[str, torch.Tensor] = {}
     for name, shape in meta["parameters"].items():
-        if names is not None and name not in names:
-            continue
-        numel = int(torch.Size(shape).numel())
-        whole[name] = torch.cat([state["model"][name].reshape(-1) for state in states])[:numel].view(shape).clone()
+        if name in shards[0]:
+            numel = int(torch.Size(shape).numel())
+            whole[name] = torch.cat([shard[name].reshape(-1) for shard in shards])[:numel].view(shape).clone()
     return whole
 
 
@@ -120,18 +117,18 @@ def find_partitions(path: Path) -> Path | None:
 def partition_tensor_specs(folder: Path) -> dict[str, tuple[torch.Size, torch.dtype]]:
     """Name -> (shape, dtype) of the model's whole weights in a ZeRO partitions folder."""
     meta = read_json(folder / "meta.json")
-    saved = load_state_files(folder, "rank_0", device="cpu").get("model", {})
+    saved = load_state_entries(folder, "rank_0", "model")
     return {name: (torch.Size(shape), saved[name].dtype) for name, shape in meta["parameters"].items() if name in saved}
 
 
 def load_partition_tensors(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The whole weights ``names`` of a ZeRO partitions folder: joined from every process's ZeRO-3 shards, or
-    process 0's whole weights under ZeRO-1/2."""
+    """The whole weights ``names`` of a ZeRO partitions folder (only those weights are read): joined from every
+    process's ZeRO-3 shards, or process 0's whole weights under ZeRO-1/2."""
     meta = read_json(folder / "meta.json")
     if meta["zero_stage"] == 3:
-        return zero3_whole_tensors(folder, meta, names)
-    saved = load_state_files(folder, "rank_0", device="cpu").get("model", {})
-    return {name: saved[name] for name in names}
+        return zero3_whole_tensors(meta, [load_state_entries(folder, f"rank_{rank}", "model", names)
+                                          for rank in range(meta["num_processes"])])
+    return load_state_entries(folder, "rank_0", "model", names)
 
 
 def _reshard_zero3(engine: Any, module: nn.Module, folder: Path, meta: dict[str, Any], process_index: int,
@@ -145,7 +142,7 @@ def _reshard_zero3(engine: Any, module: nn.Module, folder: Path, meta: dict[str,
     import deepspeed
 
     states = [load_state_files(folder, f"rank_{rank}", device="cpu") for rank in range(meta["num_processes"])]
-    _load_whole(deepspeed, engine, module, zero3_whole_tensors(folder, meta, states=states), 3)
+    _load_whole(deepspeed, engine, module, zero3_whole_tensors(meta, [state["model"] for state in states]), 3)
     optimizers = [state["optimizer"] for state in states]
     saved_groups = optimizers[0]["optimizer_state_dict"]
     moments = [key for key, value in _group_state(saved_groups, 0).items() if torch.is_tensor(value) and value.dim() == 1]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 _TENSOR, _TUPLE, _ITEMS, _FLOAT = "__tensor__", "__tuple__", "__items__", "__float__"
@@ -96,6 +97,20 @@ def write_split_state(skeleton: Any, tensors: dict[str, torch.Tensor], directory
 
 def load_state_files(directory: Path, name: str, device: torch.device | str = "cpu") -> Any:
     """Read what ``save_state_files`` wrote; a missing file or tensor is one error naming the file."""
+    skeleton = _read_skeleton(directory, name)
+    return join_state(skeleton, _read_tensors(directory, name, tensor_keys(skeleton), device))
+
+
+def load_state_entries(directory: Path, name: str, entry: str, keys: list[str] | None = None) -> dict[str, Any]:
+    """Only ``entry`` (a key of the saved mapping), and of it only ``keys`` when given, of what ``save_state_files``
+    wrote: the other tensors of the file are not read."""
+    skeleton = _read_skeleton(directory, name).get(entry, {})
+    if keys is not None:
+        skeleton = {key: skeleton[key] for key in keys if key in skeleton}
+    return join_state(skeleton, _read_tensors(directory, name, tensor_keys(skeleton), "cpu"))
+
+
+def _read_skeleton(directory: Path, name: str) -> Any:
     json_path = directory / f"{name}.json"
     if not json_path.is_file():
         raise FileNotFoundError(
@@ -107,17 +122,26 @@ def load_state_files(directory: Path, name: str, device: torch.device | str = "c
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"The checkpoint {directory} has a damaged {json_path.name}: it is not valid JSON ({error}). "
                          "Load an earlier checkpoint, or save this one again.") from None
-    wanted = tensor_keys(skeleton)
+    return skeleton
+
+
+def _read_tensors(directory: Path, name: str, wanted: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The tensors ``wanted`` of ``name.safetensors`` (the whole file in one read when it is all of them)."""
     tensor_path = directory / f"{name}.safetensors"
     if wanted and not tensor_path.is_file():
         raise FileNotFoundError(f"The checkpoint {directory} has no {tensor_path.name}, which holds the tensors of "
-                                f"{json_path.name}: it is incomplete. Load an earlier checkpoint.")
-    tensors = load_file(str(tensor_path), device=str(device)) if wanted else {}
-    absent = [key for key in wanted if key not in tensors]
-    if absent:
-        raise ValueError(f"The checkpoint {directory} is inconsistent: {json_path.name} refers to tensors that "
-                         f"{tensor_path.name} does not hold ({absent[:10]}). Load an earlier checkpoint.")
-    return join_state(skeleton, tensors)
+                                f"{name}.json: it is incomplete. Load an earlier checkpoint.")
+    if not wanted:
+        return {}
+    with safe_open(str(tensor_path), "pt", device=str(device)) as handle:
+        held = set(handle.keys())
+        absent = [key for key in wanted if key not in held]
+        if absent:
+            raise ValueError(f"The checkpoint {directory} is inconsistent: {name}.json refers to tensors that "
+                             f"{tensor_path.name} does not hold ({absent[:10]}). Load an earlier checkpoint.")
+        if len(wanted) < len(held):
+            return {key: handle.get_tensor(key) for key in wanted}
+    return load_file(str(tensor_path), device=str(device))
 
 
 def tensor_keys(skeleton: Any) -> list[str]:
