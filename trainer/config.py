@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from trainer import launch_environment as variables
+from trainer.parallelism import TRAINED, ParallelismConfig
 from trainer.precision.names import precision_names
 from trainer.strategies import registry
 from trainer.strategies.base import Strategy
@@ -100,7 +101,7 @@ LAUNCH_KEYS: dict[str, Key] = {
                                        "`_dp_shard_size`, `_tp_size` and `_pp_size`, whose product is the process count; context "
                                        "and sequence parallel sizes above 1 stop the launch.",
                               section={f"parallelism_config_{name}": Key((int, str, bool), "")
-                                       for name in ("dp_replicate_size", "dp_shard_size", "tp_size", "pp_size", "cp_size",
+                                       for name in (*(f"{dimension}_size" for dimension in TRAINED), "cp_size",
                                                     "cp_backend", "cp_comm_strategy", "sp_size", "sp_backend",
                                                     "sp_seq_length", "sp_seq_length_is_variable",
                                                     "sp_attn_implementation")}),
@@ -173,8 +174,6 @@ def check_launchable(config: dict[str, Any]) -> None:
                           "context and sequence parallelism are not available here; keep them at 1.")
     sizes = parallelism_sizes(config)
     if sizes:
-        from trainer.parallelism import ParallelismConfig
-
         try:
             layout = ParallelismConfig(**sizes)
         except ValueError as error:
@@ -188,8 +187,6 @@ def check_launchable(config: dict[str, Any]) -> None:
 def parallelism_sizes(config: dict[str, Any]) -> dict[str, Any]:
     """``ParallelismConfig``'s arguments from the ``parallelism_config`` section, when a size above 1 is set."""
     section = config.get("parallelism_config", {})
-    from trainer.parallelism import TRAINED
-
     sizes = {name: section.get(f"parallelism_config_{name}", section.get(name, 1))
              for name in (f"{dimension}_size" for dimension in TRAINED)}
     return sizes if any(isinstance(v, int) and not isinstance(v, bool) and v > 1 for v in sizes.values()) else {}
