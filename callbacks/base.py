@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 EVENTS = (
     "on_fit_start", "on_train_epoch_start", "on_train_batch_start", "on_before_backward",
-    "on_after_backward", "on_before_optimizer_step", "on_train_batch_end", "on_validation_start",
+    "on_after_backward", "on_before_optimizer_step", "on_train_batch_end", "on_log", "on_validation_start",
     "on_validation_batch_end", "on_validation_end", "on_train_epoch_end", "on_save_checkpoint",
     "on_load_checkpoint", "on_test_start", "on_test_batch_end", "on_test_end", "on_predict_start",
     "on_predict_batch_end", "on_predict_end",
@@ -59,7 +59,7 @@ fit(resume=None)
                             scheduler.step()          # if there is one
                         elif on_nonfinite == "error": raise NonFiniteLossError   # "skip": no step
                         optimizer.zero_grad()
-                        global_step += 1              # train_loss recorded every log_every_n_steps
+                        global_step += 1              # every log_every_n_steps: log("train_loss") -> on_log(values)
                 batch_in_epoch += 1
                 on_train_batch_end(outputs, batch, batch_idx)
                 if eval_data and sync_gradients and eval_every_n_steps
@@ -190,6 +190,13 @@ class Callback:
 
     def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
         """A training micro-batch is done (``outputs`` is what ``training_step`` returned)."""
+
+    def on_log(self, trainer: TrainerView, values: dict[str, float]) -> None:
+        """``trainer.log`` or ``log_dict`` recorded ``values`` (name to number) at ``trainer.global_step``.
+
+        Called wherever the values are logged (the Trainer logs ``train_loss`` every
+        ``log_every_n_steps`` optimizer steps), on the process that logged them.
+        """
 
     def on_validation_start(self, trainer: TrainerView) -> None:
         """``validate`` begins, from ``fit`` or called directly."""

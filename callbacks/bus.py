@@ -45,6 +45,8 @@ class CallbackBus:
                                                            bool(getattr(cb, "checkpoints", False))))
         self.handlers = {event: [getattr(cb, event) for cb in self.callbacks if _overrides(cb, event)]
                          for event in EVENTS}
+        # The events some callback handles: the training loop skips the others' dispatch at every step.
+        self.listened = frozenset(event for event, handlers in self.handlers.items() if handlers)
         keys = [self.state_key(cb) for cb in self.callbacks]
         duplicates = sorted({key for key in keys if keys.count(key) > 1})
         if duplicates:

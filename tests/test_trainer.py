@@ -40,7 +40,8 @@ def epoch_events(batches: int, accumulate: int, validate: bool) -> list[str]:
             events.append("on_before_optimizer_step")
         events.append("on_train_batch_end")
     if validate:
-        events += ["on_validation_start", "on_validation_batch_end", "on_validation_batch_end", "on_validation_end"]
+        events += ["on_validation_start", "on_validation_batch_end", "on_validation_batch_end", "on_log",
+                   "on_validation_end"]
     return events + ["on_train_epoch_end", "on_save_checkpoint"]
 
 
@@ -55,6 +56,22 @@ def test_event_order_contract(tmp_path):
     expected = (["on_fit_start"] + epoch_events(5, 2, True) * 2 + ["on_fit_end"]
                 + ["on_predict_start"] + ["on_predict_batch_end"] * 2 + ["on_predict_end"])
     assert recorder.events == expected
+
+
+def test_on_log_gives_each_logged_value_once_at_its_step(tmp_path):
+    seen = []
+
+    class Logged(Callback):
+        def on_log(self, trainer, values):
+            seen.append((trainer.global_step, dict(values)))
+
+    trainer = make_trainer(tmp_path, callbacks=[Logged()], max_epochs=1, log_every_n_steps=2, trackers=[],
+                           eval_data=None, train_data=TensorDataset(torch.randn(20, 6), torch.randint(0, 3, (20,))))
+    trainer.fit()
+    trainer.log_dict({"a": 1.0, "b": torch.tensor(2.0)})
+    assert [step for step, _ in seen] == [2, 3]  # 3 optimizer steps (accumulation 2 of 5 batches), then log_dict
+    assert list(seen[0][1]) == ["train_loss"] and seen[0][1]["train_loss"] == trainer.logged_since(0)[1][2]["train_loss"]
+    assert seen[1][1] == {"a": 1.0, "b": 2.0}
 
 
 def test_events_on_resume_and_on_exception(tmp_path):

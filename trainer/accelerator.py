@@ -157,6 +157,9 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self.save_iteration = settings.project.iteration
         self._models: list[nn.Module] = []
         self._differentiated: torch.Tensor | None = None  # the last loss forward_backward returned
+        # No loss scale and no engine's own backward: backward calls torch's directly (it runs at every step).
+        self._plain_backward = (type(self.precision).scale_loss is Precision.scale_loss
+                                and type(self.strategy).backward is Strategy.backward)
         self._optimizers: list[AcceleratedOptimizer] = []
         self._schedulers: list[AcceleratedScheduler] = []
         self._dataloaders: list[PreparedDataLoader] = []
@@ -348,6 +351,9 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             return
         wrappers.check_loss_has_graph(loss)
         loss = self.accumulation.scale_loss(loss, num_tokens)
+        if self._plain_backward:
+            loss.backward(**kwargs)
+            return
         loss = self.precision.scale_loss(loss)
         self.strategy.backward(loss, self._models[0] if len(self._models) == 1 else None, **kwargs)
 

@@ -326,9 +326,11 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         else:  # resuming inside this epoch: its first batches are skipped, not loaded
             batches = accelerator.skip_first_batches(self.train_loader, progress.batch_in_epoch)
         accumulation = accelerator.accumulation
+        listened = self.callbacks.listened  # events no callback handles are not dispatched
         for batch in batches:
             batch_idx = progress.batch_in_epoch
-            self.call("on_train_batch_start", batch, batch_idx)
+            if "on_train_batch_start" in listened:
+                self.call("on_train_batch_start", batch, batch_idx)
             outputs = self._training_micro_step(batch)
             progress.batch_in_epoch += 1
             self.call("on_train_batch_end", outputs, batch, batch_idx)
@@ -342,19 +344,22 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         self._end_epoch()
 
     def _training_micro_step(self, batch: Any) -> Any:
-        accelerator, progress = self.accelerator, self.progress
+        accelerator, progress, listened = self.accelerator, self.progress, self.callbacks.listened
         with accelerator.accumulate(self.model):
             outputs = self.training_step(batch)
             loss, num_tokens = unpack_loss(outputs)
             self._group_losses.append(loss.detach())  # checked before the step, logged after it
-            self.call("on_before_backward", loss)
+            if "on_before_backward" in listened:
+                self.call("on_before_backward", loss)
             accelerator.backward(loss, num_tokens=num_tokens)
-            self.call("on_after_backward")
+            if "on_after_backward" in listened:
+                self.call("on_after_backward")
             if accelerator.accumulation.sync_gradients:
                 norm = accelerator.clip_grad_norm_(self.model.parameters(), self.grad_clip) if self.grad_clip else None
                 if self._nonfinite.step_allowed(self._group_losses, None if self._scaled else norm,
                                                 progress.global_step + 1, self._recovery_hint):
-                    self.call("on_before_optimizer_step", self.optimizer)
+                    if "on_before_optimizer_step" in listened:
+                        self.call("on_before_optimizer_step", self.optimizer)
                     self.optimizer.step()
                     self._schedule.after_optimizer_step(progress.global_step + 1, self.metrics)
                 else:

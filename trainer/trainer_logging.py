@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,17 +24,22 @@ class TrainerLogging:
     hparams: dict[str, Any]
     _logged: LogRecord
     _settings: dict[str, Any]
+    call: Callable[..., None]
 
     def log(self, name: str, value: Any, sync: bool = False) -> None:
         """Record a value in ``trainer.metrics`` and for the trackers, at the current ``global_step``.
 
         ``sync=True`` averages it over processes first.
         """
+        self.call("on_log", {name: self._record(name, value, sync)})
+
+    def _record(self, name: str, value: Any, sync: bool) -> float:
         if sync:
             value = self.accelerator.reduce(torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float64),
                                             "mean")
-        self.metrics[name] = float(value.detach()) if torch.is_tensor(value) else float(value)
-        self._logged.add(name, self.metrics[name], self.progress.global_step)
+        number = self.metrics[name] = float(value.detach()) if torch.is_tensor(value) else float(value)
+        self._logged.add(name, number, self.progress.global_step)
+        return number
 
     @property
     def log_sequence(self) -> int:
@@ -54,5 +59,5 @@ class TrainerLogging:
         return config
 
     def log_dict(self, values: Mapping[str, Any], sync: bool = False) -> None:
-        for name, value in values.items():
-            self.log(name, value, sync=sync)
+        """Record several values at once (one ``on_log`` event for them all)."""
+        self.call("on_log", {name: self._record(name, value, sync) for name, value in values.items()})

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from trainer.precision.policies import Precision
+
 if TYPE_CHECKING:
     from trainer.accumulation import GradientAccumulation
     from trainer.strategies import Strategy
@@ -47,6 +49,8 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         self._policy = policy
         self._before_step = before_step
         self._strategy_step = strategy.step_function(optimizer)
+        # A policy that never skips a step (no fp16 scaler) is not asked: the step is called directly.
+        self._plain_step = type(precision).optimizer_step is Precision.optimizer_step
         self.step_was_skipped = False
 
     @property
@@ -108,7 +112,10 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
                 ".item() values), and build the optimizer from that model's parameters()."
             )
         self._before_step()
-        if closure is None:
+        if closure is None and self._plain_step:
+            self._strategy_step()
+            stepped = True
+        elif closure is None:
             stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step)
         else:
             stepped = self._precision.optimizer_step(self.optimizer, self._strategy_step, closure=closure)

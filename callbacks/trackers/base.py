@@ -100,8 +100,8 @@ class Tracker(Callback):
         main_process_only: log from process 0 only (the default); False logs from every process.
         on_error: ``"warn"`` (one warning, the tracker switches off, training goes on) or ``"raise"``.
         send_every: on the Trainer's bus, seconds between sends of what ``trainer.log`` recorded
-            (each value keeps its step; everything is sent at every validation, epoch end and
-            finish). Sending on every logged step would cost more than a short step.
+            (checked when a value is logged; each value keeps its step; everything is sent at every
+            validation, epoch end and finish). Sending on every logged step would cost more than a short step.
     """
 
     name: ClassVar[str] = ""
@@ -114,7 +114,7 @@ class Tracker(Callback):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error={on_error!r}: use one of {ON_ERROR}.")
         if isinstance(send_every, bool) or not isinstance(send_every, (int, float)) or send_every < 0:
-            raise ValueError(f"send_every={send_every!r}: use a number of seconds >= 0 (0 sends at every step).")
+            raise ValueError(f"send_every={send_every!r}: use a number of seconds >= 0 (0 sends at every log).")
         if self.requires is not None:
             require_package(self.requires, self.extra, self.name)
         self.logging_dir = Path(logging_dir) if logging_dir is not None else None
@@ -310,10 +310,11 @@ class Tracker(Callback):
         self.run_name = self.run_name or trainer.run_name
         self.start(trainer.project, trainer.run_config(), trainer.output_dir, **self._init_kwargs(trainer))
 
-    def on_train_batch_end(self, trainer: TrainerView, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Send what ``trainer.log`` recorded since the last send: ``send_every`` seconds after it, or once 1000 wait."""
+    def on_log(self, trainer: TrainerView, values: dict[str, float]) -> None:
+        """Send what ``trainer.log`` recorded since the last send, once ``send_every`` seconds have passed
+        since it or 1000 values wait (before the run has started, they wait for the next send)."""
         waiting = trainer.log_sequence - self._sent
-        if waiting and (waiting >= SEND_AT_MOST or time.monotonic() >= self._next_send):
+        if self.started and (waiting >= SEND_AT_MOST or time.monotonic() >= self._next_send):
             self._send(trainer)
 
     def on_train_epoch_end(self, trainer: TrainerView) -> None:
