@@ -9,7 +9,7 @@ in a ``deepspeed/`` folder; reading those needs the caller's explicit trust.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,16 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .base import check_loaded_keys
-from .state_format import load_state_entries, load_state_files, read_json, save_state_files, write_json
+from .state_format import (
+    StoredTensor,
+    load_state_entries,
+    load_state_files,
+    open_state,
+    read_json,
+    read_stored,
+    save_state_files,
+    write_json,
+)
 
 PARTITIONS_DIR, NATIVE_DIR = "zero", "deepspeed"
 _LOSS_SCALER_KEY = "__loss_scaler__"
@@ -136,46 +145,68 @@ def _reshard_zero3(engine: Any, module: nn.Module, folder: Path, meta: dict[str,
     """Read ZeRO-3 partitions written by another number of processes.
 
     Each parameter is partitioned on its own (its flat values cut into equal parts, the last
-    padded), in the weights and in the fp32 master weights and moments alike: every process reads
-    every saved part, joins each parameter's, and takes its own part for this process count.
+    padded), in the weights and in the fp32 master weights and moments alike. This process's part
+    for the new count is read from the saved parts it overlaps, and only those values are read: a
+    process holds about its share of the state, never the whole.
     """
-    import deepspeed
-
-    states = [load_state_files(folder, f"rank_{rank}", device="cpu") for rank in range(meta["num_processes"])]
-    _load_whole(deepspeed, engine, module, zero3_whole_tensors(meta, [state["model"] for state in states]), 3)
-    optimizers = [state["optimizer"] for state in states]
-    saved_groups = optimizers[0]["optimizer_state_dict"]
-    moments = [key for key, value in _group_state(saved_groups, 0).items() if torch.is_tensor(value) and value.dim() == 1]
-
-    def mine(name: str, parameter: Any, pick: Any) -> torch.Tensor:
-        group, offset, count = meta["fragments"][name]
-        whole = torch.cat([pick(saved, group).narrow(0, offset, count) for saved in optimizers])[:parameter.ds_numel]
-        part = parameter.ds_tensor.numel()
-        padded = torch.zeros(part * num_processes, dtype=whole.dtype)
-        padded[:whole.numel()] = whole
-        return padded[process_index * part:(process_index + 1) * part]
-
-    zero = engine.optimizer
-    flats = zero.fp32_partitioned_groups_flat
-    for index, flat in enumerate(flats):  # step counts, moments (filled below), per flat group
-        state = zero.optimizer.state[flat]
-        saved = _group_state(saved_groups, min(index, len(saved_groups["param_groups"]) - 1))
-        for key, value in saved.items():
-            state[key] = torch.zeros_like(flat) if key in moments else (value.clone() if torch.is_tensor(value) else value)
-    for name, parameter in module.named_parameters():
-        if name not in meta["fragments"]:
-            continue
-        group, offset, count = zero.grad_position[zero.get_param_id(parameter)]
+    with ExitStack() as files:
+        saved = [files.enter_context(open_state(folder, f"rank_{rank}")) for rank in range(meta["num_processes"])]
         with torch.no_grad():
-            flats[group].narrow(0, offset, count).copy_(
-                mine(name, parameter, lambda saved, g: saved["fp32_flat_groups"][g])[:count])
-            for key in moments:
-                value = mine(name, parameter, lambda saved, g, key=key: _group_state(saved["optimizer_state_dict"], g)[key])
-                zero.optimizer.state[flats[group]][key].narrow(0, offset, count).copy_(value[:count])
-    for group, saved in zip(zero.optimizer.param_groups, saved_groups["param_groups"], strict=False):
-        group.update({key: value for key, value in saved.items() if key != "params"})
-    _restore_optimizer_state(optimizers[0], zero)  # the loss scaler's numbers
-    _restore_counters(engine, states[0])
+            for name, parameter in module.named_parameters():
+                if name in saved[0]["model"]:
+                    parts = [state["model"][name] for state in saved]
+                    parameter.ds_tensor.copy_(_my_part(parts, 0, parts[0].shape[0], parameter.ds_numel,  # type: ignore[attr-defined]
+                                                       parameter.ds_tensor.numel(), process_index))  # type: ignore[attr-defined]
+        optimizers = [state["optimizer"] for state in saved]
+        saved_groups = optimizers[0]["optimizer_state_dict"]
+        moments = [key for key, value in _group_state(saved_groups, 0).items()
+                   if isinstance(value, StoredTensor) and len(value.shape) == 1]
+        zero = engine.optimizer
+        flats = zero.fp32_partitioned_groups_flat
+        for index, flat in enumerate(flats):  # step counts, moments (filled below), per flat group
+            state = zero.optimizer.state[flat]
+            group_saved = _group_state(saved_groups, min(index, len(saved_groups["param_groups"]) - 1))
+            for key, value in group_saved.items():
+                state[key] = torch.zeros_like(flat) if key in moments else read_stored(value)
+        for name, parameter in module.named_parameters():
+            if name not in meta["fragments"]:
+                continue
+            saved_group, saved_offset, saved_count = meta["fragments"][name]
+            group, offset, count = zero.grad_position[zero.get_param_id(parameter)]
+            numel, part = parameter.ds_numel, parameter.ds_tensor.numel()  # type: ignore[attr-defined]
+            sources: dict[str | None, list[StoredTensor]] = {  # None: the fp32 master weights; then each moment
+                None: [optimizer["fp32_flat_groups"][saved_group] for optimizer in optimizers]}
+            sources.update({key: [_group_state(optimizer["optimizer_state_dict"], saved_group)[key]
+                                  for optimizer in optimizers] for key in moments})
+            with torch.no_grad():
+                for key, parts in sources.items():
+                    target = flats[group] if key is None else zero.optimizer.state[flats[group]][key]
+                    target.narrow(0, offset, count).copy_(
+                        _my_part(parts, saved_offset, saved_count, numel, part, process_index)[:count])
+        for group, saved_group_settings in zip(zero.optimizer.param_groups, saved_groups["param_groups"], strict=False):
+            group.update({key: value for key, value in saved_group_settings.items() if key != "params"})
+        _restore_optimizer_state(optimizers[0], zero)  # the loss scaler's numbers
+        _restore_counters(engine, read_stored({key: saved[0][key] for key in ("engine", "lr_scheduler") if key in saved[0]}))
+
+
+def _my_part(parts: list[StoredTensor], offset: int, saved_part: int, numel: int, part: int,
+             process_index: int) -> torch.Tensor:
+    """Process ``process_index``'s ``part`` values of a parameter of ``numel`` flat values, saved in parts of
+    ``saved_part`` values at ``offset`` in each of ``parts`` (one per saving process, the last padded).
+
+    Only the saved ranges that overlap this process's part are read; past ``numel`` it is zeros.
+    """
+    start, stop = process_index * part, min((process_index + 1) * part, numel)
+    pieces, position = [], start
+    while position < stop:
+        rank, within = divmod(position, saved_part)
+        take = min(saved_part - within, stop - position)
+        pieces.append(parts[rank].read_range(offset + within, offset + within + take))
+        position += take
+    if not pieces:  # this process's part lies wholly in the padding (the caller copies it into its own dtype)
+        return torch.zeros(part)
+    mine = torch.cat(pieces)
+    return torch.nn.functional.pad(mine, (0, part - mine.numel()))
 
 
 def _group_state(optimizer_state: dict[str, Any], group: int) -> dict[str, Any]:

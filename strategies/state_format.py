@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +58,8 @@ def split_state(state: Any, prefix: str = "", materialize: bool = True) -> tuple
     return walk(state, prefix), tensors
 
 
-def join_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of ``split_state``."""
+def join_state(skeleton: Any, tensors: dict[str, Any]) -> Any:
+    """The inverse of ``split_state`` (``open_state`` puts ``StoredTensor`` handles where the tensors go)."""
     if isinstance(skeleton, list):
         return [join_state(v, tensors) for v in skeleton]
     if isinstance(skeleton, dict):
@@ -101,6 +103,50 @@ def load_state_files(directory: Path, name: str, device: torch.device | str = "c
     return join_state(skeleton, _read_tensors(directory, name, tensor_keys(skeleton), device))
 
 
+class StoredTensor:
+    """A tensor of a state ``open_state`` opened: read when asked, and only the part asked for."""
+
+    def __init__(self, handle: Any, key: str) -> None:
+        self._handle, self.key = handle, key
+        self.shape = torch.Size(handle.get_slice(key).get_shape())
+
+    def read(self) -> torch.Tensor:
+        """The whole tensor."""
+        return self._handle.get_tensor(self.key)
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """Values ``start:stop`` of a one-dimensional tensor: only those bytes are read."""
+        if len(self.shape) != 1:
+            raise ValueError(f"read_range reads a one-dimensional tensor; {self.key} has the shape {tuple(self.shape)}.")
+        return self._handle.get_slice(self.key)[start:stop]
+
+
+@contextmanager
+def open_state(directory: Path, name: str) -> Iterator[Any]:
+    """What ``save_state_files`` wrote, with a ``StoredTensor`` where each tensor goes: nothing is read until
+    asked for, so a process takes only its part of a large state. The file stays open inside the ``with``."""
+    skeleton = _read_skeleton(directory, name)
+    keys = tensor_keys(skeleton)
+    if not keys:
+        yield join_state(skeleton, {})
+        return
+    tensor_path = _tensor_file(directory, name)
+    with safe_open(str(tensor_path), "pt", device="cpu") as handle:
+        _check_held(directory, name, keys, set(handle.keys()))
+        yield join_state(skeleton, {key: StoredTensor(handle, key) for key in keys})
+
+
+def read_stored(state: Any) -> Any:
+    """``state`` (from ``open_state``) with every ``StoredTensor`` read into a tensor."""
+    if isinstance(state, StoredTensor):
+        return state.read()
+    if isinstance(state, dict):
+        return {key: read_stored(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(read_stored(value) for value in state)
+    return state
+
+
 def load_state_entries(directory: Path, name: str, entry: str, keys: list[str] | None = None) -> dict[str, Any]:
     """Only ``entry`` (a key of the saved mapping), and of it only ``keys`` when given, of what ``save_state_files``
     wrote: the other tensors of the file are not read."""
@@ -127,21 +173,30 @@ def _read_skeleton(directory: Path, name: str) -> Any:
 
 def _read_tensors(directory: Path, name: str, wanted: list[str], device: torch.device | str) -> dict[str, torch.Tensor]:
     """The tensors ``wanted`` of ``name.safetensors`` (the whole file in one read when it is all of them)."""
-    tensor_path = directory / f"{name}.safetensors"
-    if wanted and not tensor_path.is_file():
-        raise FileNotFoundError(f"The checkpoint {directory} has no {tensor_path.name}, which holds the tensors of "
-                                f"{name}.json: it is incomplete. Load an earlier checkpoint.")
     if not wanted:
         return {}
+    tensor_path = _tensor_file(directory, name)
     with safe_open(str(tensor_path), "pt", device=str(device)) as handle:
         held = set(handle.keys())
-        absent = [key for key in wanted if key not in held]
-        if absent:
-            raise ValueError(f"The checkpoint {directory} is inconsistent: {name}.json refers to tensors that "
-                             f"{tensor_path.name} does not hold ({absent[:10]}). Load an earlier checkpoint.")
+        _check_held(directory, name, wanted, held)
         if len(wanted) < len(held):
             return {key: handle.get_tensor(key) for key in wanted}
     return load_file(str(tensor_path), device=str(device))
+
+
+def _tensor_file(directory: Path, name: str) -> Path:
+    tensor_path = directory / f"{name}.safetensors"
+    if not tensor_path.is_file():
+        raise FileNotFoundError(f"The checkpoint {directory} has no {tensor_path.name}, which holds the tensors of "
+                                f"{name}.json: it is incomplete. Load an earlier checkpoint.")
+    return tensor_path
+
+
+def _check_held(directory: Path, name: str, wanted: list[str], held: set[str]) -> None:
+    absent = [key for key in wanted if key not in held]
+    if absent:
+        raise ValueError(f"The checkpoint {directory} is inconsistent: {name}.json refers to tensors that "
+                         f"{name}.safetensors does not hold ({absent[:10]}). Load an earlier checkpoint.")
 
 
 def tensor_keys(skeleton: Any) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader
 
 from strategies import DeepSpeed, resolve_strategy
 from strategies.deepspeed import PACKAGE as DEEPSPEED
+from strategies.deepspeed_checkpoint import _my_part
+from strategies.state_format import open_state, save_state_files
 from trainer import Accelerator, PartialState, set_seed
 from trainer.accumulation import GradientAccumulation
 from trainer.precision import resolve_precision
@@ -146,6 +149,35 @@ def test_a_zero3_checkpoint_of_four_processes_resumes_on_two_and_merges_into_who
 
 
 @needs_deepspeed
+@pytest.mark.parametrize("new_count", [1, 2, 3, 5])
+def test_a_zero3_reshard_reads_only_the_saved_ranges_of_its_own_part(tmp_path, new_count):
+    """A parameter of 11 values saved by 4 processes (parts of 3, the last padded) at offset 5 of each one's flat
+    group: each new process's part equals the whole's, and only the saved parts it overlaps are read."""
+    whole = torch.arange(1.0, 12.0)
+    saved_part = 3
+    for rank in range(4):
+        flat = torch.full((5 + saved_part + 2,), -1.0)  # other parameters' values around this one's
+        mine = whole[rank * saved_part:(rank + 1) * saved_part]
+        flat[5:5 + mine.numel()] = mine
+        flat[5 + mine.numel():5 + saved_part] = 0.0  # the padding
+        save_state_files({"flat": flat}, tmp_path, f"rank_{rank}")
+    part = -(-whole.numel() // new_count)
+    padded = torch.cat([whole, torch.zeros(part * new_count - whole.numel())])
+    with ExitStack() as files:
+        parts = [files.enter_context(open_state(tmp_path, f"rank_{rank}"))["flat"] for rank in range(4)]
+        for process in range(new_count):
+            read: list[tuple[int, int, int]] = []
+            for rank, stored in enumerate(parts):
+                stored.read_range = (lambda start, stop, rank=rank, real=stored.read_range:  # noqa: B008
+                                     read.append((rank, start, stop)) or real(start, stop))
+            got = _my_part(parts, 5, saved_part, whole.numel(), part, process)
+            assert torch.equal(got, padded[process * part:(process + 1) * part])
+            first, last = process * part, min((process + 1) * part, whole.numel()) - 1
+            expected = set(range(first // saved_part, last // saved_part + 1)) if first <= last else set()
+            assert {rank for rank, _, _ in read} == expected
+            assert all(5 <= start <= stop <= 5 + saved_part for _, start, stop in read)
+
+
 def test_deepspeed_own_checkpoint_files_need_an_explicit_opt_in(runs):
     error = (runs / "untrusted_error.txt").read_text()
     assert "DeepSpeed(trust_deepspeed_checkpoints=True)" in error and "pickles" in error
