@@ -176,11 +176,11 @@ def _reshard_zero3(engine: Any, module: nn.Module, folder: Path, meta: dict[str,
             numel, part = parameter.ds_numel, parameter.ds_tensor.numel()  # type: ignore[attr-defined]
             sources: dict[str | None, list[StoredTensor]] = {  # None: the fp32 master weights; then each moment
                 None: [optimizer["fp32_flat_groups"][saved_group] for optimizer in optimizers]}
-            sources.update({key: [_group_state(optimizer["optimizer_state_dict"], saved_group)[key]
-                                  for optimizer in optimizers] for key in moments})
+            sources.update({moment: [_group_state(optimizer["optimizer_state_dict"], saved_group)[moment]
+                                     for optimizer in optimizers] for moment in moments})
             with torch.no_grad():
-                for key, parts in sources.items():
-                    target = flats[group] if key is None else zero.optimizer.state[flats[group]][key]
+                for source, parts in sources.items():
+                    target = flats[group] if source is None else zero.optimizer.state[flats[group]][source]
                     target.narrow(0, offset, count).copy_(
                         _my_part(parts, saved_offset, saved_count, numel, part, process_index)[:count])
         for group, saved_group_settings in zip(zero.optimizer.param_groups, saved_groups["param_groups"], strict=False):

@@ -164,18 +164,27 @@ def test_a_zero3_reshard_reads_only_the_saved_ranges_of_its_own_part(tmp_path, n
     part = -(-whole.numel() // new_count)
     padded = torch.cat([whole, torch.zeros(part * new_count - whole.numel())])
     with ExitStack() as files:
-        parts = [files.enter_context(open_state(tmp_path, f"rank_{rank}"))["flat"] for rank in range(4)]
+        stored = [files.enter_context(open_state(tmp_path, f"rank_{rank}"))["flat"] for rank in range(4)]
         for process in range(new_count):
             read: list[tuple[int, int, int]] = []
-            for rank, stored in enumerate(parts):
-                stored.read_range = (lambda start, stop, rank=rank, real=stored.read_range:  # noqa: B008
-                                     read.append((rank, start, stop)) or real(start, stop))
-            got = _my_part(parts, 5, saved_part, whole.numel(), part, process)
+            got = _my_part([ReadLog(part, rank, read) for rank, part in enumerate(stored)], 5, saved_part,
+                           whole.numel(), part, process)
             assert torch.equal(got, padded[process * part:(process + 1) * part])
             first, last = process * part, min((process + 1) * part, whole.numel()) - 1
             expected = set(range(first // saved_part, last // saved_part + 1)) if first <= last else set()
             assert {rank for rank, _, _ in read} == expected
             assert all(5 <= start <= stop <= 5 + saved_part for _, start, stop in read)
+
+
+class ReadLog:
+    """A saved tensor whose reads are written down (rank, start, stop), then done on the file."""
+
+    def __init__(self, stored, rank: int, log: list) -> None:
+        self.stored, self.rank, self.log = stored, rank, log
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        self.log.append((self.rank, start, stop))
+        return self.stored.read_range(start, stop)
 
 
 def test_deepspeed_own_checkpoint_files_need_an_explicit_opt_in(runs):
