@@ -13,7 +13,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from trainer.checkpoint_io import find_intact_copy, read_json, sync_path
+from trainer.step_outputs import loss_record
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -44,7 +47,8 @@ class TrainerCheckpointState:
         trainer.callbacks.load_state_dict(state.get("callbacks", {}))
         trainer.metrics.update(state.get("metrics", {}))
         trainer.should_stop = bool(state.get("should_stop", False))
-        trainer._group_losses[:] = [loss.to(trainer.accelerator.device) for loss in state.get("group_losses", [])]
+        trainer._group_losses[:] = [loss_record(torch.as_tensor(loss, device=trainer.accelerator.device))
+                                    for loss in state.get("group_losses", [])]
 
 
 def write_latest(root: Path, checkpoint: Path) -> None:

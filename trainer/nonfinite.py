@@ -44,25 +44,28 @@ class NonFiniteGuard:
         self.skipped_steps = 0
 
     @staticmethod
-    def _bad_loss(losses: list[torch.Tensor]) -> float | None:
-        """The first non-finite value among ``losses`` (one-element tensors), or None."""
-        if losses[0].is_cpu:  # a group's losses all lie on one device
-            values = [loss.item() for loss in losses]
+    def _bad_loss(losses: list[float | torch.Tensor]) -> float | None:
+        """The first non-finite value among ``losses`` (numbers, or one-element tensors on one device), or None."""
+        tensors = [loss for loss in losses if isinstance(loss, torch.Tensor)]
+        if not tensors:
+            values = [float(loss) for loss in losses]
+        elif tensors[0].is_cpu:
+            values = [loss.item() for loss in tensors]
         else:
-            stacked = torch.stack([loss.reshape(()).float() for loss in losses])
+            stacked = torch.stack([loss.reshape(()).float() for loss in tensors])
             if bool(torch.isfinite(stacked).all()):
                 return None
             values = stacked.tolist()
         return next((value for value in values if not math.isfinite(value)), None)
 
-    def step_allowed(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None, step: int,
+    def step_allowed(self, losses: list[float | torch.Tensor], grad_norm: torch.Tensor | None, step: int,
                      recovery: Callable[[], str]) -> bool:
         """At a boundary, with the group's losses: True to step. Raises in ``"error"`` mode; False in ``"skip"`` mode.
 
         ``step`` is the step about to be taken; ``recovery()`` describes the newest usable checkpoint.
         """
-        if (len(losses) == 1 and grad_norm is None and self._any_true is None and losses[0].is_cpu
-                and math.isfinite(losses[0].item())):  # the common case, on every step: one finite CPU loss
+        if (len(losses) == 1 and grad_norm is None and self._any_true is None and type(losses[0]) is float
+                and math.isfinite(losses[0])):  # the common case, on every step: one finite loss, read on the CPU
             return True
         bad_loss = self._bad_loss(losses)
         norm = float(grad_norm) if grad_norm is not None else 0.0

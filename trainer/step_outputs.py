@@ -27,9 +27,9 @@ def loss_of(output: Any) -> Any:
 
 def unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
     """(loss, num_tokens) from what training_step returned; anything else is one error naming training_step."""
-    if type(outputs) is torch.Tensor:  # the common case, on every step
-        loss, num_tokens = outputs, None
-    elif isinstance(outputs, Mapping):
+    if type(outputs) is torch.Tensor and outputs.numel() == 1:  # the common case, on every step
+        return outputs, None
+    if isinstance(outputs, Mapping):
         if "loss" not in outputs:
             raise ValueError(f"training_step returned a dict without 'loss' (keys: {sorted(map(str, outputs))}): put "
                              "the loss to minimise under 'loss' (and, for token-normalised losses, 'num_tokens').")
@@ -44,6 +44,22 @@ def unpack_loss(outputs: Any) -> tuple[torch.Tensor, Any]:
         raise ValueError(f"training_step returned a loss of shape {tuple(loss.shape)}; backward() needs a single "
                          "number: reduce it first (loss.mean(), or reduction='mean' in the loss function).")
     return loss, num_tokens
+
+
+def loss_record(loss: torch.Tensor) -> float | torch.Tensor:
+    """How a micro-batch's loss is kept until its group is checked and logged: on the CPU its number (reading
+    it there costs less than keeping a tensor), elsewhere the detached tensor (read only when needed, so no
+    synchronisation per step)."""
+    return loss.item() if loss.is_cpu else loss.detach()
+
+
+def mean_loss(records: list[Any]) -> float | torch.Tensor:
+    """The mean of a group's ``loss_record`` values (all numbers, or all tensors on one device)."""
+    if len(records) == 1:
+        return records[0]
+    if isinstance(records[0], float):
+        return sum(records) / len(records)
+    return torch.stack(records).float().mean()
 
 
 def optimizers_of(configured: Any, scheduler: Any) -> tuple[torch.optim.Optimizer, Any, dict[str, Any]]:

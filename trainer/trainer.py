@@ -32,7 +32,7 @@ from trainer.progress import TrainerProgress
 from trainer.random_state import set_seed
 from trainer.run_limits import DataLimits
 from trainer.scheduling import SchedulePlan
-from trainer.step_outputs import call_model, loss_of, optimizers_of, unpack_loss
+from trainer.step_outputs import call_model, loss_of, loss_record, mean_loss, optimizers_of, unpack_loss
 from trainer.strategies import Strategy
 from trainer.trainer_arguments import as_duration, check_numbers, compile_plugin, epochs_to_train, refuse_unknown
 from trainer.trainer_checkpoints import TrainerCheckpoints, finish_pending_save
@@ -218,7 +218,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         self.optimizer, self.scheduler = self._optimizers(optimizer, scheduler)
         self.accelerator.register_for_checkpointing(TrainerCheckpointState(self))
         self.fitting = False  # True inside fit(): callbacks that only act while training check it
-        self._group_losses: list[torch.Tensor] = []  # this accumulation group's micro-batch losses, detached
+        self._group_losses: list[float | torch.Tensor] = []  # this accumulation group's micro-batch losses (loss_record)
 
     # -- the parts a subclass overrides ------------------------------------------------------------
     def training_step(self, batch: Any) -> Any:
@@ -348,7 +348,7 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
         with accelerator.accumulate(self.model):
             outputs = self.training_step(batch)
             loss, num_tokens = unpack_loss(outputs)
-            self._group_losses.append(loss.detach())  # checked before the step, logged after it
+            self._group_losses.append(loss_record(loss))  # checked before the step, logged after it
             if "on_before_backward" in listened:
                 self.call("on_before_backward", loss)
             accelerator.backward(loss, num_tokens=num_tokens)
@@ -421,11 +421,10 @@ class Trainer(TrainerCheckpoints, TrainerLogging, TrainerEvaluation):
                 and self.progress.validated_at != self.progress.position)
 
     def _log_training_loss(self) -> None:
-        # The group's losses, kept detached: the non-finite check read them before the step; their
+        # The group's losses (loss_record): the non-finite check read them before the step; their
         # mean is logged on logged steps (none when the step was skipped).
-        losses = self._group_losses
-        if losses:
-            self.log("train_loss", losses[0] if len(losses) == 1 else torch.stack(losses).float().mean())
+        if self._group_losses:
+            self.log("train_loss", mean_loss(self._group_losses))
 
     def _optimizers(self, optimizer: Any, scheduler: Any) -> tuple[Any, Any]:
         optimizer, scheduler, when = optimizers_of(optimizer if optimizer is not None else self.configure_optimizers(),

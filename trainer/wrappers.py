@@ -41,13 +41,15 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
     """The user's optimizer, stepping on accumulation boundaries through the precision policy."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, precision: PrecisionPolicy,
-                 policy: GradientAccumulation, before_step: Callable[[], None]) -> None:
+                 policy: GradientAccumulation, finalize_gradients: Callable[[], None]) -> None:
+        """``finalize_gradients`` divides the gradients by what the accumulation policy left undivided; it is
+        called before a step whenever the policy ``needs_finalize``."""
         # No super().__init__: the wrapped optimizer owns param_groups and state.
         self.optimizer = optimizer
         self._strategy = strategy
         self._precision = precision
         self._policy = policy
-        self._before_step = before_step
+        self._finalize_gradients = finalize_gradients
         self._strategy_step = strategy.step_function(optimizer)
         # A policy that never skips a step (no fp16 scaler) is not asked: the step is called directly.
         self._plain_step = type(precision).optimizer_step is Precision.optimizer_step
@@ -111,7 +113,8 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
                 "from the prepared model's output (not under torch.no_grad(), not from .detach()ed tensors or "
                 ".item() values), and build the optimizer from that model's parameters()."
             )
-        self._before_step()
+        if self._policy.needs_finalize:
+            self._finalize_gradients()
         if closure is None and self._plain_step:
             self._strategy_step()
             stepped = True
