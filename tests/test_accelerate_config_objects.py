@@ -108,12 +108,13 @@ def _yaml(folder, text):
 def test_on_two_processes_ddp_kwargs_reach_ddp_and_the_timeout_reaches_the_group(tmp_path):
     result = run_distributed(WORKERS_DIR / "handlers_worker.py", nproc=2, args=["ddp"], timeout=120)
     assert "DDP OK rank 0" in result.stdout and "DDP OK rank 1" in result.stdout
-    result = run_distributed(WORKERS_DIR / "handlers_worker.py", nproc=2, args=["timeout"], timeout=120)
+    result = run_distributed(WORKERS_DIR / "handlers_worker.py", nproc=2, args=["timeout", str(tmp_path / "done")],
+                             timeout=120)
     waited = float(re.search(r"TIMEOUT after ([\d.]+) s", result.stdout).group(1))
     assert 2.5 <= waited < 8.0, result.stdout  # InitProcessGroupKwargs(timeout=3 s), not gloo's 30 minutes
     # The same from the launcher's flag, with nothing in the script.
     code, out, err = run_cli("launch", "--num_processes", "2", "--cpu", "--process_group_timeout", "3",
-                             str(WORKERS_DIR / "handlers_worker.py"), "launch_timeout")
+                             str(WORKERS_DIR / "handlers_worker.py"), "launch_timeout", str(tmp_path / "done_launch"))
     assert code == 0, err
     assert 2.5 <= float(re.search(r"TIMEOUT after ([\d.]+) s", out).group(1)) < 8.0, out
     code, _, err = run_cli("config", "validate", str(_yaml(tmp_path, "process_group_timeout: 0\n")))

@@ -1,8 +1,9 @@
 """Worker of tests/test_accelerate_config_objects.py on 2 CPU processes: kwargs handlers that reach DDP and the group.
 
 Run by torchrun. ``ddp`` checks that DistributedDataParallelKwargs reach the DDP wrapper and that
-``distributed_type`` is MULTI_CPU; ``timeout`` has process 1 stay away from a collective and
-checks that process 0 gives up after InitProcessGroupKwargs' timeout instead of torch's default.
+``distributed_type`` is MULTI_CPU; ``timeout`` has process 1 stay away from a collective (until
+process 0 touches a file) and checks that process 0 gives up after InitProcessGroupKwargs' timeout
+instead of torch's default.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
@@ -52,10 +54,12 @@ def ddp() -> None:
     say(f"DDP OK rank {RANK}")
 
 
-def timeout(handler: bool = True) -> None:
+def timeout(signal_file: Path, handler: bool = True) -> None:
     Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=3))] if handler else None)
-    if RANK == 1:
-        time.sleep(9)  # away from the collective rank 0 waits in
+    if RANK == 1:  # away from the collective rank 0 waits in, until rank 0 is done with it (60 s at most)
+        deadline = time.monotonic() + 60
+        while not signal_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         say("AWAY done rank 1")
         return
     start = time.monotonic()
@@ -64,9 +68,14 @@ def timeout(handler: bool = True) -> None:
     except Exception as error:  # gloo's timeout surfaces as a RuntimeError (DistBackendError)
         say(f"TIMEOUT after {time.monotonic() - start:.1f} s: {type(error).__name__}")
         return
+    finally:
+        signal_file.touch()
     say("NO TIMEOUT")
 
 
-if __name__ == "__main__":
-    {"ddp": ddp, "timeout": timeout, "launch_timeout": lambda: timeout(handler=False)}[sys.argv[1]]()
+if __name__ == "__main__":  # the group's timeout is set when it starts: a timeout case needs a launch of its own
+    if sys.argv[1] == "ddp":
+        ddp()
+    else:  # timeout: from InitProcessGroupKwargs; launch_timeout: from trainer launch's flag, nothing in the script
+        timeout(Path(sys.argv[2]), handler=sys.argv[1] == "timeout")
     leave()
