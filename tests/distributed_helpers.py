@@ -7,11 +7,14 @@ killed so that no worker is left behind, and the test fails with everything the 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,9 +35,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Launched processes keep their temporary files (torchrun's torchelastic_* log folders among them)
+# in one folder of the test session, removed when the session ends.
+_SCRATCH = tempfile.mkdtemp(prefix="trainer-tests-")
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
+
+
 def _worker_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items()
            if key not in _LAUNCHER_NAMES and not key.startswith(_LAUNCHER_PREFIXES)}
+    env["TMPDIR"] = _SCRATCH
     env["TRAINER_USE_CPU"] = "1"
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
