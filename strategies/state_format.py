@@ -108,7 +108,8 @@ class StoredTensor:
 
     def __init__(self, handle: Any, key: str) -> None:
         self._handle, self.key = handle, key
-        self.shape = torch.Size(handle.get_slice(key).get_shape())
+        self._slice = handle.get_slice(key)  # the file's view of the tensor, read from in parts
+        self.shape = torch.Size(self._slice.get_shape())
 
     def read(self) -> torch.Tensor:
         """The whole tensor."""
@@ -118,7 +119,7 @@ class StoredTensor:
         """Values ``start:stop`` of a one-dimensional tensor: only those bytes are read."""
         if len(self.shape) != 1:
             raise ValueError(f"read_range reads a one-dimensional tensor; {self.key} has the shape {tuple(self.shape)}.")
-        return self._handle.get_slice(self.key)[start:stop]
+        return self._slice[start:stop]
 
 
 @contextmanager

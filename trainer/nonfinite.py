@@ -47,15 +47,13 @@ class NonFiniteGuard:
     def _bad_loss(losses: list[float | torch.Tensor]) -> float | None:
         """The first non-finite value among ``losses`` (numbers, or one-element tensors on one device), or None."""
         tensors = [loss for loss in losses if isinstance(loss, torch.Tensor)]
-        if not tensors:
-            values = [float(loss) for loss in losses]
-        elif tensors[0].is_cpu:
-            values = [loss.item() for loss in tensors]
-        else:
+        if tensors and not tensors[0].is_cpu:  # read once, after one check on the device
             stacked = torch.stack([loss.reshape(()).float() for loss in tensors])
             if bool(torch.isfinite(stacked).all()):
                 return None
             values = stacked.tolist()
+        else:
+            values = [loss.item() if isinstance(loss, torch.Tensor) else float(loss) for loss in losses]
         return next((value for value in values if not math.isfinite(value)), None)
 
     def step_allowed(self, losses: list[float | torch.Tensor], grad_norm: torch.Tensor | None, step: int,
