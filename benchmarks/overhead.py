@@ -6,7 +6,9 @@ drawn to /dev/null, the model summary, the CSV and MLflow trackers, a checkpoint
 outside the timed steps), in one ``fit`` as a training run is. Epochs of each alternate (the
 other loops run before each of the Trainer's epochs, in a new order each round) so that drift of
 the machine's speed affects all alike; the printed figures are ratios of median step times
-(targets: Accelerator <= 1.01, Trainer <= 1.03). The process is pinned to one CPU
+(targets: Accelerator <= 1.01, Trainer <= 1.03). The prepared optimizer clears gradients without
+torch's per-call profiler annotation (which ``Optimizer.zero_grad`` adds even when nothing records;
+kept while a profiler runs), so the Accelerator's loop may come out slightly under 1. The process is pinned to one CPU
 (the last it may use, or ``--cpu``) so that moves between cores, which leave caches cold, do not
 add noise; background threads (MLflow's logging queue) share that CPU, so their work is counted.
 

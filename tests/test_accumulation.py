@@ -104,6 +104,40 @@ def test_scheduler_and_zero_grad_act_only_on_boundaries():
     assert grads_kept == [True, True, True, False] * 2
 
 
+def test_zero_grad_clears_as_torch_does_keeps_profiler_annotation_and_calls_an_optimizers_own():
+    class CountingSGD(torch.optim.SGD):
+        calls = 0
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            CountingSGD.calls += 1
+            super().zero_grad(set_to_none=set_to_none)
+
+    x, y = classification_data(16)
+
+    def stepped(optimizer_class):
+        accelerator = Accelerator()
+        model = mlp()
+        model, optimizer = accelerator.prepare(model, optimizer_class(model.parameters(), lr=0.1))
+        accelerator.backward(F.cross_entropy(model(x), y))
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = stepped(torch.optim.SGD)
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    model, optimizer = stepped(torch.optim.SGD)
+    optimizer.zero_grad(set_to_none=False)  # zeros kept, as torch keeps them
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    model, optimizer = stepped(torch.optim.SGD)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        optimizer.zero_grad()
+    assert "Optimizer.zero_grad#SGD.zero_grad" in {event.name for event in profile.events()}
+    assert all(p.grad is None for p in model.parameters())
+    model, optimizer = stepped(CountingSGD)
+    optimizer.zero_grad()
+    assert CountingSGD.calls == 1 and all(p.grad is None for p in model.parameters())
+
+
 def token_batches(seed: int = 3):
     """Four micro-batches of padded sequences holding very different numbers of real tokens."""
     generator = torch.Generator().manual_seed(seed)

@@ -53,6 +53,11 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
         self._strategy_step = strategy.step_function(optimizer)
         # A policy that never skips a step (no fp16 scaler) is not asked: the step is called directly.
         self._plain_step = type(precision).optimizer_step is Precision.optimizer_step
+        # torch's own zero_grad(set_to_none=True) wraps the reset in a profiler annotation and per-call setup
+        # that cost about as much as all the rest a small step adds: for an optimizer that keeps torch's
+        # zero_grad the wrapper sets the gradients to None itself (the same effect), and calls torch's while a
+        # profiler records, so that traces keep its annotation.
+        self._torch_zero_grad = type(optimizer).zero_grad is torch.optim.Optimizer.zero_grad
         self.step_was_skipped = False
 
     @property
@@ -99,7 +104,13 @@ class AcceleratedOptimizer(torch.optim.Optimizer):
             self.optimizer.eval()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._policy.sync_gradients:
+        if not self._policy.sync_gradients:
+            return
+        if set_to_none and self._torch_zero_grad and not torch.autograd._profiler_enabled():
+            for group in self.optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+        else:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
