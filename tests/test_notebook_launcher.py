@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 from distributed_helpers import free_port
@@ -19,7 +21,8 @@ def train_and_report(scale: float) -> dict:
     return report
 
 
-def test_two_processes_from_a_plain_session():
+def test_two_processes_from_a_plain_session(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where torch's launcher keeps its torchelastic_* folder
     results = notebook_launcher(train_and_report, args=(10.0,), num_processes=2, mixed_precision="bf16",
                                 use_port=free_port(), cpu=True)
     assert results == {r: {"rank": r, "world": 2, "strategy": "ddp", "precision": "bf16", "sum": 30.0} for r in (0, 1)}
