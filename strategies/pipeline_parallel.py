@@ -1,7 +1,7 @@
 """Pipeline-parallel training: each process of a pipeline group trains one stage of the model.
 
 With ``ParallelismConfig(pp_size=n)`` the model is cut into ``n`` consecutive stages (torch's
-pipelining traces it; ``trainer.pipeline_split``). A step no longer has a separate forward and
+pipelining traces it; ``strategies.pipeline_split``). A step no longer has a separate forward and
 backward: the batch is cut into micro-batches and a schedule (GPipe: every forward, then every
 backward; 1F1B: one forward, one backward, in turn, holding fewer activations) runs both,
 passing activations forward and their gradients back between the stages. So the loop calls
@@ -28,7 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.pipeline_split import StagePosition, broadcast_output, build_stage, describe, first_microbatch, shapes, sorted_kwargs
+from trainer.strategies.pipeline_split import (
+    StagePosition,
+    broadcast_output,
+    build_stage,
+    describe,
+    first_microbatch,
+    shapes,
+    sorted_kwargs,
+)
 
 
 def schedule_class(name: str) -> Any:

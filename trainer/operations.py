@@ -7,18 +7,18 @@ tensor function to every leaf, keeping the container types (including namedtuple
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from trainer.strategies.nested import find_batch_size, recursively_apply
 
 if TYPE_CHECKING:
     from trainer.strategies import Strategy
 
-
-def _is_namedtuple(obj: Any) -> bool:
-    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+__all__ = ["convert_to_fp32", "find_batch_size", "gather", "gather_object", "only_tensors", "recursively_apply",
+           "send_to_device"]
 
 
 def only_tensors(data: Any) -> bool:
@@ -33,29 +33,6 @@ def only_tensors(data: Any) -> bool:
     return bool(leaves) and all(leaves)
 
 
-def recursively_apply(func: Callable[[torch.Tensor], Any], data: Any,
-                      test: Callable[[Any], bool] = torch.is_tensor) -> Any:
-    """Apply ``func`` to every leaf for which ``test`` holds; other leaves are returned as they are."""
-    if test(data):
-        return func(data)
-    if isinstance(data, (list, tuple)):
-        applied = [recursively_apply(func, item, test) for item in data]
-        if _is_namedtuple(data):
-            return type(data)(*applied)
-        return type(data)(applied) if isinstance(data, tuple) else applied
-    if isinstance(data, Mapping):
-        mapped = {key: recursively_apply(func, value, test) for key, value in data.items()}
-        try:
-            return cast(Callable[[dict], Any], type(data))(mapped)  # the same kind of mapping
-        except TypeError:
-            return mapped
-    if dataclasses.is_dataclass(data) and not isinstance(data, type):
-        changes = {f.name: recursively_apply(func, getattr(data, f.name), test)
-                   for f in dataclasses.fields(data) if f.init}
-        return dataclasses.replace(data, **changes)
-    return data
-
-
 def send_to_device(data: Any, device: torch.device, non_blocking: bool = False) -> Any:
     """Move every tensor of a nested batch to ``device``."""
     return recursively_apply(lambda t: t.to(device, non_blocking=non_blocking), data)
@@ -68,19 +45,6 @@ def _is_low_float(obj: Any) -> bool:
 def convert_to_fp32(data: Any) -> Any:
     """Cast fp16/bf16 tensors of a nested output to fp32 (mixed precision returns fp32 outputs)."""
     return recursively_apply(lambda t: t.float(), data, test=_is_low_float)
-
-
-def find_batch_size(data: Any) -> int | None:
-    """The length of the first tensor's first dimension in a nested batch."""
-    found: list[int] = []
-
-    def record(tensor: torch.Tensor) -> torch.Tensor:
-        if not found and tensor.dim():
-            found.append(tensor.shape[0])
-        return tensor
-
-    recursively_apply(record, data)
-    return found[0] if found else None
 
 
 def gather(data: Any, strategy: Strategy) -> Any:

@@ -23,7 +23,8 @@ from torch import nn
 from torch.distributed.pipelining import ScheduleGPipe
 
 from trainer.operations import send_to_device
-from trainer.pipeline_split import (
+from trainer.state import PartialState
+from trainer.strategies.pipeline_split import (
     StagePosition,
     auto_split_points,
     broadcast_output,
@@ -33,7 +34,6 @@ from trainer.pipeline_split import (
     shapes,
     sorted_kwargs,
 )
-from trainer.state import PartialState
 
 __all__ = ["PipelinedModel", "auto_split_points", "prepare_pippy"]
 

@@ -18,7 +18,7 @@ from torch.distributed.pipelining import Pipe, SplitPoint
 from torch.distributed.pipelining._IR import annotate_split_points
 from torch.distributed.pipelining.stage import _PipelineStage
 
-from trainer.operations import find_batch_size, recursively_apply
+from trainer.strategies.nested import find_batch_size, recursively_apply
 
 __all__ = ["StagePosition", "auto_split_points", "broadcast_output", "build_stage", "checked_split_points",
            "describe", "first_microbatch", "shapes", "sorted_kwargs"]
