@@ -19,6 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
 
 from trainer import checkpointing, operations, wrappers
 from trainer import launch_environment as variables
@@ -28,6 +29,7 @@ from trainer.accumulation import GradientAccumulation, MicroStep
 from trainer.arguments import unknown_argument_error
 from trainer.callbacks.trackers import Tracker, TrackersArgument, make_trackers
 from trainer.checkpoint_async import CheckpointWriter, StagingBuffers
+from trainer.checkpoint_hooks import LoadHook, SaveHook, StateHooks
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
 from trainer.devices import empty_cache
 from trainer.gradient_sync import GradientSync
@@ -164,6 +166,7 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         self._schedulers: list[AcceleratedScheduler] = []
         self._dataloaders: list[PreparedDataLoader] = []
         self._custom_objects: list[Any] = []
+        self._state_hooks = StateHooks()  # register_save_state_pre_hook / register_load_state_pre_hook
         self._micro_step: MicroStep | None = None  # what accumulate() returns, kept for the same models
         self.checkpoint_writer = CheckpointWriter(self.state.num_processes)
         self._staging: StagingBuffers | None = None
@@ -465,12 +468,13 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
                 )
             self._custom_objects.append(obj)
 
-    def save_state(self, output_dir: str | os.PathLike | None = None,
+    def save_state(self, output_dir: str | os.PathLike | None = None, safe_serialization: bool = True,
                    before_commit: Callable[[Path], None] | None = None, blocking: bool = True,
                    after_commit: Callable[[Path], None] | None = None) -> Path:
         """Write models, optimizers, schedulers, data loader positions, scaler and RNG states.
 
-        Tensors go to safetensors, the rest to JSON. The directory is replaced atomically.
+        Tensors go to safetensors, the rest to JSON, whatever ``safe_serialization`` says (it is
+        accepted for Accelerate's scripts; no state is ever pickled). The directory is replaced atomically.
         With no ``output_dir``, writes ``project_dir/checkpoints/checkpoint_<n>``.
         ``before_commit(scratch_dir)`` may add files before the directory is put in place;
         ``after_commit(path)`` runs on every process once it is in place.
@@ -496,6 +500,23 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             self.wait_for_everyone()
         return target
 
+    def register_save_state_pre_hook(self, hook: SaveHook) -> RemovableHandle:
+        """Call ``hook(models, weights, output_dir)`` in ``save_state`` before the weights are written.
+
+        It may write files of its own into ``output_dir`` (the folder that becomes the checkpoint)
+        and remove from ``weights`` those it saved itself; see ``trainer.checkpoint_hooks``.
+        Returns a handle whose ``remove()`` unregisters it.
+        """
+        return StateHooks.register(self._state_hooks.save, hook, "save")
+
+    def register_load_state_pre_hook(self, hook: LoadHook) -> RemovableHandle:
+        """Call ``hook(models, input_dir)`` in ``load_state`` before the weights are read.
+
+        It may load models itself and remove them from ``models``; the rest are loaded from the
+        checkpoint's model files in order. Returns a handle whose ``remove()`` unregisters it.
+        """
+        return StateHooks.register(self._state_hooks.load, hook, "load")
+
     def wait_for_checkpoint(self) -> None:
         """Block until the asynchronous save in progress (``save_state(blocking=False)``) is in place; raise its error."""
         self.checkpoint_writer.wait()
@@ -507,8 +528,14 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             self._staging = StagingBuffers(pin=self.device.type == "cuda")
         return self._staging
 
-    def load_state(self, input_dir: str | os.PathLike | None = None, strict: bool = True, verify: bool = True) -> Path:
-        """Restore what ``save_state`` wrote (checked against its manifest unless ``verify=False``), RNG states last."""
+    def load_state(self, input_dir: str | os.PathLike | None = None, load_kwargs: dict[str, Any] | None = None,
+                   strict: bool = True, verify: bool = True, map_location: Any = None) -> Path:
+        """Restore what ``save_state`` wrote (checked against its manifest unless ``verify=False``), RNG states last.
+
+        ``load_kwargs`` and ``map_location`` are accepted for Accelerate's scripts, where they go to
+        ``torch.load``: nothing here is unpickled, and every tensor is read straight to where the
+        prepared object it belongs to lives.
+        """
         self.wait_for_checkpoint()
         source = Path(input_dir) if input_dir is not None else checkpointing.numbered_checkpoint(
             self.project_dir, None, "load_state")

@@ -11,6 +11,7 @@ Layout of a checkpoint directory (``_<i>`` suffixes for the second and later obj
     gradients_<rank>.safetensors  each process's gradients accumulated so far, when saved inside a group
     custom.json/.safetensors    objects given to register_for_checkpointing
     random_states_<rank>.json/.safetensors   python, numpy, torch and device RNG states per process
+    ...                         whatever the save hooks wrote (``trainer.checkpoint_hooks``), listed in accelerator.json
     manifest.json               every other file's size and checksum, written last
 
 A save fails before writing anything when the disk lacks the space, and every process raises the
@@ -21,6 +22,7 @@ same error when one of them fails. A load checks everything (``checkpoint_manife
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 import warnings
 from collections.abc import Callable
@@ -212,12 +214,16 @@ def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffer
     if started is not None:
         staged.started.append(started)
     own_format = started is not None or strategy.save_training_state(accelerator._models, optimizers, scratch)
+    whole = not own_format and _writes_whole_weights(strategy)  # process 0 writes each model's state_dict
+    hooks, hook_files = accelerator._state_hooks, []
+    weights = ([accelerator.unwrap_model(model).state_dict() for model in accelerator._models]
+               if whole and (hooks.save or accelerator.is_main_process) else [])
+    if hooks.save:  # they may save models their own way, and take those models' weights out of the list
+        hook_files = hooks.run_save(list(accelerator._models), weights, scratch)
+    model_files = len(weights) if whole else len(accelerator._models)
     for index, model in enumerate(accelerator._models):
-        name = f"{_name('model', index)}.safetensors"
-        if not own_format and not _writes_whole_weights(strategy):  # gathered by the strategy: written here
-            strategy.save_module(model, scratch / name)
-        elif not own_format and accelerator.is_main_process:
-            staged.models.append((name, copy(f"{name}/", accelerator.unwrap_model(model).state_dict())))
+        if not own_format and not whole:  # gathered by the strategy: written here
+            strategy.save_module(model, scratch / f"{_name('model', index)}.safetensors")
         if accelerator.accumulation.micro_step:
             # Inside an accumulation group the gradients are part of the state: without them
             # the resumed group would miss the micro-batches already done. Each process has its
@@ -227,6 +233,10 @@ def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffer
             if grads:
                 grads_file = _gradients_file(index, accelerator.process_index)
                 staged.tensors.append((grads_file, copy(f"{grads_file}/", grads)))
+    if accelerator.is_main_process:
+        for index, state in enumerate(weights):
+            name = f"{_name('model', index)}.safetensors"
+            staged.models.append((name, copy(f"{name}/", state)))
     meta, tensors = capture_rng_state()
     add_file(f"random_states_{accelerator.process_index}", {"meta": meta, "tensors": tensors})
     # Optimizer state may be sharded, so every process asks the strategy for it.
@@ -249,7 +259,10 @@ def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffer
             "strategy": accelerator.strategy.name,
             "accumulation": accelerator.accumulation.state_dict(),
             "save_iteration": accelerator.save_iteration,
+            "model_files": model_files,
         }
+        if hook_files:
+            staged.info["hook_files"] = hook_files  # the save hooks' own: loading leaves them to the load hooks
     return staged
 
 
@@ -386,8 +399,14 @@ def resolve_checkpoint(source: Path) -> Path:
 
 
 def _refuse_foreign_files(source: Path) -> None:
-    """Refuse a checkpoint holding anything but JSON and safetensors (a pickle could run code)."""
-    foreign = sorted(p.name for p in source.iterdir() if p.is_file() and p.suffix not in SAFE_SUFFIXES)
+    """Refuse a checkpoint holding anything but JSON and safetensors (a pickle could run code), apart from
+    the files the save hooks wrote (``hook_files``: never read here, they are the load hooks' to read)."""
+    try:
+        hook_files = set(json.loads((source / "accelerator.json").read_text()).get("hook_files", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        hook_files = set()  # a damaged accelerator.json is reported by the checks that follow
+    foreign = sorted(p.name for p in source.iterdir()
+                     if p.is_file() and p.suffix not in SAFE_SUFFIXES and p.name not in hook_files)
     if foreign:
         raise CheckpointError(
             f"Refusing to load {source}: it contains {foreign}, which are neither JSON nor safetensors. "
@@ -396,8 +415,26 @@ def _refuse_foreign_files(source: Path) -> None:
         )
 
 
-def _check(accelerator: Accelerator, source: Path, strict: bool) -> dict[str, Any]:
-    """Everything the restore will read, checked (and its JSON parsed) before any state changes."""
+def _models_to_read(accelerator: Accelerator, source: Path) -> list[Any]:
+    """The models to load from the checkpoint's model files: those it counts, less any the load hooks loaded.
+
+    The hooks are handed the models only where the strategy reads whole weights from those files
+    (as the save hooks were handed the weights); they run after the manifest check.
+    """
+    info = read_info(source)
+    models = list(accelerator._models[: info["counts"]["models"]])
+    if accelerator._state_hooks.load:
+        own_format = check_strategy(source, info, accelerator.strategy.name, len(models))
+        handed = models if not own_format and _writes_whole_weights(accelerator.strategy) else []
+        accelerator._state_hooks.run_load(handed, source)
+    return models
+
+
+def _check(accelerator: Accelerator, source: Path, strict: bool, to_read: list[Any]) -> dict[str, Any]:
+    """Everything the restore will read, checked (and its JSON parsed) before any state changes.
+
+    ``to_read``: the models to load from the model files, in order (``_models_to_read``).
+    """
     info = read_info(source)
     saved, current = info["counts"], _counts(accelerator)
     if strict and {kind: saved[kind] for kind in current} != current:
@@ -407,10 +444,20 @@ def _check(accelerator: Accelerator, source: Path, strict: bool) -> dict[str, An
         )
     models = accelerator._models[: saved["models"]]
     own_format = check_strategy(source, info, accelerator.strategy.name, len(models))
+    files = info.get("model_files", saved["models"])
+    hooked = bool(accelerator._state_hooks.load) or files != saved["models"]
+    if not own_format and hooked and len(to_read) != files:
+        raise CheckpointError(
+            f"The checkpoint {source} holds {files} model file(s) (its save hooks saved {saved['models'] - files} of its "
+            f"{saved['models']} model(s) their own way), but {len(to_read)} model(s) are left to load from those files "
+            f"after the load hooks. A load hook must take out of `models` exactly the models whose weights the save "
+            "hook took out of `weights` (register_load_state_pre_hook beside register_save_state_pre_hook)."
+        )
+    for index, model in enumerate(to_read):
+        if not own_format:
+            check_model_file(source, f"{_name('model', index)}.safetensors", accelerator.unwrap_model(model), strict)
     for index, model in enumerate(models):
         module = accelerator.unwrap_model(model)
-        if not own_format:
-            check_model_file(source, f"{_name('model', index)}.safetensors", module, strict)
         if (source / _gradients_file(index, accelerator.process_index)).is_file():
             check_gradients_file(source, _gradients_file(index, accelerator.process_index), module)
 
@@ -426,7 +473,7 @@ def _check(accelerator: Accelerator, source: Path, strict: bool) -> dict[str, An
     precision = read_state_json(source, "precision.json")
     check_tensor_refs(source, "precision", precision)
     return {
-        "info": info, "own_format": own_format, "precision": precision,
+        "info": info, "own_format": own_format, "precision": precision, "to_read": to_read,
         "optimizers": [] if own_format else [check_optimizer_file(source, _name("optimizer", index), opt.optimizer)
                                              for index, opt in enumerate(optimizers)],
         "scheduler": states("scheduler", "schedulers", accelerator._schedulers),
@@ -444,9 +491,10 @@ def _restore(accelerator: Accelerator, source: Path, plan: dict[str, Any], stric
     own_format = accelerator.strategy.load_training_state(models, [opt.optimizer for opt in optimizers], source)
     if plan["own_format"] and not own_format:  # its own folder is there, yet the strategy did not read it
         raise missing_file(source, "model.safetensors")
-    for index, model in enumerate(models):
+    for index, model in enumerate(plan["to_read"]):
         if not own_format:
             accelerator.strategy.load_module(model, source / f"{_name('model', index)}.safetensors", strict=strict)
+    for index, model in enumerate(models):
         grads_path = source / _gradients_file(index, accelerator.process_index)
         grads = load_file(str(grads_path), device=str(device)) if grads_path.is_file() else {}
         for name, p in accelerator.unwrap_model(model).named_parameters():
@@ -494,7 +542,7 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
         verify_checkpoint(source, accelerator.process_index, accelerator.num_processes, strategy.all_gather_object)
     plan: dict[str, Any] = {}
     try:
-        plan = _check(accelerator, source, strict)
+        plan = _check(accelerator, source, strict, _models_to_read(accelerator, source))
     except Exception as caught:
         error = caught
     agree_on_error(error, strategy.all_gather_object)
