@@ -33,6 +33,7 @@ from trainer.checkpoint_hooks import LoadHook, SaveHook, StateHooks
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
 from trainer.devices import empty_cache
 from trainer.gradient_sync import GradientSync
+from trainer.model_files import shard_size_bytes, write_model_files
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
 from trainer.profiling import Profiling
@@ -43,7 +44,7 @@ from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumu
 from trainer.utils.dynamo import TorchDynamoPlugin
 from trainer.utils.enums import DistributedType, DynamoBackend, as_distributed_type
 from trainer.utils.kwargs_handlers import KwargsHandler
-from trainer.utils.other import save
+from trainer.utils.other import is_compiled_module, save
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
@@ -328,13 +329,21 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             self.strategy.observe_batch_size(batch)
         return prepared
 
-    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
-        """The user's module, without the strategy's wrapper (and, if asked, without autocast)."""
-        inner = self.strategy.unwrap_module(model)
-        if not keep_fp32_wrapper and hasattr(inner, "_original_forward"):
+    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True) -> nn.Module:
+        """The user's module, without the strategy's wrapper or a ``DataParallel``/DDP of the user's own (and, if
+        asked, without autocast). A ``torch.compile``-d model stays compiled around the unwrapped module unless
+        ``keep_torch_compile=False``."""
+        compiled = model if is_compiled_module(model) else None
+        inner = self.strategy.unwrap_module(cast(nn.Module, getattr(model, "_orig_mod", model)))
+        while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            inner = cast(nn.Module, inner.module)
+        if not keep_fp32_wrapper and "_original_forward" in inner.__dict__:
             inner.forward = inner.__dict__.pop("_original_forward")
             if inner.forward == type(inner).forward.__get__(inner):
                 del inner.forward
+        if keep_torch_compile and compiled is not None:
+            compiled._orig_mod = inner
+            return compiled
         return inner
 
     # -- the training step ------------------------------------------------------------------------------
@@ -541,14 +550,20 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             self.project_dir, None, "load_state")
         return checkpointing.load_accelerator_state(self, source, strict=strict, verify=verify)
 
-    def save_model(self, model: nn.Module, save_directory: str | os.PathLike) -> Path:
-        """Write the unwrapped model's weights to ``save_directory/model.safetensors``."""
+    def save_model(self, model: nn.Module, save_directory: str | os.PathLike, max_shard_size: int | str = "10GB",
+                   safe_serialization: bool = True) -> Path:
+        """Write the unwrapped model's weights into ``save_directory``: ``model.safetensors``, or shards of at most
+        ``max_shard_size`` (bytes, or ``"10GB"``, ``"500MB"``...) with ``model.safetensors.index.json``.
+
+        ``safe_serialization=False`` writes ``pytorch_model.bin`` (pickle) instead, as Accelerate does.
+        Returns the file a loader is given: the single file or the index (see ``trainer.model_files``).
+        """
         directory = Path(save_directory)
+        shard_size_bytes(max_shard_size)  # a bad size fails before any work
         if self.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
         self.wait_for_everyone()
-        path = directory / "model.safetensors"
-        self.strategy.save_module(model, path)
+        path = write_model_files(self.strategy, model, directory, max_shard_size, safe_serialization)
         self.wait_for_everyone()
         return path
 
