@@ -184,8 +184,17 @@ def test_module_level_prepare_data_loader_and_skip_first_batches():
     sampler = SeedableRandomSampler(list(range(8)), data_seed=3)
     passes = [list(sampler), list(sampler)]
     assert passes[0] != passes[1] and sampler.epoch == 2
-    with pytest.raises(ValueError, match="slice_fn_for_dispatch=...\\): dispatched batches are sliced"):
-        prepare_data_loader(DataLoader(list(range(4))), dispatch_batches=True, slice_fn_for_dispatch=lambda *a: a)
+    # Process 0 of 2 reading dispatched batches: each global batch of 2 x 4 is cut by the script's own slice_fn.
+    calls = []
+
+    def every_other(batch, data_slice, process_index=None, num_processes=None):
+        calls.append((data_slice, process_index, num_processes))
+        return batch[process_index::num_processes]
+
+    dispatched = prepare_data_loader(DataLoader(list(range(16)), batch_size=4), num_processes=2, process_index=0,
+                                     dispatch_batches=True, slice_fn_for_dispatch=every_other)
+    assert [batch.tolist() for batch in dispatched] == [[0, 2, 4, 6], [8, 10, 12, 14]]
+    assert calls == [(slice(0, 4), 0, 2)] * 2
 
 
 def test_profile_writes_a_chrome_trace(tmp_path):

@@ -270,8 +270,13 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             return self.prepare_data_loader(obj, device_placement=placement)
         return obj
 
-    def prepare_model(self, model: nn.Module, device_placement: bool | None = None) -> nn.Module:
-        """Convert the model for the precision policy, then let the strategy place and wrap it."""
+    def prepare_model(self, model: nn.Module, device_placement: bool | None = None,
+                      evaluation_mode: bool = False) -> nn.Module:
+        """Convert the model for the precision policy, then let the strategy place and wrap it.
+
+        ``evaluation_mode=True``: for a model that is only evaluated, the precision policy and the
+        device only (and compiling, where set up): no strategy wrapper, and no place in ``save_state``.
+        """
         if any(model is known for known in self._models):
             return model
         model = self.precision.convert_module(model)
@@ -280,12 +285,19 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             vars(model)["_original_forward"] = model.forward
             vars(model)["forward"] = self.precision.wrap_forward(model.forward)
         placement = self.device_placement if device_placement is None else device_placement
+        if evaluation_mode:
+            model = model.to(self.device) if placement else model
+            self.dynamo_plugin.compile(model)
+            return model
         wrapped = self.strategy.setup_module(model) if placement else model
         self.dynamo_plugin.compile(wrapped)  # in place: the state dict keeps its keys
         self._models.append(wrapped)
         return wrapped
 
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> AcceleratedOptimizer:
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, device_placement: bool | None = None
+                          ) -> AcceleratedOptimizer:
+        """Wrap an optimizer for the strategy, precision and accumulation. Its state lives where its parameters
+        do, so ``device_placement`` (Accelerate's, for moving loaded state) changes nothing."""
         optimizer = wrappers.check_optimizer_parameters(self.strategy.setup_optimizer(optimizer), self._models, self._optimizers)
         prepared = AcceleratedOptimizer(optimizer, self.strategy, self.precision, self.accumulation,
                                         self._finalize_gradients)
@@ -311,13 +323,19 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
         return prepared
 
     def prepare_data_loader(self, data_loader: DataLoader, device_placement: bool | None = None,
+                            slice_fn_for_dispatch: Callable[..., Any] | None = None,
                             register: bool = True) -> PreparedDataLoader:
-        """Wrap a DataLoader; ``register=False`` leaves it out of ``save_state`` (a one-off loader)."""
+        """Wrap a DataLoader; ``register=False`` leaves it out of ``save_state`` (a one-off loader).
+
+        ``slice_fn_for_dispatch(batch, slice, process_index=..., num_processes=...)``: with ``dispatch_batches``,
+        how each process's part of a batch is cut (default: every tensor along its first dimension).
+        """
         placement = self.device_placement if device_placement is None else device_placement
         shard = self.strategy.distributed_sampler_kwargs
         sharding = None if shard is None else Sharding(**shard, even_batches=self.even_batches,
                                                        split_batches=self.split_batches,
-                                                       dispatch_batches=bool(self.dataloader_config.dispatch_batches))
+                                                       dispatch_batches=bool(self.dataloader_config.dispatch_batches),
+                                                       slice_fn=slice_fn_for_dispatch)
         prepared = PreparedDataLoader(data_loader, self.device if placement else None, self.accumulation,
                                       sharding=sharding, agree=self.strategy.broadcast_object,
                                       seed=self.dataloader_config.data_seed, non_blocking=self.dataloader_config.non_blocking)

@@ -32,8 +32,13 @@ def _complete(batch: Any, size: int, target: int) -> Any:
 
 
 def dispatched_batches(iterator: Iterator[Any] | None, num_replicas: int, rank: int, split_batches: bool,
-                       even_batches: bool, broadcast: Broadcast, on_remainder: Callable[[int], None]) -> Iterator[Any]:
-    """Yield this process's slice of each global batch that process 0 reads from ``iterator`` (None elsewhere)."""
+                       even_batches: bool, broadcast: Broadcast, on_remainder: Callable[[int], None],
+                       slice_fn: Callable[..., Any] | None = None) -> Iterator[Any]:
+    """Yield this process's slice of each global batch that process 0 reads from ``iterator`` (None elsewhere).
+
+    ``slice_fn(batch, slice, process_index=..., num_processes=...)`` cuts the slice (Accelerate's
+    ``slice_fn_for_dispatch``); by default every tensor is sliced along its first dimension.
+    """
     per_step = 1 if split_batches else num_replicas
     while True:
         payload = None
@@ -57,7 +62,10 @@ def dispatched_batches(iterator: Iterator[Any] | None, num_replicas: int, rank: 
         if start >= stop:
             # Nothing left for this process in the last round; it still takes part in the next broadcast.
             continue
-        yield slice_tensors(payload, slice(start, stop))
+        if slice_fn is None:
+            yield slice_tensors(payload, slice(start, stop))
+        else:
+            yield slice_fn(payload, slice(start, stop), process_index=rank, num_processes=num_replicas)
 
 
 def _to_cpu(batch: Any) -> Any:

@@ -130,6 +130,7 @@ class Sharding:
     even_batches: bool = True
     split_batches: bool = False
     dispatch_batches: bool = False  # process 0 reads, every process gets its slice (trainer.data_dispatch)
+    slice_fn: Callable[..., Any] | None = None  # how a dispatched batch is cut (default: along the first dimension)
 
 
 def _shard_iterable(dataset: Any, batch_size: int | None, sharding: Sharding, drop_last: bool) -> Any:
@@ -346,7 +347,8 @@ class PreparedDataLoader:
             self._dispatched_remainder = real
 
         return dispatched_batches(source, self._dispatch.num_replicas, self._dispatch.rank,
-                                  self._dispatch.split_batches, self._dispatch.even_batches, self._agree, remember)
+                                  self._dispatch.split_batches, self._dispatch.even_batches, self._agree, remember,
+                                  self._dispatch.slice_fn)
 
     def _set_sampler_epoch(self, epoch: int) -> None:
         if self._index_sampler is not None:
@@ -432,9 +434,6 @@ def prepare_data_loader(dataloader: DataLoader, device: torch.device | None = No
     from trainer.state import PartialState
     from trainer.utils.operations import broadcast_object_list
 
-    if slice_fn_for_dispatch is not None:
-        raise ValueError("prepare_data_loader(slice_fn_for_dispatch=...): dispatched batches are sliced along their "
-                         "first dimension here; leave it unset.")
     if torch_device_mesh is not None:
         raise ValueError("prepare_data_loader(torch_device_mesh=...): sharding by a device mesh is the strategy's "
                          "job here; prepare the loader with accelerator.prepare instead.")
@@ -442,7 +441,7 @@ def prepare_data_loader(dataloader: DataLoader, device: torch.device | None = No
     num_processes = state.num_processes if num_processes is None else num_processes
     process_index = state.process_index if process_index is None else process_index
     sharding = Sharding(num_processes, process_index, even_batches, split_batches,
-                        bool(dispatch_batches)) if num_processes > 1 else None
+                        bool(dispatch_batches), slice_fn_for_dispatch) if num_processes > 1 else None
     accelerator = current_accelerator()
 
     def agree(seed: Any) -> Any:
