@@ -108,6 +108,17 @@ class Strategy:
         return self.num_processes > 1
 
     @property
+    def parallelism_config(self) -> Any:
+        """The N-D layout (a ``ParallelismConfig``) the strategy trains with, or None (``accelerator.parallelism_config``)."""
+        return None
+
+    @property
+    def device_mesh(self) -> Any:
+        """The ``DeviceMesh`` the processes are laid out on, or None for a strategy without one
+        (``accelerator.torch_device_mesh``). Asked on every process: building it is a collective."""
+        return None
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, int] | None:
         """How a sampler shards data for this strategy (``num_replicas``/``rank``), or None."""
         if not self.is_distributed:

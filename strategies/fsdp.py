@@ -213,6 +213,15 @@ class FSDP(Strategy):
                              "machine).")
         return n // size, size
 
+    @property
+    def parallelism_config(self) -> ParallelismConfig | None:
+        return self.parallelism
+
+    @property
+    def device_mesh(self) -> Any:
+        """The N-D layout's mesh (built now if no model was prepared yet), or the data-parallel mesh once built."""
+        return self._device_mesh() if self.parallelism is not None else self._mesh
+
     def _device_mesh(self) -> Any:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -5,6 +5,7 @@ keep_torch_compile."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -84,3 +85,116 @@ def test_can_unwrap_distributed_compiled_model_remove_torch_compile():
     distributed_compiled_model = torch.compile(torch.nn.DataParallel(model))
     unwrapped_model = accelerator.unwrap_model(distributed_compiled_model, keep_torch_compile=False)
     assert compiled_model._orig_mod == unwrapped_model
+
+
+# Accelerate 1.16's Accelerator: every public method and property a script may call or read.
+ACCELERATOR_NAMES = [
+    "accumulate", "autocast", "backward", "check_trigger", "clear", "clip_grad_norm_", "clip_grad_value_",
+    "context_parallel_rank", "data_parallel_rank", "data_parallel_shard_rank", "deepspeed_plugin",
+    "deepspeed_ulysses_dl_adapter", "device", "dispatch_batches", "distributed_type", "end_training", "even_batches",
+    "fp8_backend", "free_memory", "gather", "gather_for_metrics", "get_state_dict", "get_tracker",
+    "gradient_accumulation_steps", "init_trackers", "is_composable_parallelism_enabled", "is_fsdp2",
+    "is_last_process", "is_local_main_process", "is_main_process", "join_uneven_inputs", "load_state",
+    "local_main_process_first", "local_process_index", "log", "logging_dir", "lomo_backward", "main_process_first",
+    "maybe_context_parallel", "mixed_precision", "multi_device", "no_sync", "non_blocking", "num_processes",
+    "on_last_process", "on_local_main_process", "on_local_process", "on_main_process", "on_process",
+    "optimizer_step_was_skipped", "pad_across_processes", "parallelism_config", "pipeline_parallel_rank", "prepare",
+    "prepare_data_loader", "prepare_model", "prepare_optimizer", "prepare_scheduler", "print", "process_index",
+    "profile", "project_dir", "reduce", "register_for_checkpointing", "register_load_state_pre_hook",
+    "register_save_state_pre_hook", "save", "save_iteration", "save_model", "save_state", "set_trigger",
+    "should_save_model", "skip_first_batches", "split_batches", "split_between_processes", "sync_gradients",
+    "tensor_parallel_rank", "torch_device_mesh", "trigger_sync_in_backward", "unscale_gradients", "unwrap_model",
+    "use_distributed", "use_seedable_sampler", "use_stateful_dataloader", "verify_device_map", "wait_for_everyone"
+]
+
+
+def test_every_public_name_of_accelerates_accelerator_is_here():
+    from trainer.state import PartialState
+
+    def lacking(obj, names):  # looked up without running properties (the rank ones raise without a mesh)
+        missing = object()
+        return [name for name in names if inspect.getattr_static(obj, name, missing) is missing]
+
+    assert lacking(Accelerator(), ACCELERATOR_NAMES) == []
+    assert lacking(PartialState(), ("on_local_process", "default_device", "set_device")) == []
+
+
+def test_the_layout_facts_of_one_process():
+    accelerator = Accelerator()
+    assert accelerator.parallelism_config is None and accelerator.torch_device_mesh is None
+    for name in ("data_parallel_rank", "data_parallel_shard_rank", "tensor_parallel_rank", "pipeline_parallel_rank",
+                 "context_parallel_rank"):
+        with pytest.raises(RuntimeError, match=r"is not configured: give Accelerator\(parallelism_config="):
+            getattr(accelerator, name)
+    assert not accelerator.is_fsdp2 and not accelerator.is_composable_parallelism_enabled
+    assert not accelerator.multi_device and accelerator.should_save_model  # the main process of its machine
+    assert (accelerator.dispatch_batches, accelerator.non_blocking, accelerator.use_seedable_sampler,
+            accelerator.use_stateful_dataloader) == (None, False, False, False)
+    assert accelerator.deepspeed_plugin is None and accelerator.fp8_backend == "NO"
+    assert accelerator.state.default_device == torch.device("cpu")
+
+
+def test_on_local_process_runs_on_that_local_process_only():
+    accelerator = Accelerator()
+    ran = []
+
+    @accelerator.on_local_process(local_process_index=0)
+    def here():
+        ran.append("here")
+
+    @accelerator.on_local_process(local_process_index=1)
+    def elsewhere():
+        ran.append("elsewhere")
+
+    here()
+    elsewhere()
+    assert ran == ["here"]
+
+
+def test_verify_device_map_finds_a_model_dispatched_over_several_devices():
+    accelerator = Accelerator()
+    model = ModelForTest()
+    assert not accelerator.verify_device_map(model)
+    model.linear1.hf_device_map = {"linear1": "cpu"}
+    assert not accelerator.verify_device_map(model)
+    model.hf_device_map = {"linear1": "cpu", "linear2": "disk"}
+    assert accelerator.verify_device_map(model)
+
+
+def test_maybe_context_parallel_and_the_ulysses_adapter_leave_the_step_as_it_is():
+    accelerator = Accelerator()
+    tokens = torch.arange(8).reshape(1, 8)
+    with accelerator.maybe_context_parallel(buffers=[tokens], buffer_seq_dims=[1], no_restore_buffers={tokens}):
+        assert tokens.shape == (1, 8)
+    loader = torch.utils.data.DataLoader(list(range(4)))
+    assert accelerator.deepspeed_ulysses_dl_adapter(loader, torch.nn.Linear(2, 2)) is loader
+
+
+def test_lomo_backward_updates_as_sgd_and_backward_with_a_learning_rate_routes_to_it():
+    lomo_optim = pytest.importorskip("lomo_optim")
+    x, y = torch.randn(8, 3), torch.randn(8, 5)
+    torch.manual_seed(0)
+    reference = ModelForTest()
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        sgd.step()
+        sgd.zero_grad()
+
+    for route in ("lomo_backward", "backward"):
+        torch.manual_seed(0)
+        model = ModelForTest()
+        accelerator = Accelerator()
+        model, optimizer = accelerator.prepare(model, lomo_optim.Lomo(model, lr=0.1))
+        for _ in range(2):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            if route == "lomo_backward":
+                accelerator.lomo_backward(loss, 0.1)
+            else:
+                accelerator.backward(loss, learning_rate=0.1)
+        assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(model.parameters(), reference.parameters())), route
+    with pytest.raises(ValueError, match=r"needs exactly one prepared LOMO optimizer .*pip install lomo-optim"):
+        plain = Accelerator()
+        net = plain.prepare(torch.nn.Linear(2, 2))
+        plain.prepare(torch.optim.SGD(net.parameters(), lr=0.1))
+        plain.lomo_backward(net(torch.ones(1, 2)).sum(), 0.1)

@@ -79,6 +79,24 @@ def test_each_process_holds_its_share_of_the_parameters_and_optimizer_state(runs
             assert 0.95 <= ratio <= 1.05, (layout, rank, kind, ratio)
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_process_reads_its_place_on_the_mesh_as_accelerate_names_it(runs, layout):
+    """accelerator.*_parallel_rank, torch_device_mesh, parallelism_config: the mesh's dimensions, outermost first."""
+    sizes = {name: int(value) for name, value in (part.split("=") for part in layout.split(",")) if value.isdigit()}
+    dims = [name for name in ("pp", "dp_replicate", "dp_shard", "tp") if name in sizes]
+    for rank in range(4):
+        facts = json.loads((runs / f"{tag(layout, 1)}_layout_{rank}.json").read_text())
+        expected, inner = {}, 1
+        for name in reversed(dims):  # row-major: the last dimension varies fastest
+            expected[name] = rank // inner % sizes[name]
+            inner *= sizes[name]
+        assert facts["mesh"] == dims, (layout, facts)
+        assert {name: facts[name] for name in ("pp", "dp_replicate", "dp_shard", "tp")} == {
+            name: expected.get(name, 0) for name in ("pp", "dp_replicate", "dp_shard", "tp")}, (layout, rank, facts)
+        assert facts["cp"] == 0 and facts["config"] and facts["fsdp2"] and facts["composable"] and facts["save"]
+        assert not facts["multi_device"]  # processes on the CPU
+
+
 def test_the_trainer_lays_out_the_model_and_shards_data_over_data_parallel_processes_only(runs, tmp_path):
     PartialState._reset_state()
     from parallel_setup import token_dataset

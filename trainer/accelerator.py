@@ -33,6 +33,7 @@ from trainer.checkpoint_hooks import LoadHook, SaveHook, StateHooks
 from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, skip_first_batches
 from trainer.devices import empty_cache
 from trainer.gradient_sync import GradientSync
+from trainer.layout_view import LayoutView
 from trainer.model_files import shard_size_bytes, write_model_files
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
@@ -42,14 +43,14 @@ from trainer.strategies.registry import check_strategy_requirements
 from trainer.tracking_view import TrackingView
 from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration
 from trainer.utils.dynamo import TorchDynamoPlugin
-from trainer.utils.enums import DistributedType, DynamoBackend, as_distributed_type
+from trainer.utils.enums import DistributedType, DynamoBackend, FP8BackendType, as_distributed_type
 from trainer.utils.kwargs_handlers import KwargsHandler
 from trainer.utils.other import is_compiled_module, save
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
 
-class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
+class Accelerator(ProcessView, LayoutView, GradientSync, TrackingView, Profiling):
     """Make a PyTorch training loop device-, precision- and strategy-agnostic.
 
     Args:
@@ -196,6 +197,33 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
     @property
     def split_batches(self) -> bool:
         return self.dataloader_config.split_batches
+
+    @property
+    def dispatch_batches(self) -> bool | None:
+        return self.dataloader_config.dispatch_batches
+
+    @property
+    def non_blocking(self) -> bool:
+        return self.dataloader_config.non_blocking
+
+    @property
+    def use_seedable_sampler(self) -> bool:
+        return self.dataloader_config.use_seedable_sampler
+
+    @property
+    def use_stateful_dataloader(self) -> bool:
+        return self.dataloader_config.use_stateful_dataloader
+
+    @property
+    def deepspeed_plugin(self) -> DeepSpeedPlugin | None:
+        """The DeepSpeed plugin in use (None unless the strategy is DeepSpeed)."""
+        return cast(AcceleratorState, self.state).deepspeed_plugin
+
+    @property
+    def fp8_backend(self) -> FP8BackendType:
+        """Which library runs fp8 matmuls: ``AO`` (torchao), ``TE`` (TransformerEngine), or ``NO`` without fp8."""
+        backend = getattr(self.precision, "backend", None) if self.mixed_precision == "fp8" else None
+        return {"torchao": FP8BackendType.AO, "te": FP8BackendType.TE}.get(backend or "", FP8BackendType.NO)
 
     @property
     def mixed_precision(self) -> str:
@@ -364,6 +392,11 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
             return compiled
         return inner
 
+    def verify_device_map(self, model: nn.Module) -> bool:
+        """Whether ``model`` (or a module in it) was dispatched over several devices with a device map
+        (``hf_device_map`` with more than one entry): such a model is for inference, not for ``prepare``."""
+        return any(len(getattr(module, "hf_device_map", None) or {}) > 1 for module in model.modules())
+
     # -- the training step ------------------------------------------------------------------------------
     def accumulate(self, *models: nn.Module) -> AbstractContextManager[None]:
         """One micro-step: gradients synchronise and the optimizer steps only at group boundaries."""
@@ -375,17 +408,36 @@ class Accelerator(ProcessView, GradientSync, TrackingView, Profiling):
     def backward(self, loss: torch.Tensor, num_tokens: Any = None, **kwargs: Any) -> None:
         """``loss.backward()``, divided for accumulation and scaled for fp16, exactly once.
 
-        A loss that ``forward_backward`` returned has had its backward: it is left alone.
+        A loss that ``forward_backward`` returned has had its backward: it is left alone. With a LOMO
+        optimizer prepared, ``learning_rate=`` makes it ``lomo_backward`` (backward and update in one pass).
         """
         if loss is self._differentiated:
             return
         wrappers.check_loss_has_graph(loss)
         loss = self.accumulation.scale_loss(loss, num_tokens)
+        if kwargs and kwargs.get("learning_rate") is not None and self._has_lomo_optimizer():
+            self.lomo_backward(loss, kwargs["learning_rate"])  # as Accelerate routes backward(loss, learning_rate=)
+            return
         if self._plain_backward:
             loss.backward(**kwargs)
             return
         loss = self.precision.scale_loss(loss)
         self.strategy.backward(loss, self._models[0] if len(self._models) == 1 else None, **kwargs)
+
+    def _has_lomo_optimizer(self) -> bool:
+        return any(hasattr(prepared.optimizer, "fused_backward") for prepared in self._optimizers)
+
+    def lomo_backward(self, loss: torch.Tensor, learning_rate: float) -> None:
+        """Backward and the update in one pass, for a prepared LOMO or AdaLomo optimizer (``pip install lomo-optim``):
+        its ``fused_backward(loss, learning_rate)``, which updates each parameter as its gradient is ready."""
+        fused = [prepared.optimizer for prepared in self._optimizers if hasattr(prepared.optimizer, "fused_backward")]
+        if len(fused) != 1:
+            raise ValueError(f"lomo_backward needs exactly one prepared LOMO optimizer (lomo_optim.Lomo or AdaLomo, "
+                             f"pip install lomo-optim); {len(fused)} of the {len(self._optimizers)} prepared "
+                             "optimizer(s) are. With another optimizer, call accelerator.backward(loss).")
+        if learning_rate is None:
+            raise ValueError("lomo_backward(loss, learning_rate): give the learning rate of this step.")
+        fused[0].fused_backward(loss, learning_rate)
 
     def forward_backward(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor], *args: Any, target: Any = None,
                          **kwargs: Any) -> torch.Tensor:

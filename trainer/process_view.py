@@ -104,6 +104,10 @@ class ProcessView:
         """A decorator: ``function`` runs on the last process only."""
         return self.state.on_last_process(function)
 
+    def on_local_process(self, function: Callable[..., Any] | None = None, local_process_index: int | None = None) -> Any:
+        """A decorator: ``function`` runs on the process of each machine with local index ``local_process_index`` only."""
+        return self.state.on_local_process(function, local_process_index=local_process_index)
+
     def on_process(self, function: Callable[..., Any] | None = None, process_index: int | None = None) -> Any:
         """A decorator: ``function`` runs on process ``process_index`` only."""
         return self.state.on_process(function, process_index=process_index)

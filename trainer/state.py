@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from trainer import launch_environment as variables
 from trainer.cluster import ClusterEnvironment, detect_cluster_environment
-from trainer.devices import backend_for, env_flag, select_device
+from trainer.devices import accelerator_type, backend_for, env_flag, select_device
 from trainer.strategies import registry
 from trainer.strategies.ddp import multi_device_type
 from trainer.utils.enums import DistributedType, as_distributed_type
@@ -108,6 +108,17 @@ class PartialState:
         return as_distributed_type(kind)
 
     @property
+    def default_device(self) -> torch.device:
+        """The device a process would take before any layout: the first accelerator present, else the CPU."""
+        kind = accelerator_type()
+        return torch.device("cpu" if kind is None else kind)
+
+    def set_device(self) -> None:
+        """Make this process's accelerator the current one (done when the state is created; for the scripts that call it)."""
+        if self.device.type != "cpu" and self.device.index is not None:
+            torch.accelerator.set_device_index(self.device.index)
+
+    @property
     def is_main_process(self) -> bool:
         return self.process_index == 0
 
@@ -160,6 +171,12 @@ class PartialState:
 
     def on_last_process(self, function: F) -> F:
         return _only_if(lambda: self.is_last_process, function)
+
+    def on_local_process(self, function: F | None = None, local_process_index: int | None = None):
+        """Decorator: run only on the process of each machine whose local index is ``local_process_index``."""
+        if function is None:
+            return functools.partial(self.on_local_process, local_process_index=local_process_index)
+        return _only_if(lambda: self.local_process_index == local_process_index, function)
 
     def on_process(self, function: F | None = None, process_index: int | None = None):
         """Decorator: run only on ``process_index``; usable as ``@state.on_process(process_index=1)``."""

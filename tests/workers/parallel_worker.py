@@ -46,6 +46,13 @@ def run(out: Path, layout: str, accumulation: int) -> None:
         (out / tag).mkdir()
         save_file({name: value.contiguous() for name, value in weights.items()}, str(out / tag / "model.safetensors"))
     (out / f"{tag}_bytes_{accelerator.process_index}.json").write_text(json.dumps(local_bytes(model, optimizer)))
+    facts = {"pp": accelerator.pipeline_parallel_rank, "dp_replicate": accelerator.data_parallel_rank,
+             "dp_shard": accelerator.data_parallel_shard_rank, "cp": accelerator.context_parallel_rank,
+             "tp": accelerator.tensor_parallel_rank, "mesh": list(accelerator.torch_device_mesh.mesh_dim_names),
+             "config": accelerator.parallelism_config is config, "fsdp2": accelerator.is_fsdp2,
+             "composable": accelerator.is_composable_parallelism_enabled, "save": accelerator.should_save_model,
+             "multi_device": accelerator.multi_device}
+    (out / f"{tag}_layout_{accelerator.process_index}.json").write_text(json.dumps(facts))
     accelerator.wait_for_everyone()
 
 

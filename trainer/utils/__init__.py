@@ -38,6 +38,7 @@ from trainer.utils.dataclasses import (
     DistributedDataParallelKwargs,
     DistributedType,
     DynamoBackend,
+    FP8BackendType,
     FullyShardedDataParallelPlugin,
     GradientAccumulationPlugin,
     GradScalerKwargs,
@@ -137,6 +138,7 @@ __getattr__ = refusing_getattr("trainer.utils")
 __all__ = [
     "AutocastKwargs", "ComputeEnvironment", "CustomDtype", "DDPCommunicationHookType", "DataLoaderConfiguration",
     "DeepSpeedPlugin", "DistributedDataParallelKwargs", "DistributedType", "DynamoBackend", "FullyShardedDataParallelPlugin",
+    "FP8BackendType",
     "GradScalerKwargs", "GradientAccumulationPlugin", "InitProcessGroupKwargs", "KwargsHandler", "LoggerType",
     "ParallelismConfig",
     "MegatronLMPlugin", "PrecisionType", "ProjectConfiguration", "RNGType", "SageMakerDistributedType",

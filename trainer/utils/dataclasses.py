@@ -12,6 +12,7 @@ from trainer.utils.enums import (
     DistributedType,
     DynamoBackend,
     EnumWithContains,
+    FP8BackendType,
     LoggerType,
     PrecisionType,
     RNGType,
@@ -28,7 +29,7 @@ from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugi
 
 __all__ = [
     "AutocastKwargs", "BaseEnum", "ComputeEnvironment", "CustomDtype", "DDPCommunicationHookType", "DataLoaderConfiguration",
-    "DeepSpeedPlugin", "DistributedDataParallelKwargs", "DistributedType", "DynamoBackend", "EnumWithContains",
+    "DeepSpeedPlugin", "DistributedDataParallelKwargs", "DistributedType", "DynamoBackend", "EnumWithContains", "FP8BackendType",
     "FullyShardedDataParallelPlugin", "GradScalerKwargs", "GradientAccumulationPlugin", "InitProcessGroupKwargs",
     "KwargsHandler", "LoggerType", "MegatronLMPlugin", "PrecisionType", "ProjectConfiguration", "RNGType",
     "SageMakerDistributedType",

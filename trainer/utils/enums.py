@@ -121,6 +121,15 @@ class PrecisionType(str, BaseEnum):
     BF16 = "bf16"
 
 
+class FP8BackendType(str, BaseEnum):
+    """Which library runs fp8 matmuls (``accelerator.fp8_backend``): torchao (``AO``), TransformerEngine (``TE``), or none."""
+
+    NO = "NO"
+    TE = "TE"
+    MSAMP = "MSAMP"
+    AO = "AO"
+
+
 class RNGType(BaseEnum):
     """A random number generator that ``synchronize_rng_states`` can align across processes."""
 
