@@ -34,6 +34,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
         assert diff <= 1e-5, (k, diff)
         changed = max((single[name] - make_model().state_dict()[name]).abs().max().item() for name in single)
         assert changed > 1e-2  # the runs did train
+        assert load_file(str(tmp_path / f"main_only_k{k}" / "model.safetensors")).keys() == single.keys()
         fsdp = load_file(str(tmp_path / f"fsdp_k{k}" / "model.safetensors"))
         assert max((fsdp[name] - single[name]).abs().max().item() for name in single) <= 1e-5, ("fsdp", k)
         counts = json.loads((tmp_path / f"allreduce_k{k}.json").read_text())

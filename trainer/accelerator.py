@@ -34,7 +34,7 @@ from trainer.data_loader import PreparedDataLoader, Sharding, SkipFirstBatches, 
 from trainer.devices import empty_cache
 from trainer.gradient_sync import GradientSync
 from trainer.layout_view import LayoutView
-from trainer.model_files import shard_size_bytes, write_model_files
+from trainer.model_files import shard_size_bytes, write_model_files, writes_whole_weights
 from trainer.precision import Precision, canonical_precision, resolve_precision
 from trainer.process_view import ProcessView
 from trainer.profiling import Profiling
@@ -627,14 +627,20 @@ class Accelerator(ProcessView, LayoutView, GradientSync, TrackingView, Profiling
 
         ``safe_serialization=False`` writes ``pytorch_model.bin`` (pickle) instead, as Accelerate does.
         Returns the file a loader is given: the single file or the index (see ``trainer.model_files``).
+        Under a strategy that shards the weights every process must call it (they gather the weights
+        together); otherwise the main process may call it alone, as ``if accelerator.is_main_process:``
+        scripts do.
         """
         directory = Path(save_directory)
         shard_size_bytes(max_shard_size)  # a bad size fails before any work
+        collective = not writes_whole_weights(self.strategy)
         if self.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
-        self.wait_for_everyone()
+        if collective:
+            self.wait_for_everyone()
         path = write_model_files(self.strategy, model, directory, max_shard_size, safe_serialization)
-        self.wait_for_everyone()
+        if collective:
+            self.wait_for_everyone()
         return path
 
     def save(self, obj: Any, f: str | os.PathLike, safe_serialization: bool = False) -> None:

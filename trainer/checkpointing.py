@@ -75,6 +75,7 @@ from trainer.checkpoint_numbering import (  # noqa: F401  (their home before; th
     prune_checkpoints,
     save_target,
 )
+from trainer.model_files import writes_whole_weights
 from trainer.random_state import capture_rng_state, restore_rng_state
 
 if TYPE_CHECKING:
@@ -182,13 +183,6 @@ class _StateHolder:
         return dict(self._state)
 
 
-def _writes_whole_weights(strategy: Any) -> bool:
-    """Whether the strategy saves a model as process 0's full ``state_dict`` (its ``save_module`` is the base one)."""
-    from trainer.strategies.base import Strategy
-
-    return type(strategy).save_module is Strategy.save_module
-
-
 def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffers | None,
                  process_group: Any = None) -> StagedState:
     """Take this process's part of the state from the live objects: copied into ``buffers`` when given.
@@ -214,7 +208,7 @@ def _stage_state(accelerator: Accelerator, scratch: Path, buffers: StagingBuffer
     if started is not None:
         staged.started.append(started)
     own_format = started is not None or strategy.save_training_state(accelerator._models, optimizers, scratch)
-    whole = not own_format and _writes_whole_weights(strategy)  # process 0 writes each model's state_dict
+    whole = not own_format and writes_whole_weights(strategy)  # process 0 writes each model's state_dict
     hooks, hook_files = accelerator._state_hooks, []
     weights = ([accelerator.unwrap_model(model).state_dict() for model in accelerator._models]
                if whole and (hooks.save or accelerator.is_main_process) else [])
@@ -425,7 +419,7 @@ def _models_to_read(accelerator: Accelerator, source: Path) -> list[Any]:
     models = list(accelerator._models[: info["counts"]["models"]])
     if accelerator._state_hooks.load:
         own_format = check_strategy(source, info, accelerator.strategy.name, len(models))
-        handed = models if not own_format and _writes_whole_weights(accelerator.strategy) else []
+        handed = models if not own_format and writes_whole_weights(accelerator.strategy) else []
         accelerator._state_hooks.run_load(handed, source)
     return models
 

@@ -47,6 +47,14 @@ def weight_bytes(module: nn.Module) -> int:
     return total
 
 
+def writes_whole_weights(strategy: Strategy) -> bool:
+    """Whether the strategy saves a model as process 0's own ``state_dict`` (its ``save_module`` is the base one):
+    nothing to gather, so process 0 may save alone."""
+    from trainer.strategies.base import Strategy
+
+    return type(strategy).save_module is Strategy.save_module
+
+
 def write_model_files(strategy: Strategy, model: nn.Module, directory: Path, max_shard_size: int | str,
                       safe_serialization: bool) -> Path:
     """Write the model's weights into ``directory`` (on every process; the main one writes). Returns the file

@@ -39,6 +39,7 @@ def train(out: Path, accumulation: int) -> None:
     if accelerator.is_main_process:
         weights = accelerator.unwrap_model(model).state_dict()
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / f"ddp_k{accumulation}.safetensors"))
+        accelerator.save_model(model, out / f"main_only_k{accumulation}")  # called by the main process alone
         (out / f"allreduce_k{accumulation}.json").write_text(json.dumps({"calls": calls["allreduce"], "steps": steps}))
 
 
