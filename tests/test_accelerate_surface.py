@@ -59,7 +59,8 @@ ACCELERATE_UTILS = str.split("""
     find_batch_size find_device find_executable_batch_size find_tied_parameters fsdp2_apply_ac
     fsdp2_canonicalize_names fsdp2_load_full_state_dict fsdp2_prepare_model fsdp2_switch_optimizer_parameters
     gather gather_across_data_parallel_groups gather_object get_active_deepspeed_plugin get_balanced_memory
-    get_cpu_distributed_information get_current_device_type get_data_structure get_fsdp2_grad_scaler
+    get_accelerator_free_memory get_cpu_distributed_information get_current_device_type get_data_structure
+    get_distributed_backend get_fsdp2_grad_scaler get_model_tp_size get_torch_accelerator_backend normalize_device
     get_gpu_info get_grad_scaler get_int_from_env get_max_layer_size get_max_memory
     get_mixed_precision_context_manager get_module_children_bottom_up get_pretty_name has_4bit_bnb_layers
     has_ao_layers has_compiled_regions has_offloaded_params has_transformer_engine_layers honor_type

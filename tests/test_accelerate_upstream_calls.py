@@ -198,3 +198,27 @@ def test_lomo_backward_updates_as_sgd_and_backward_with_a_learning_rate_routes_t
         net = plain.prepare(torch.nn.Linear(2, 2))
         plain.prepare(torch.optim.SGD(net.parameters(), lr=0.1))
         plain.lomo_backward(net(torch.ones(1, 2)).sum(), 0.1)
+
+
+def test_the_device_helpers_of_accelerate_utils_on_this_machine():
+    from trainer.utils import (
+        get_distributed_backend,
+        get_model_tp_size,
+        get_torch_accelerator_backend,
+        normalize_device,
+    )
+
+    kind, module = get_torch_accelerator_backend()
+    if torch.accelerator.is_available():
+        assert kind == torch.accelerator.current_accelerator().type and module is torch.get_device_module(kind)
+    else:
+        assert (kind, module) == (None, None) == get_torch_accelerator_backend(check_available=False)
+        assert normalize_device(3) == 3  # a bare index stays one without an accelerator that needs its type
+    assert get_distributed_backend("cpu") == "gloo" and get_distributed_backend("no-such-device") is None
+    assert normalize_device("npu") == "npu:0" and normalize_device("cpu") == "cpu"
+    model = ModelForTest()
+    assert get_model_tp_size(model) is None
+    model.config = type("Config", (), {"distributed_config": {"tp_size": 4}})()
+    assert get_model_tp_size(model) == 4
+    model.tp_size = 2
+    assert get_model_tp_size(model) == 2

@@ -133,6 +133,43 @@ def get_current_device_type() -> tuple[str, str]:
     return kind, f"torch.{kind}"
 
 
+def get_torch_accelerator_backend(check_available: bool = True) -> tuple[str | None, Any]:
+    """This machine's accelerator type and torch's module for it, e.g. ``("cuda", torch.cuda)``; ``(None, None)``
+    without one. ``check_available=False`` names the type without initialising the device (before a fork)."""
+    import torch
+
+    device = torch.accelerator.current_accelerator(check_available=check_available)
+    if device is None:
+        return None, None
+    return device.type, torch.get_device_module(device)
+
+
+def get_accelerator_free_memory(device_module: Any, device_index: int) -> int:
+    """Free bytes on accelerator ``device_index``, asked through ``device_module`` (from ``get_torch_accelerator_backend``)."""
+    import torch
+
+    if device_module is torch.accelerator and hasattr(torch.accelerator, "get_memory_info"):
+        return int(torch.accelerator.get_memory_info(device_index)[0])
+    if device_module is torch.accelerator:
+        device_module = torch.get_device_module(torch.accelerator.current_accelerator())
+    return int(device_module.mem_get_info(device_index)[0])
+
+
+def get_distributed_backend(device_type: str | None) -> str | None:
+    """The collective backend torch recommends for ``device_type`` (``"gloo"`` for ``"cpu"``, ``"nccl"`` for
+    ``"cuda"``...), or None where there is none."""
+    import torch
+
+    from trainer.devices import backend_for
+
+    if device_type is None:
+        return None
+    try:
+        return backend_for(torch.device(device_type))
+    except (ValueError, RuntimeError):
+        return None
+
+
 def check_os_kernel() -> None:
     """Warn on Linux kernels older than 5.5, where processes can hang (as Accelerate warns)."""
     import platform

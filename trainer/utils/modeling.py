@@ -94,3 +94,29 @@ def load_state_dict(checkpoint_file: str | os.PathLike, device_map: Any = None) 
 __all__ = ["check_device_map", "compute_module_sizes", "convert_file_size_to_int", "dtype_byte_size",
            "find_tied_parameters", "get_max_memory", "infer_auto_device_map", "load_state_dict", "named_module_tensors",
            "set_module_tensor_to_device"]
+
+
+def normalize_device(device: Any) -> Any:
+    """A device as torch takes it: a bare index becomes ``"<type>:<index>"`` on accelerators other than CUDA (whose
+    bare indices torch reads itself), ``"npu"`` becomes ``"npu:0"``; anything else is returned as it is."""
+    from trainer.utils.environment import get_torch_accelerator_backend
+
+    if device == "npu":
+        return "npu:0"
+    if isinstance(device, int) and not isinstance(device, bool):
+        kind, _ = get_torch_accelerator_backend(check_available=False)
+        if kind == "hpu":
+            return "hpu"
+        if kind not in (None, "cuda"):
+            return f"{kind}:{device}"
+    return device
+
+
+def get_model_tp_size(model: Any) -> int | None:
+    """The tensor-parallel degree a ``transformers`` model was loaded with (``tp_size`` on the model, or in its
+    config's ``distributed_config``), or None when it was not split."""
+    size = getattr(model, "tp_size", None)
+    if size is not None:
+        return size
+    config = getattr(getattr(model, "config", None), "distributed_config", None)
+    return config.get("tp_size") if isinstance(config, dict) else getattr(config, "tp_size", None)
