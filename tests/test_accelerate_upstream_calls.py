@@ -1,7 +1,6 @@
 """Calls from Accelerate's own tests (tests/test_accelerator.py), made the same way on local models: save_model as
-one file and as shards, with safetensors and with pickle, read back by load_checkpoint_and_dispatch (upstream
-reads some with load_checkpoint_in_model, which here points to load_checkpoint_and_dispatch); unwrap_model with
-keep_torch_compile."""
+one file and as shards, with safetensors and with pickle, read back by load_checkpoint_in_model and
+load_checkpoint_and_dispatch; unwrap_model with keep_torch_compile; the rest of the Accelerator's surface."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from trainer import Accelerator, load_checkpoint_and_dispatch
+from trainer.utils import load_checkpoint_in_model
 
 
 class ModelForTest(torch.nn.Module):
@@ -43,7 +43,7 @@ def test_save_model(tmp_path, use_safetensors):
     path = accelerator.save_model(model, tmp_path, safe_serialization=use_safetensors)
     assert path.name == ("model.safetensors" if use_safetensors else "pytorch_model.bin") and path.is_file()
     scramble(model)
-    load_checkpoint_and_dispatch(model, tmp_path)
+    load_checkpoint_in_model(model, tmp_path)
     assert signature(model) == pytest.approx(expected, abs=1e-3)
 
 
@@ -58,6 +58,9 @@ def test_save_sharded_model(tmp_path, use_safetensors):
     shards = sorted(p.name for p in tmp_path.glob(f"*.{suffix}"))
     assert len(shards) == 3 and index.name == f"{'model' if use_safetensors else 'pytorch_model'}.{suffix}.index.json"
     assert set(json.loads(index.read_text())["weight_map"].values()) == set(shards)
+    scramble(model)
+    load_checkpoint_in_model(model, tmp_path)
+    assert torch.allclose(expected, model(inputs), atol=1e-5)
     scramble(model)
     load_checkpoint_and_dispatch(model, tmp_path)
     assert torch.allclose(expected, model(inputs), atol=1e-5)
@@ -222,3 +225,34 @@ def test_the_device_helpers_of_accelerate_utils_on_this_machine():
     assert get_model_tp_size(model) == 4
     model.tp_size = 2
     assert get_model_tp_size(model) == 2
+
+
+def test_load_checkpoint_in_model_keeps_the_parameters_an_optimizer_holds_and_names_what_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer.checkpoint_errors import CheckpointError
+
+    source = ModelForTest()
+    Accelerator().save_model(source, tmp_path / "full")
+    model = ModelForTest()
+    load_checkpoint_in_model(model, tmp_path / "full", dtype=torch.float64, keep_in_fp32_modules=["batchnorm"])
+    assert model.linear1.weight.dtype == torch.float64 and model.batchnorm.weight.dtype == torch.float32
+    assert torch.equal(model.linear1.weight, source.linear1.weight.double())
+    model = ModelForTest()
+    held = list(torch.optim.SGD(model.parameters(), lr=0.1).param_groups[0]["params"])
+    load_checkpoint_in_model(model, tmp_path / "full")
+    assert all(a is b for a, b in zip(held, model.parameters()))  # filled in place
+
+    partial = {k: v for k, v in source.state_dict().items() if not k.startswith("linear2")}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.warns(UserWarning, match=r"2 key\(s\) of the model are not in .*linear2.bias"):
+        load_checkpoint_in_model(ModelForTest(), tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointError, match=r"2 missing key\(s\) .*or pass strict=False"):
+        load_checkpoint_in_model(ModelForTest(), tmp_path / "partial.safetensors", strict=True)
+    with pytest.raises(CheckpointError, match=r"1 shape mismatch\(es\): linear1.weight: checkpoint \(4, 3\) vs model"):
+        wider = ModelForTest()
+        wider.linear1 = torch.nn.Linear(3, 4, bias=False)
+        wider.linear1.weight = torch.nn.Parameter(torch.zeros(4, 6))
+        load_checkpoint_in_model(wider, tmp_path / "full")
+    with pytest.raises(NotImplementedError, match="offloading is load_checkpoint_and_dispatch's job here"):
+        load_checkpoint_in_model(ModelForTest(), tmp_path / "full", device_map={"": "disk"})

@@ -99,6 +99,10 @@ def __getattr__(name: str) -> object:
         from trainer.inference.pipeline import prepare_pippy
 
         return prepare_pippy
+    if name == "load_checkpoint_in_model":
+        from trainer.inference.load_in_model import load_checkpoint_in_model
+
+        return load_checkpoint_in_model
     from trainer.utils.unavailable import refusing_getattr
 
-    return refusing_getattr("trainer", ("load_checkpoint_in_model", "cpu_offload_with_hook"))(name)
+    return refusing_getattr("trainer", ("cpu_offload_with_hook",))(name)

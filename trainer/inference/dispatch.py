@@ -74,12 +74,12 @@ def offloaded(device: Device, main: torch.device) -> bool:
     return device == "disk" or (device == "cpu" and main.type != "cpu")
 
 
-def _aliases(model: nn.Module) -> dict[str, str]:
+def aliases_of(model: nn.Module) -> dict[str, str]:
     """Each tied parameter's name -> the group's first name (the one weights are stored under)."""
     return {name: group[0] for group in find_tied_parameters(model) for name in group}
 
 
-def _place(model: nn.Module, name: str, tensor: torch.Tensor, aliases: Mapping[str, str]) -> None:
+def place(model: nn.Module, name: str, tensor: torch.Tensor, aliases: Mapping[str, str]) -> None:
     """Put ``tensor`` in the model under ``name`` and every name tied to it (one Parameter object for all)."""
     current = get_tensor(model, name)
     value = nn.Parameter(tensor, requires_grad=current.requires_grad) if isinstance(current, nn.Parameter) else tensor
@@ -116,7 +116,7 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
     no_split = no_split_classes(model, no_split_module_classes)
     main = main_device(device_map)
     weights = weights if weights is not None else OffloadedWeights(offload_folder, pin=main.type == "cuda")
-    aliases = _aliases(model)
+    aliases = aliases_of(model)
     groups: dict[str, dict[str, str]] = defaultdict(dict)  # offloaded owner module -> {local tensor: stored name}
     to_write: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     parameters = list(model.named_parameters(remove_duplicate=False))
@@ -141,9 +141,9 @@ def dispatch_model(model: nn.Module, device_map: Mapping[str, Device], weights: 
             if stored not in weights:
                 raise ValueError(f"{name} is on the meta device and no weights were given for it: load a checkpoint "
                                  "(load_checkpoint_and_dispatch) or build the model with real weights.")
-            _place(model, name, weights.load(stored).to(target), aliases)
+            place(model, name, weights.load(stored).to(target), aliases)
         elif tensor.device != target:
-            _place(model, name, tensor.detach().to(target), aliases)
+            place(model, name, tensor.detach().to(target), aliases)
     for written in to_write.values():
         weights.write(written)
     hooks = OffloadHooks()
@@ -215,7 +215,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
 
         model = quantize_model(model, quantization)
     files = CheckpointFiles(checkpoint)
-    aliases = _aliases(model)
+    aliases = aliases_of(model)
     expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
     present = set(files.names())
     tied_absent = [name for name, canonical in aliases.items() if name not in present
@@ -299,14 +299,14 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
         if stored in weights:
             continue  # a tied weight the checkpoint holds twice
         if offloaded(device, main) and get_tensor(model, name).dtype != target:
-            _place(model, name, torch.empty(files.shape(name), dtype=target, device="meta"), aliases)
+            place(model, name, torch.empty(files.shape(name), dtype=target, device="meta"), aliases)
         if device == "disk" and in_place and not _write_converted(files.dtype(name), target, weights):
             weights.locate(stored, files.location(name), target)  # read from the checkpoint itself when needed: no copy
             continue
         if mapper is not None and in_place and _mappable(model, name, device, main, files.dtype(name), target):
             location = files.location(name)
             if mapper.can_map(location):
-                _place(model, name, mapper.tensor(location), aliases)
+                place(model, name, mapper.tensor(location), aliases)
                 continue
         tensor = reader.read(files.location(name)) if in_place else _from_bin(files, shard, name)
         tensor = tensor.to(target)
@@ -315,7 +315,7 @@ def _load_shard(model: nn.Module, files: CheckpointFiles, shard: Path, device_ma
         elif offloaded(device, main):
             weights.keep_in_memory(stored, tensor)
         elif not _load_quantized(model, name, tensor, torch_device(device)):
-            _place(model, name, tensor.to(torch_device(device)), aliases)
+            place(model, name, tensor.to(torch_device(device)), aliases)
     weights.write(to_write)
 
 
@@ -389,7 +389,7 @@ def disk_offload(model: nn.Module, offload_dir: str | os.PathLike, execution_dev
 def _offload_all(model: nn.Module, units: Mapping[str, Device], weights: OffloadedWeights, device: torch.device,
                  prefetch: int) -> nn.Module:
     """CPU offload with the CPU as the execution device: every layer's weights held by the store."""
-    aliases = _aliases(model)
+    aliases = aliases_of(model)
     no_split = no_split_classes(model, None)
     groups: dict[str, dict[str, str]] = defaultdict(dict)
     for name, tensor in list(model.named_parameters(remove_duplicate=False)):

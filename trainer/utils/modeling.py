@@ -13,6 +13,7 @@ from trainer.inference import find_tied_parameters, get_max_memory, infer_auto_d
 from trainer.inference.device_map import check_device_map
 from trainer.inference.dispatch import loaded_dtype
 from trainer.inference.hooks import set_tensor
+from trainer.inference.load_in_model import load_checkpoint_in_model  # noqa: F401  (Accelerate's home of it)
 from trainer.inference.sizes import as_dtype, dtype_size, module_sizes, parse_size
 
 

@@ -53,7 +53,7 @@ REASONS: dict[str, str] = {
                      "has_offloaded_params", "extract_submodules_state_dict", "get_balanced_memory",
                      "get_max_layer_size", "calculate_maximum_sizes", "check_tied_parameters_in_config",
                      "check_tied_parameters_on_same_device", "retie_parameters", "ensure_weights_retied",
-                     "get_module_children_bottom_up", "load_checkpoint_in_model"], _OFFLOAD),
+                     "get_module_children_bottom_up"], _OFFLOAD),
     **dict.fromkeys(["TorchTensorParallelPlugin", "TorchTensorParallelConfig", "TorchContextParallelConfig",
                      "model_has_dtensor"], _PARALLEL),
     "cpu_offload_with_hook": ("hooks that move a model back and forth between pipeline steps are not available; "
