@@ -72,22 +72,17 @@ def test_a_shard_size_that_is_not_a_size_is_refused_before_anything_is_written(t
     assert not (tmp_path / "out").exists()
 
 
-def test_can_unwrap_distributed_compiled_model_keep_torch_compile():
+@pytest.mark.parametrize("keep_torch_compile", [True, False])
+def test_can_unwrap_distributed_compiled_model(keep_torch_compile):
     model = torch.nn.Linear(2, 4)
     accelerator = Accelerator()
     compiled_model = torch.compile(model)
     distributed_compiled_model = torch.compile(torch.nn.DataParallel(model))
-    unwrapped_model = accelerator.unwrap_model(distributed_compiled_model, keep_torch_compile=True)
-    assert compiled_model._orig_mod == unwrapped_model._orig_mod
-
-
-def test_can_unwrap_distributed_compiled_model_remove_torch_compile():
-    model = torch.nn.Linear(2, 4)
-    accelerator = Accelerator()
-    compiled_model = torch.compile(model)
-    distributed_compiled_model = torch.compile(torch.nn.DataParallel(model))
-    unwrapped_model = accelerator.unwrap_model(distributed_compiled_model, keep_torch_compile=False)
-    assert compiled_model._orig_mod == unwrapped_model
+    unwrapped_model = accelerator.unwrap_model(distributed_compiled_model, keep_torch_compile=keep_torch_compile)
+    if keep_torch_compile:
+        assert compiled_model._orig_mod == unwrapped_model._orig_mod
+    else:
+        assert compiled_model._orig_mod == unwrapped_model
 
 
 # Accelerate 1.16's Accelerator: every public method and property a script may call or read.
