@@ -36,10 +36,13 @@ def shard_size_bytes(max_shard_size: int | str) -> int:
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """The bytes of the module's whole weights (each shared tensor once; sharded tensors at their full size)."""
+    """The bytes of the module's weights (each shared tensor once; DTensors at their full size, other strategies'
+    shards at their local size, so a model sharded that way is split into files by its local bytes)."""
     seen: set[int] = set()
     total = 0
     for tensor in module.state_dict().values():
+        if not isinstance(tensor, torch.Tensor):  # extra states (Megatron's, TransformerEngine's) hold no weights
+            continue
         key = tensor.data_ptr() if type(tensor) is torch.Tensor and tensor.device.type != "meta" else id(tensor)
         if key not in seen:
             seen.add(key)
@@ -61,6 +64,8 @@ def write_model_files(strategy: Strategy, model: nn.Module, directory: Path, max
     to point loaders at: ``model.safetensors``, or the shards' index."""
     limit = shard_size_bytes(max_shard_size)
     sharded = weight_bytes(strategy.unwrap_module(model)) > limit
+    if not writes_whole_weights(strategy):  # the processes gather together: they take process 0's decision
+        sharded = strategy.broadcast_object(sharded)
     if safe_serialization and not sharded:
         path = directory / "model.safetensors"
         strategy.save_module(model, path)
