@@ -139,6 +139,20 @@ def test_pipeline_stages_train_in_bf16_and_refuse_fp16(runs):
     assert max((staged[name] - llama().state_dict()[name]).abs().max().item() for name in one) > 4e-2  # it trained
 
 
+def test_the_layout_answers_to_accelerates_names():
+    config = ParallelismConfig(dp_replicate_size=2, dp_shard_size=2, tp_size=2, tp_plan={"layers.*.mlp": "colwise"})
+    assert (config.dp_replicate_enabled, config.dp_shard_enabled, config.tp_enabled, config.cp_enabled,
+            config.pp_enabled, config.sp_enabled) == (True, True, True, False, False, False)
+    assert (config.data_parallel_size, config.non_data_parallel_size, config.total_size) == (4, 2, 8)
+    assert config.dp_dim_names == ["dp_replicate", "dp_shard"] and config.non_dp_dim_names == ["tp"]
+    assert config.dp_shard_cp_dim_names == ["dp_shard"] and config.dp_cp_dim_names == ["dp_replicate", "dp_shard"]
+    assert config.active_mesh_dims == ["dp_replicate", "dp_shard", "tp"]
+    assert json.loads(json.dumps(config.to_json())) == {
+        "dp_replicate_size": 2, "dp_shard_size": 2, "tp_size": 2, "cp_size": 1, "pp_size": 1, "pp_schedule": "1F1B",
+        "pp_microbatches": None, "pp_split_points": "auto", "tp_plan": {"layers.*.mlp": "colwise"}}
+    assert ParallelismConfig(pp_size=2).pp_enabled and ParallelismConfig().active_mesh_dims == []
+
+
 def test_a_layout_must_span_the_process_count():
     config = ParallelismConfig(dp_shard_size=2, tp_size=2)
     with pytest.raises(ValueError, match=r"ParallelismConfig: dp_shard=2 x tp=2 spans 4 process\(es\), but this run has 1\. "

@@ -87,6 +87,70 @@ class ParallelismConfig:
         """The data-parallel processes: how many different batches each step reads."""
         return self.dp_replicate_size * self.dp_shard_size
 
+    # -- Accelerate's names for the same facts (scripts and libraries read them) ------------------------
+    @property
+    def dp_replicate_enabled(self) -> bool:
+        return self.dp_replicate_size > 1
+
+    @property
+    def dp_shard_enabled(self) -> bool:
+        return self.dp_shard_size > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp_size > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp_size > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp_size > 1
+
+    @property
+    def sp_enabled(self) -> bool:
+        """Sequence parallelism (DeepSpeed Ulysses) is not available here: always False."""
+        return False
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.dp_size
+
+    @property
+    def non_data_parallel_size(self) -> int:
+        """The processes that read the same batch: context x tensor parallel."""
+        return self.cp_size * self.tp_size
+
+    @property
+    def dp_dim_names(self) -> list[str]:
+        """The used dimensions that read different batches."""
+        return [name for name in ("dp_replicate", "dp_shard") if getattr(self, f"{name}_size") > 1]
+
+    @property
+    def non_dp_dim_names(self) -> list[str]:
+        """The used dimensions whose processes read the same batch."""
+        return [name for name in ("tp", "cp") if getattr(self, f"{name}_size") > 1]
+
+    @property
+    def dp_shard_cp_dim_names(self) -> list[str]:
+        return [name for name in ("dp_shard", "cp") if getattr(self, f"{name}_size") > 1]
+
+    @property
+    def dp_cp_dim_names(self) -> list[str]:
+        """The used dimensions the loss is averaged over."""
+        return [name for name in ("dp_replicate", "dp_shard", "cp") if getattr(self, f"{name}_size") > 1]
+
+    @property
+    def active_mesh_dims(self) -> list[str]:
+        return self.dp_dim_names + self.non_dp_dim_names
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a dict of plain values (the tensor-parallel plan's styles by name)."""
+        return {name: (getattr(self, name) if name != "tp_plan" or self.tp_plan is None
+                       else {key: str(style) for key, style in self.tp_plan.items()})
+                for name in self.__dataclass_fields__}
+
     @property
     def mesh_dims(self) -> tuple[str, ...]:
         """The names of the mesh's dimensions: the kinds used (size above 1), outermost first.
