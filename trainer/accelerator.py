@@ -45,7 +45,7 @@ from trainer.utils.configurations import DataLoaderConfiguration, GradientAccumu
 from trainer.utils.dynamo import TorchDynamoPlugin
 from trainer.utils.enums import DistributedType, DynamoBackend, FP8BackendType, as_distributed_type
 from trainer.utils.kwargs_handlers import KwargsHandler
-from trainer.utils.other import is_compiled_module, save
+from trainer.utils.other import save, strip_parallel_wrappers, unwrap_inside_compile
 from trainer.utils.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, MegatronLMPlugin
 from trainer.wrappers import AcceleratedOptimizer, AcceleratedScheduler, is_scheduler, prepare_order
 
@@ -379,18 +379,15 @@ class Accelerator(ProcessView, LayoutView, GradientSync, TrackingView, Profiling
         """The user's module, without the strategy's wrapper or a ``DataParallel``/DDP of the user's own (and, if
         asked, without autocast). A ``torch.compile``-d model stays compiled around the unwrapped module unless
         ``keep_torch_compile=False``."""
-        compiled = model if is_compiled_module(model) else None
-        inner = self.strategy.unwrap_module(cast(nn.Module, getattr(model, "_orig_mod", model)))
-        while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = cast(nn.Module, inner.module)
-        if not keep_fp32_wrapper and "_original_forward" in inner.__dict__:
-            inner.forward = inner.__dict__.pop("_original_forward")
-            if inner.forward == type(inner).forward.__get__(inner):
-                del inner.forward
-        if keep_torch_compile and compiled is not None:
-            compiled._orig_mod = inner
-            return compiled
-        return inner
+        def unwrap(module: nn.Module) -> nn.Module:
+            inner = strip_parallel_wrappers(self.strategy.unwrap_module(module))
+            if not keep_fp32_wrapper and "_original_forward" in inner.__dict__:
+                inner.forward = inner.__dict__.pop("_original_forward")
+                if inner.forward == type(inner).forward.__get__(inner):
+                    del inner.forward
+            return inner
+
+        return unwrap_inside_compile(model, unwrap, keep_torch_compile)
 
     def verify_device_map(self, model: nn.Module) -> bool:
         """Whether ``model`` (or a module in it) was dispatched over several devices with a device map
@@ -415,7 +412,7 @@ class Accelerator(ProcessView, LayoutView, GradientSync, TrackingView, Profiling
             return
         wrappers.check_loss_has_graph(loss)
         loss = self.accumulation.scale_loss(loss, num_tokens)
-        if kwargs and kwargs.get("learning_rate") is not None and self._has_lomo_optimizer():
+        if kwargs and kwargs.get("learning_rate") is not None and self._lomo_optimizers():
             self.lomo_backward(loss, kwargs["learning_rate"])  # as Accelerate routes backward(loss, learning_rate=)
             return
         if self._plain_backward:
@@ -424,13 +421,14 @@ class Accelerator(ProcessView, LayoutView, GradientSync, TrackingView, Profiling
         loss = self.precision.scale_loss(loss)
         self.strategy.backward(loss, self._models[0] if len(self._models) == 1 else None, **kwargs)
 
-    def _has_lomo_optimizer(self) -> bool:
-        return any(hasattr(prepared.optimizer, "fused_backward") for prepared in self._optimizers)
+    def _lomo_optimizers(self) -> list[Any]:
+        """The prepared optimizers that update in backward (LOMO and AdaLomo have ``fused_backward``)."""
+        return [prepared.optimizer for prepared in self._optimizers if hasattr(prepared.optimizer, "fused_backward")]
 
     def lomo_backward(self, loss: torch.Tensor, learning_rate: float) -> None:
         """Backward and the update in one pass, for a prepared LOMO or AdaLomo optimizer (``pip install lomo-optim``):
         its ``fused_backward(loss, learning_rate)``, which updates each parameter as its gradient is ready."""
-        fused = [prepared.optimizer for prepared in self._optimizers if hasattr(prepared.optimizer, "fused_backward")]
+        fused = self._lomo_optimizers()
         if len(fused) != 1:
             raise ValueError(f"lomo_backward needs exactly one prepared LOMO optimizer (lomo_optim.Lomo or AdaLomo, "
                              f"pip install lomo-optim); {len(fused)} of the {len(self._optimizers)} prepared "

@@ -409,25 +409,12 @@ def _refuse_foreign_files(source: Path) -> None:
         )
 
 
-def _models_to_read(accelerator: Accelerator, source: Path) -> list[Any]:
-    """The models to load from the checkpoint's model files: those it counts, less any the load hooks loaded.
+def _check(accelerator: Accelerator, source: Path, strict: bool) -> dict[str, Any]:
+    """Everything the restore will read, checked (and its JSON parsed) before any state changes but the load hooks'.
 
-    The hooks are handed the models only where the strategy reads whole weights from those files
-    (as the save hooks were handed the weights); they run after the manifest check.
-    """
-    info = read_info(source)
-    models = list(accelerator._models[: info["counts"]["models"]])
-    if accelerator._state_hooks.load:
-        own_format = check_strategy(source, info, accelerator.strategy.name, len(models))
-        handed = models if not own_format and writes_whole_weights(accelerator.strategy) else []
-        accelerator._state_hooks.run_load(handed, source)
-    return models
-
-
-def _check(accelerator: Accelerator, source: Path, strict: bool, to_read: list[Any]) -> dict[str, Any]:
-    """Everything the restore will read, checked (and its JSON parsed) before any state changes.
-
-    ``to_read``: the models to load from the model files, in order (``_models_to_read``).
+    Once the counts and the strategy are checked, the load hooks run: they are handed the models
+    that would be read from the model files (where the strategy reads whole weights, as the save
+    hooks were handed the weights) and may load some themselves; the rest are read in order.
     """
     info = read_info(source)
     saved, current = info["counts"], _counts(accelerator)
@@ -438,6 +425,10 @@ def _check(accelerator: Accelerator, source: Path, strict: bool, to_read: list[A
         )
     models = accelerator._models[: saved["models"]]
     own_format = check_strategy(source, info, accelerator.strategy.name, len(models))
+    to_read = list(models)
+    if accelerator._state_hooks.load:
+        handed = to_read if not own_format and writes_whole_weights(accelerator.strategy) else []
+        accelerator._state_hooks.run_load(handed, source)
     files = info.get("model_files", saved["models"])
     hooked = bool(accelerator._state_hooks.load) or files != saved["models"]
     if not own_format and hooked and len(to_read) != files:
@@ -447,9 +438,8 @@ def _check(accelerator: Accelerator, source: Path, strict: bool, to_read: list[A
             f"after the load hooks. A load hook must take out of `models` exactly the models whose weights the save "
             "hook took out of `weights` (register_load_state_pre_hook beside register_save_state_pre_hook)."
         )
-    for index, model in enumerate(to_read):
-        if not own_format:
-            check_model_file(source, f"{_name('model', index)}.safetensors", accelerator.unwrap_model(model), strict)
+    for index, model in enumerate([] if own_format else to_read):
+        check_model_file(source, f"{_name('model', index)}.safetensors", accelerator.unwrap_model(model), strict)
     for index, model in enumerate(models):
         module = accelerator.unwrap_model(model)
         if (source / _gradients_file(index, accelerator.process_index)).is_file():
@@ -536,7 +526,7 @@ def load_accelerator_state(accelerator: Accelerator, source: Path, strict: bool 
         verify_checkpoint(source, accelerator.process_index, accelerator.num_processes, strategy.all_gather_object)
     plan: dict[str, Any] = {}
     try:
-        plan = _check(accelerator, source, strict, _models_to_read(accelerator, source))
+        plan = _check(accelerator, source, strict)
     except Exception as caught:
         error = caught
     agree_on_error(error, strategy.all_gather_object)

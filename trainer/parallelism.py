@@ -122,24 +122,28 @@ class ParallelismConfig:
         """The processes that read the same batch: context x tensor parallel."""
         return self.cp_size * self.tp_size
 
+    def _used(self, *names: str) -> list[str]:
+        """Those of ``names`` whose size is above 1, in the order given."""
+        return [name for name in names if self.sizes[name] > 1]
+
     @property
     def dp_dim_names(self) -> list[str]:
         """The used dimensions that read different batches."""
-        return [name for name in ("dp_replicate", "dp_shard") if getattr(self, f"{name}_size") > 1]
+        return self._used("dp_replicate", "dp_shard")
 
     @property
     def non_dp_dim_names(self) -> list[str]:
         """The used dimensions whose processes read the same batch."""
-        return [name for name in ("tp", "cp") if getattr(self, f"{name}_size") > 1]
+        return self._used("tp", "cp")
 
     @property
     def dp_shard_cp_dim_names(self) -> list[str]:
-        return [name for name in ("dp_shard", "cp") if getattr(self, f"{name}_size") > 1]
+        return self._used("dp_shard", "cp")
 
     @property
     def dp_cp_dim_names(self) -> list[str]:
         """The used dimensions the loss is averaged over."""
-        return [name for name in ("dp_replicate", "dp_shard", "cp") if getattr(self, f"{name}_size") > 1]
+        return self._used("dp_replicate", "dp_shard", "cp")
 
     @property
     def active_mesh_dims(self) -> list[str]:

@@ -10,6 +10,7 @@ stored once fill every name tied to them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -21,8 +22,10 @@ from torch import nn
 from trainer.checkpoint_errors import CheckpointError
 from trainer.inference.checkpoint_files import CheckpointFiles
 from trainer.inference.checkpoint_shards import listing
+from trainer.inference.device_map import DeviceMapError, device_for, torch_device
 from trainer.inference.dispatch import aliases_of, loaded_dtype, place
 from trainer.inference.hooks import get_tensor
+from trainer.inference.quantization import matches_modules
 from trainer.inference.sizes import as_dtype
 
 _OFFLOAD = ("offloading is load_checkpoint_and_dispatch's job here: load_checkpoint_and_dispatch(model, checkpoint, "
@@ -30,11 +33,10 @@ _OFFLOAD = ("offloading is load_checkpoint_and_dispatch's job here: load_checkpo
 
 
 def _device_for(name: str, device_map: Mapping[str, Any] | None, current: torch.Tensor) -> torch.device:
+    """Where tensor ``name`` goes: the device map's device for it, else where the model's tensor is (the CPU for meta)."""
     if device_map:
-        owners = [prefix for prefix in device_map if prefix == "" or name == prefix or name.startswith(prefix + ".")]
-        if owners:
-            device = device_map[max(owners, key=len)]
-            return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+        with contextlib.suppress(DeviceMapError):  # an entry covers it, or the tensor stays where it is
+            return torch_device(device_for(name, device_map))
     return torch.device("cpu") if current.device.type == "meta" else current.device
 
 
@@ -83,8 +85,7 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike, de
     for name in sorted(stored & set(expected)):
         current = get_tensor(model, name)
         device = _device_for(name, device_map, current)
-        keep_fp32 = any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in fp32)
-        target = loaded_dtype(files.dtype(name), current.dtype, None if keep_fp32 else cast)
+        target = loaded_dtype(files.dtype(name), current.dtype, None if matches_modules(name, fp32) else cast)
         value = files.get_tensor(name)
         if current.device == device and current.dtype == target and current.device.type != "meta":
             with torch.no_grad():

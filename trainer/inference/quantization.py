@@ -102,7 +102,7 @@ class QuantizationConfig:
         return cls(**{name: getattr(value, name) for name in names if hasattr(value, name)})
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def matches_modules(name: str, patterns: Iterable[str]) -> bool:
     """``name`` is a pattern, lies inside one (``encoder.layer.0.x``), or has one as a run of its parts (``classifier``)."""
     return any(name == p or name.startswith(p + ".") or f".{p}." in f".{name}." for p in patterns)
 
@@ -130,7 +130,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | Mapping[str, A
     config = QuantizationConfig.from_any(config)
     keep = modules_to_keep(model, config)
     for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or _matches(name, keep):
+        if type(module) is not nn.Linear or matches_modules(name, keep):
             continue
         meta = module.weight.device.type == "meta"
         with torch.device("meta"):

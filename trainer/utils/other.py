@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,23 +68,34 @@ def has_compiled_regions(module: nn.Module) -> bool:
     return any(getattr(sub, "_compiled_call_impl", None) is not None for sub in module.modules())
 
 
+def strip_parallel_wrappers(module: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel / DeepSpeed engine wrappers (as many as there are)."""
+    while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            type(module).__name__ == "DeepSpeedEngine" and hasattr(module, "module")):
+        module = module.module  # type: ignore[assignment]  # the wrappers' module is an nn.Module
+    return module
+
+
+def unwrap_inside_compile(model: nn.Module, unwrap: Callable[[nn.Module], nn.Module],
+                          keep_torch_compile: bool) -> nn.Module:
+    """``unwrap`` applied to what a ``torch.compile`` wrapper holds; the wrapper stays around the result unless
+    ``keep_torch_compile=False`` (a model that is not compiled is simply unwrapped)."""
+    inner = unwrap(getattr(model, "_orig_mod", model))
+    if keep_torch_compile and is_compiled_module(model):
+        model._orig_mod = inner
+        return model
+    return inner
+
+
 def extract_model_from_parallel(model: nn.Module, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True,
                                 recursive: bool = False) -> nn.Module:
     """The user's module inside DDP/DataParallel/DeepSpeed wrappers (and ``torch.compile``, unless kept)."""
     from trainer.accelerator_state import current_accelerator
 
-    compiled = model if is_compiled_module(model) else None
-    inner: nn.Module = getattr(model, "_orig_mod", model)
-    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-            type(inner).__name__ == "DeepSpeedEngine" and hasattr(inner, "module")):
-        inner = inner.module  # type: ignore[assignment]  # the wrappers' module is an nn.Module
     accelerator = current_accelerator()
-    if accelerator is not None:
-        inner = accelerator.unwrap_model(inner, keep_fp32_wrapper=keep_fp32_wrapper)
-    if keep_torch_compile and compiled is not None:
-        compiled._orig_mod = inner
-        return compiled
-    return inner
+    if accelerator is not None:  # it also knows its strategy's wrapper and the autocast one
+        return accelerator.unwrap_model(model, keep_fp32_wrapper=keep_fp32_wrapper, keep_torch_compile=keep_torch_compile)
+    return unwrap_inside_compile(model, strip_parallel_wrappers, keep_torch_compile)
 
 
 def merge_dicts(source: dict[str, Any], destination: dict[str, Any]) -> dict[str, Any]:
