@@ -10,29 +10,28 @@ asked), which ``load_checkpoint_in_model`` and ``from_pretrained`` read.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from trainer.inference.sizes import parse_size
+
 if TYPE_CHECKING:
     from trainer.strategies import Strategy
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 def shard_size_bytes(max_shard_size: int | str) -> int:
     """``max_shard_size`` in bytes: a whole number, or a size such as ``"10GB"``, ``"500MB"``, ``"2GiB"``."""
-    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
-        return max_shard_size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(max_shard_size), re.IGNORECASE)
-    if match is None or float(match.group(1)) <= 0:
+    try:
+        size = parse_size(max_shard_size)
+    except ValueError:
+        size = 0
+    if size <= 0:
         raise ValueError(f"save_model(max_shard_size={max_shard_size!r}): give a number of bytes or a size such as "
                          "'10GB', '500MB' or '2GiB'.")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+    return size
 
 
 def weight_bytes(module: nn.Module) -> int:
