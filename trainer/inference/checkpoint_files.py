@@ -314,14 +314,16 @@ def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
 
 
 def check_against_model(files: CheckpointFiles, expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                        strict: bool = True, ignore: Iterable[str] = ()) -> None:
+                        strict: bool = True, ignore: Iterable[str] = (), missing_ok: bool = False
+                        ) -> tuple[list[str], list[str]]:
     """Raise one ``CheckpointError`` listing every way the checkpoint and the model disagree, before loading starts.
 
-    ``expected`` maps each model tensor name to ``(shape, dtype)``. Missing keys (in the model, not
-    the checkpoint) and shape mismatches are always errors; unexpected keys (only in the checkpoint)
-    are errors when ``strict``. ``ignore`` holds names or shell-style patterns (``"*.attn.bias"``) left
-    out on both sides, such as a tied ``lm_head.weight`` saved once. Dtypes may differ: loading casts.
-    All problems are reported together so that one run shows everything to fix.
+    ``expected`` maps each model tensor name to ``(shape, dtype)``. Shape mismatches are always
+    errors; missing keys (in the model, not the checkpoint) unless ``missing_ok``; unexpected keys
+    (only in the checkpoint) when ``strict``. ``ignore`` holds names or shell-style patterns
+    (``"*.attn.bias"``) left out on both sides, such as a tied ``lm_head.weight`` saved once. Dtypes
+    may differ: loading casts. All problems are reported together so that one run shows everything
+    to fix. Returns the keys only in the model and only in the checkpoint (what was let through).
     """
     patterns = list(ignore)
 
@@ -330,12 +332,13 @@ def check_against_model(files: CheckpointFiles, expected: Mapping[str, tuple[tup
 
     model = {n: (tuple(shape), dtype) for n, (shape, dtype) in expected.items() if kept(n)}
     stored = {n for n in files.names() if kept(n)}
-    missing = sorted(set(model) - stored)
-    unexpected = sorted(stored - set(model)) if strict else []
+    only_model, only_stored = sorted(set(model) - stored), sorted(stored - set(model))
+    missing = [] if missing_ok else only_model
+    unexpected = only_stored if strict else []
     mismatched = sorted(f"{n}: checkpoint {files.shape(n)} vs model {model[n][0]}"
                         for n in stored & set(model) if files.shape(n) != model[n][0])
     if not (missing or unexpected or mismatched):
-        return
+        return only_model, only_stored
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing key(s) (in the model, not the checkpoint): {listing(missing)}")
@@ -343,7 +346,7 @@ def check_against_model(files: CheckpointFiles, expected: Mapping[str, tuple[tup
         parts.append(f"{len(unexpected)} unexpected key(s) (in the checkpoint, not the model): {listing(unexpected)}")
     if mismatched:
         parts.append(f"{len(mismatched)} shape mismatch(es): {listing(mismatched)}")
-    hint = _prefix_hint(missing, sorted(stored - set(model)))
+    hint = _prefix_hint(missing, only_stored)
     if not hint and mismatched:
         hint = "did you build the model from the same config as the checkpoint?"
     if not hint:

@@ -79,6 +79,13 @@ def aliases_of(model: nn.Module) -> dict[str, str]:
     return {name: group[0] for group in find_tied_parameters(model) for name in group}
 
 
+def saved_once(aliases: Mapping[str, str], present: Iterable[str]) -> list[str]:
+    """The tied names a checkpoint lacks because it holds their weight under another name of the group."""
+    present = set(present)
+    return [name for name, canonical in aliases.items() if name not in present
+            and any(other in present for other, c in aliases.items() if c == canonical)]
+
+
 def place(model: nn.Module, name: str, tensor: torch.Tensor, aliases: Mapping[str, str]) -> None:
     """Put ``tensor`` in the model under ``name`` and every name tied to it (one Parameter object for all)."""
     current = get_tensor(model, name)
@@ -218,8 +225,7 @@ def load_checkpoint_and_dispatch(model: nn.Module, checkpoint: str | os.PathLike
     aliases = aliases_of(model)
     expected = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
     present = set(files.names())
-    tied_absent = [name for name, canonical in aliases.items() if name not in present
-                   and any(other in present for other, c in aliases.items() if c == canonical)]
+    tied_absent = saved_once(aliases, present)
     # Keys the model does not load: its non-persistent buffers (position ids that older versions saved),
     # and what a transformers model lists as ignorable.
     unloaded = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]

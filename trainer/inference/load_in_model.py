@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from trainer.checkpoint_errors import CheckpointError
-from trainer.inference.checkpoint_files import CheckpointFiles
+from trainer.inference.checkpoint_files import CheckpointFiles, check_against_model
 from trainer.inference.checkpoint_shards import listing
 from trainer.inference.device_map import DeviceMapError, device_for, torch_device
-from trainer.inference.dispatch import aliases_of, loaded_dtype, place
+from trainer.inference.dispatch import aliases_of, loaded_dtype, place, saved_once
 from trainer.inference.hooks import get_tensor
 from trainer.inference.quantization import matches_modules
 from trainer.inference.sizes import as_dtype
@@ -60,29 +60,21 @@ def load_checkpoint_in_model(model: nn.Module, checkpoint: str | os.PathLike, de
                                   "weights before accelerator.prepare(model).")
     files = CheckpointFiles(checkpoint)
     aliases = aliases_of(model)
-    expected = model.state_dict(keep_vars=True)
     stored = set(files.names())
-    tied_absent = {name for name, canonical in aliases.items() if name not in stored
-                   and any(other in stored for other, c in aliases.items() if c == canonical)}
-    mismatched = sorted(f"{name}: checkpoint {files.shape(name)} vs model {tuple(expected[name].shape)}"
-                        for name in stored & set(expected) if files.shape(name) != tuple(expected[name].shape))
-    missing = sorted(set(expected) - stored - tied_absent)
-    unexpected = sorted(stored - set(expected))
-    if mismatched or (strict and (missing or unexpected)):
-        problems = [f"{len(mismatched)} shape mismatch(es): {listing(mismatched)}"] if mismatched else []
-        if strict and missing:
-            problems.append(f"{len(missing)} missing key(s) (in the model, not the checkpoint): {listing(missing)}")
-        if strict and unexpected:
-            problems.append(f"{len(unexpected)} unexpected key(s) (in the checkpoint, not the model): {listing(unexpected)}")
-        raise CheckpointError(f"load_checkpoint_in_model: {files.path} does not fit the model: {'; '.join(problems)}. "
-                              "Build the model from the configuration the checkpoint was saved with"
-                              f"{'' if mismatched else ', or pass strict=False to load the keys both have'}.")
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
+    try:
+        missing, unexpected = check_against_model(files, shapes, strict=strict, ignore=saved_once(aliases, stored),
+                                                  missing_ok=not strict)
+    except CheckpointError as error:
+        if error.mismatched:
+            raise
+        raise CheckpointError(f"{error} (or pass strict=False to load the keys both have)") from None
     if missing or unexpected:
         warnings.warn(f"load_checkpoint_in_model: {len(missing)} key(s) of the model are not in {files.path} (they keep "
                       f"their values): {listing(missing)}; {len(unexpected)} key(s) of the checkpoint are not in the "
                       f"model (left out): {listing(unexpected)}.", UserWarning, stacklevel=2)
     cast, fp32 = as_dtype(dtype), tuple(keep_in_fp32_modules or ())
-    for name in sorted(stored & set(expected)):
+    for name in sorted(stored & set(shapes)):
         current = get_tensor(model, name)
         device = _device_for(name, device_map, current)
         target = loaded_dtype(files.dtype(name), current.dtype, None if matches_modules(name, fp32) else cast)
